@@ -1,0 +1,253 @@
+"""Typed configuration: dataclasses registered with Hydra's ConfigStore.
+
+Hydra checks types and unknown keys; `__post_init__` checks ranges. Library code receives
+these dataclasses (built once with `OmegaConf.to_object`), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message names the offending key."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """Architecture: `mlp` (fully connected) or `cnn` (small convolutional net for images)."""
+    hidden: list[int] = field(default_factory=lambda: [128])
+    """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers."""
+    activation: str = "relu"
+    """Nonlinearity after every hidden layer: relu, tanh, sigmoid or gelu."""
+    bias: bool = True
+    """Whether layers carry a bias (the note's network has none)."""
+    batch_norm: bool = False
+    """cnn only: BatchNorm after each convolution (its running statistics are coupled too)."""
+    init_std: float = 0.0
+    """If > 0, weights (not biases) drawn from N(0, init_std^2), as in the note (1.0);
+    0 keeps PyTorch's default initialisation."""
+
+    def __post_init__(self) -> None:
+        _one_of("model.name", self.name, ("mlp", "cnn"))
+        _one_of("model.activation", self.activation, ACTIVATIONS)
+        _check(
+            all(width >= 1 for width in self.hidden),
+            f"model.hidden must hold positive widths; got {list(self.hidden)}",
+        )
+        _check(
+            self.name == "mlp" or len(self.hidden) >= 1,
+            "model.hidden must name at least one conv layer for model.name=cnn",
+        )
+        _check(self.init_std >= 0, f"model.init_std must be >= 0; got {self.init_std}")
+        _check(
+            not self.batch_norm or self.name == "cnn",
+            "model.batch_norm is only available for model.name=cnn",
+        )
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Dataset: digits (scikit-learn's 8x8 digits), seed (the note's random regression),
+    teacher (labels from a fixed random network) or file (a user's .npz)."""
+    split: str = "shard"
+    """How replicas share the training set: `shard` (disjoint, deterministic from `seed`)
+    or `full` (every replica sees all of it, in its own order)."""
+    test_fraction: float = 0.2
+    """digits, teacher: fraction of the samples held out as the shared test set."""
+    path: str = ""
+    """file: path of a .npz holding X_train, y_train, X_test, y_test. Integer y means
+    classification, floating y regression."""
+    num_samples: int = 2000
+    """teacher: number of samples generated (train and test together)."""
+    input_dim: int = 1000
+    """seed, teacher: input dimension."""
+    num_outputs: int = 10
+    """seed: target dimension; teacher: number of classes."""
+    library_size: int = 640
+    """seed: number of random (input, target) pairs in the library the replicas draw from."""
+    fixed_batch: int = 64
+    """seed: size of each replica's fixed batch, drawn with replacement from the library."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.name", self.name, ("digits", "seed", "teacher", "file"))
+        _one_of("data.split", self.split, ("shard", "full"))
+        _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
+        _check(self.name != "file" or self.path != "", "data.path must be set for data.name=file")
+        for key in ("num_samples", "input_dim", "num_outputs", "library_size", "fixed_batch"):
+            value = getattr(self, key)
+            _check(value >= 1, f"data.{key} must be >= 1; got {value}")
+        _check(
+            self.name != "teacher" or self.num_outputs >= 2,
+            f"data.num_outputs must be >= 2 classes for data.name=teacher; got {self.num_outputs}",
+        )
+
+
+COUPLING_FORMS = ("tanh", "linear", "average", "none", "ddp")
+
+
+@dataclass
+class CouplingConfig:
+    name: str = "tanh"
+    """Coupling form. tanh: w += eta*tanh((mean - w)/T), the note's rule. linear:
+    w += eta*(mean - w), elastic averaging. average: w = mean of the post-step weights
+    (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model."""
+    eta: float = 0.05
+    """Coupling strength eta_0 (tanh, linear). For tanh it bounds the pull per weight and step."""
+    eta_growth: float = 0.0
+    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0."""
+    eta_max: float = 1.0
+    """Cap of the scoped eta. For linear, above 1 the pull overshoots the mean."""
+    temperature: float = 1.0
+    """tanh only: T in tanh((mean - w)/T). Small T gives a sign-like, clipped pull."""
+    every: int = 1
+    """Couple on every k-th step (steps counted from 1)."""
+    via_optimizer: bool = False
+    """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
+    of the coupling potential), so momentum and weight decay see it. Default: added to
+    the weights directly after the optimizer step."""
+
+    def __post_init__(self) -> None:
+        _one_of("coupling.name", self.name, COUPLING_FORMS)
+        _check(self.eta > 0, f"coupling.eta must be > 0; got {self.eta}")
+        _check(self.eta_growth >= 0, f"coupling.eta_growth must be >= 0; got {self.eta_growth}")
+        _check(
+            self.eta_max >= self.eta,
+            f"coupling.eta_max must be >= coupling.eta ({self.eta}); got {self.eta_max}",
+        )
+        _check(
+            self.name != "linear" or self.eta_max <= 1,
+            f"coupling.eta_max must be <= 1 for coupling.name=linear (beyond 1 the pull "
+            f"overshoots the mean); got {self.eta_max}",
+        )
+        _check(self.temperature > 0, f"coupling.temperature must be > 0; got {self.temperature}")
+        _check(self.every >= 1, f"coupling.every must be >= 1; got {self.every}")
+        _check(
+            not self.via_optimizer or self.name in ("tanh", "linear"),
+            f"coupling.via_optimizer is only for coupling.name=tanh or linear; got {self.name}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: sgd (with momentum / nesterov / weight decay) or adam."""
+    lr: float = 0.05
+    """Learning rate."""
+    momentum: float = 0.9
+    """sgd: momentum factor."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum (needs momentum > 0)."""
+    weight_decay: float = 0.0
+    """L2 weight decay (coupled, as in torch.optim)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adam: (beta1, beta2)."""
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, ("sgd", "adam"))
+        _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1); got {self.momentum}")
+        _check(
+            not self.nesterov or self.momentum > 0,
+            "optim.nesterov needs optim.momentum > 0",
+        )
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1); got {list(self.betas)}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    """Optimizer steps taken by every replica."""
+    batch_size: int = 32
+    """Minibatch size of each replica (a shard smaller than this is used whole)."""
+    dtype: str = "float32"
+    """Floating-point type of weights and data: float32 or float64."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps must be >= 1; got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1; got {self.batch_size}")
+        _one_of("train.dtype", self.dtype, ("float32", "float64"))
+
+
+@dataclass
+class LogConfig:
+    every: int = 20
+    """Per-layer statistics and TensorBoard scalars on step 1, every k-th step and the last."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"log.every must be >= 1; got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Test-set evaluation of replicas, center and ensemble every k steps and at the end."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"eval.every must be >= 1; got {self.every}")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
+    timeout_s: float = 300.0
+    """Seconds a collective may wait for the other ranks before failing."""
+
+    def __post_init__(self) -> None:
+        _one_of("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+        _one_of("dist.device", self.device, ("auto", "cpu", "cuda"))
+        _check(
+            math.isfinite(self.timeout_s) and self.timeout_s > 0,
+            f"dist.timeout_s must be > 0; got {self.timeout_s}",
+        )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    seed: int = 0
+    """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
+    init: str = "independent"
+    """independent: each replica initialised from its own seed (as in the note);
+    same: rank 0's initial weights broadcast to all."""
+
+    def __post_init__(self) -> None:
+        _one_of("init", self.init, ("independent", "same"))
+        _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+
+
+def register_configs() -> None:
+    """Register the schema under `base_config`; conf/ holds the YAML options of each group,
+    which Hydra merges into this typed schema (so a wrong key or type fails there)."""
+    ConfigStore.instance().store(name="base_config", node=Config)

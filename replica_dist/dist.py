@@ -1,0 +1,84 @@
+"""Every collective the trainer issues, each one small and typed.
+
+All ranks must call these in the same order on every code path; a rank that skips one
+leaves the others waiting until `dist.timeout_s`. The replica mean is SUM then divide,
+because gloo gained ReduceOp.AVG only recently.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+from replica_dist.config import DistConfig
+
+
+def init(cfg: DistConfig) -> torch.device:
+    """Join the process group torchrun describes in the environment (or a world of one when
+    started without torchrun) and return this rank's device."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("dist.device=cuda but CUDA is not available; use dist.device=cpu or auto")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("dist.backend=nccl needs CUDA; use dist.backend=gloo or auto")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if "RANK" in os.environ:
+        tdist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    else:
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return device
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def rank() -> int:
+    return tdist.get_rank()
+
+
+def world_size() -> int:
+    return tdist.get_world_size()
+
+
+def replica_mean(flat: torch.Tensor) -> torch.Tensor:
+    """The mean over replicas of `flat` (left untouched), in a new tensor: one all_reduce."""
+    total = flat.clone()
+    tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
+    return total.div_(world_size())
+
+
+def replica_mean_(flat: torch.Tensor) -> torch.Tensor:
+    """Replace `flat` by its mean over replicas, in place: one all_reduce."""
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    return flat.div_(world_size())
+
+
+def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
+    """Overwrite `flat` on every rank with rank `src`'s values."""
+    tdist.broadcast(flat, src=src)
+
+
+def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
+    """A (world_size, len(values)) table whose row r holds rank r's `values`: one all_reduce
+    of a zero table in which each rank fills its own row (a NaN stays in its row)."""
+    table = torch.zeros(world_size(), len(values), dtype=torch.float64, device=device)
+    table[rank()] = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(table, op=tdist.ReduceOp.SUM)
+    return table.cpu()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (all_reduce MAX)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)  # NCCL reduces int32, not bool
+    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,86 @@
+"""Per-layer statistics and the TensorBoard loggers.
+
+Metrics are flat {"group/name": float} dicts; per-layer tags use the parameter's own name
+(`rate/fc1.weight`). Each replica writes its own run `tb/replica_<r>/`; rank 0 also writes
+`tb/center/` and `tb/ensemble/`. Other ranks get a NullLogger for those, so the loop needs
+no rank checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: Path):
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class NullLogger:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _as_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    # One device-to-host transfer for all values, not one per tag.
+    values = torch.stack(list(metrics.values())).tolist()
+    return dict(zip(metrics.keys(), values))
+
+
+@torch.no_grad()
+def replica_layer_stats(
+    names: list[str],
+    before: list[torch.Tensor],
+    after_optimizer: list[torch.Tensor],
+    after: list[torch.Tensor],
+    center: list[torch.Tensor],
+) -> dict[str, float]:
+    """One replica's per-layer view of a step, from its weights before the step, after the
+    optimizer, after the coupling, and the center (mean of all replicas) after the step.
+
+    rate: |mean(dw)|, the note's "learning rate of the layer" (a signed mean that includes
+    the coupling's motion); update_ratio: |dw| / |w|; grad_step and coupling_step: norms of
+    the optimizer's and the coupling's parts of dw (with coupling.via_optimizer the pull is
+    inside the optimizer's part); dist_to_center: |w - center| after the step."""
+    stats = {}
+    for name, w0, w_opt, w1, c in zip(names, before, after_optimizer, after, center):
+        delta = w1 - w0
+        stats[f"rate/{name}"] = delta.mean().abs()
+        stats[f"update_ratio/{name}"] = delta.norm() / w0.norm().clamp_min(torch.finfo(w0.dtype).tiny)
+        stats[f"grad_step/{name}"] = (w_opt - w0).norm()
+        stats[f"coupling_step/{name}"] = (w1 - w_opt).norm()
+        stats[f"dist_to_center/{name}"] = (w1 - c).norm()
+        stats[f"weight_norm/{name}"] = w1.norm()
+    return _as_floats(stats)
+
+
+@torch.no_grad()
+def center_layer_stats(names: list[str], before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, float]:
+    """The center's (mean weights') per-layer rate, update ratio and norm over a step."""
+    stats = {}
+    for name, c0, c1 in zip(names, before, after):
+        delta = c1 - c0
+        stats[f"rate/{name}"] = delta.mean().abs()
+        stats[f"update_ratio/{name}"] = delta.norm() / c0.norm().clamp_min(torch.finfo(c0.dtype).tiny)
+        stats[f"weight_norm/{name}"] = c1.norm()
+    return _as_floats(stats)
