@@ -158,7 +158,11 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         wall_seconds = time.perf_counter() - start
 
         summary = _summary(cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device)
+        # Plain state_dicts: they load into the model class with no replica_dist code around.
+        (run_dir / "weights").mkdir(exist_ok=True)
+        torch.save(model.state_dict(), run_dir / "weights" / f"replica_{rank}.pt")
         if rank == 0:
+            torch.save(center.state_dict(), run_dir / "weights" / "center.pt")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:

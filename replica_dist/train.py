@@ -1,6 +1,10 @@
 """Entry point: `torchrun --standalone --nproc_per_node=4 -m replica_dist.train [overrides]`.
 
 Rank r trains replica r. Parse the config, join the process group, train, always tear down.
+Overrides are Hydra's (`optim.lr=0.1`, `coupling=linear`, `hydra.run.dir=PATH`). The config
+is composed with Hydra's compose API rather than `@hydra.main`, so that a bad override gives
+one line naming the key, and so that `--multirun` cannot start a sweep inside every rank
+(run sweeps as an outer loop of torchrun jobs).
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -20,55 +24,77 @@ from replica_dist import dist
 from replica_dist.config import Config, ConfigError, register_configs
 from replica_dist.loop import train
 
-register_configs()
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("replica_dist")
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages, folded to their informative lines."""
+    lines = []
+    for part in (err, err.__cause__):
+        for line in str(part or "").splitlines():
+            line = line.strip()
+            if line.startswith(("Config search path", "provider=", "reference_type", "object_type")):
+                continue
+            if line and line not in lines:
+                lines.append(line)
+    return " ".join(lines)
+
+
+def load_config(overrides: list[str]) -> tuple[Config, Path]:
+    """The validated config and the run directory, from command-line overrides."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            dict_cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        run_dir = Path(dict_cfg.hydra.run.dir)
+        with open_dict(dict_cfg):
+            del dict_cfg["hydra"]
+        return OmegaConf.to_object(dict_cfg), run_dir
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
 
 
 def setup_logging(rank: int) -> None:
     """Progress from rank 0 only; other ranks speak up for warnings and errors."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[%(asctime)s rank " + str(rank) + "] %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def fail(message: str) -> None:
-    """One line on stderr (from one rank) and a non-zero exit."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"replica_dist: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def to_config(dict_cfg: DictConfig) -> Config:
-    try:
-        return OmegaConf.to_object(dict_cfg)
-    except OmegaConfBaseException as err:
-        # OmegaConf wraps the ConfigError raised by a dataclass's __post_init__.
-        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
-        fail(str(cause).splitlines()[0])
+def report(summary: dict, run_dir: Path) -> None:
+    metric = "test_accuracy" if summary["task"] == "classification" else "test_loss"
+    replicas = ", ".join(f"{r[metric]:.4f}" for r in summary["replicas"])
+    log.info("%s | replicas %s | center %.4f | ensemble %.4f", metric, replicas,
+             summary["center"][metric], summary["ensemble"][metric])
+    log.info("run directory %s | tensorboard --logdir %s", run_dir, run_dir / "tb")
 
 
 @record
-def run(cfg: Config, run_dir: Path) -> None:
-    setup_logging(int(os.environ.get("RANK", 0)))
-    device = dist.init(cfg.dist)
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        print(f"Config groups and options: see {CONF_DIR} and replica_dist/config.py.")
+        return 0
+    rank = int(os.environ.get("RANK", 0))
     try:
-        summary = train(cfg, run_dir, device)
-        log.info("replica test accuracy: %s", ", ".join(f"{r.get('test_accuracy', float('nan')):.4f}" for r in summary["replicas"]))
-        log.info("center %s | ensemble %s", summary["center"], summary["ensemble"])
-        log.info("run directory: %s  (tensorboard --logdir %s)", run_dir, run_dir / "tb")
+        cfg, run_dir = load_config(argv)
+        setup_logging(rank)
+        device = dist.init(cfg.dist)
+        try:
+            report(train(cfg, run_dir, device), run_dir)
+        finally:
+            dist.teardown()
     except ConfigError as err:
-        fail(str(err))
-    finally:
-        dist.teardown()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(dict_cfg: DictConfig) -> None:
-    cfg = to_config(dict_cfg)
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if rank == 0:
+            print(f"replica_dist: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
