@@ -1,0 +1,77 @@
+"""A plain single-process reference of the coupled training: all replicas in one loop.
+
+It shares only the data, model and seed helpers with the package (so that it sees the same
+shards, batches and initial weights) and writes the update rule out by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from replica_dist.config import Config
+from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.evaluate import LOSSES
+from replica_dist.loop import build_optimizer, replica_seed
+from replica_dist.model import build_model
+
+
+def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tensor]]:
+    """Final state_dicts of every replica after cfg.train.steps steps."""
+    dtype = getattr(torch, cfg.train.dtype)
+    data = load_dataset(cfg.data, cfg.seed, dtype)
+    loss_fn = LOSSES[data.loss]
+    models, optimizers, batches = [], [], []
+    for r in range(world_size):
+        init = r if cfg.init == "independent" and cfg.coupling.name != "ddp" else 0
+        model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init)).to(dtype)
+        models.append(model)
+        optimizers.append(build_optimizer(cfg.optim, model.parameters()))
+        mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, r, world_size)
+        batches.append(ReplicaBatches(data.x_train[mine], data.y_train[mine], cfg.train.batch_size, cfg.seed, r))
+
+    c = cfg.coupling
+    for step in range(1, cfg.train.steps + 1):
+        coupled = c.name in ("tanh", "linear", "average") and step % c.every == 0
+        eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
+        before = [[t.detach().clone() for t in _weights(m)] for m in models]
+        mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
+
+        def elastic_pull(w, m):
+            if c.name == "tanh":
+                return eta * torch.tanh((m - w) / c.temperature)
+            return eta * (m - w)
+
+        for model, batch in zip(models, batches):
+            x, y = batch.next()
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+        if c.name == "ddp":
+            for params in zip(*(m.parameters() for m in models)):
+                mean_grad = torch.stack([p.grad for p in params]).mean(0)
+                for p in params:
+                    p.grad = mean_grad.clone()
+        if coupled and c.via_optimizer:
+            for r, model in enumerate(models):
+                for p, w, m in zip(model.parameters(), before[r], mean_before):
+                    p.grad -= elastic_pull(w, m)
+        for optimizer in optimizers:
+            optimizer.step()
+        with torch.no_grad():
+            if coupled and c.name == "average":
+                after = [[t.clone() for t in _weights(m)] for m in models]
+                mean_after = [torch.stack(ts).mean(0) for ts in zip(*after)]
+                for model in models:
+                    for t, m in zip(_weights(model), mean_after):
+                        t.copy_(m)
+            elif coupled and not c.via_optimizer:
+                for r, model in enumerate(models):
+                    for t, w, m in zip(_weights(model), before[r], mean_before):
+                        t.add_(elastic_pull(w, m))
+    assert all(math.isfinite(t.sum().item()) for m in models for t in _weights(m))
+    return [m.state_dict() for m in models]
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]

@@ -1,0 +1,82 @@
+"""The coupling formulas, in one process, against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from replica_dist.config import CouplingConfig
+from replica_dist.coupling import eta_at, is_coupling_step, pull
+
+W = torch.tensor([0.0, 1.0, -2.0, 0.25], dtype=torch.float64)
+MEAN = torch.tensor([0.5, 0.5, 0.5, 0.25], dtype=torch.float64)
+
+
+def test_tanh_pull_is_the_notes_rule():
+    expected = [0.1 * math.tanh(0.5), 0.1 * math.tanh(-0.5), 0.1 * math.tanh(2.5), 0.0]
+    assert pull("tanh", W, MEAN, eta=0.1).tolist() == pytest.approx(expected, abs=1e-15)
+
+
+def test_tanh_temperature_divides_the_difference():
+    expected = [0.3 * math.tanh(0.5 / 0.25), 0.3 * math.tanh(-0.5 / 0.25), 0.3 * math.tanh(2.5 / 0.25), 0.0]
+    assert pull("tanh", W, MEAN, eta=0.3, temperature=0.25).tolist() == pytest.approx(expected, abs=1e-15)
+
+
+def test_tanh_pull_is_bounded_by_eta():
+    far = pull("tanh", torch.tensor([-1e6, 1e6]), torch.zeros(2), eta=0.2)
+    assert far.tolist() == pytest.approx([0.2, -0.2])
+
+
+def test_linear_pull():
+    assert pull("linear", W, MEAN, eta=0.1).tolist() == pytest.approx([0.05, -0.05, 0.25, 0.0], abs=1e-15)
+
+
+def test_average_pull_moves_onto_the_mean():
+    assert (W + pull("average", W, MEAN, eta=123.0)).tolist() == MEAN.tolist()
+
+
+@pytest.mark.parametrize("form", ["none", "ddp"])
+def test_forms_without_a_pull_refuse(form):
+    with pytest.raises(ValueError, match=form):
+        pull(form, W, MEAN, eta=0.1)
+
+
+def test_one_step_each_form_from_hand_computed_tensors():
+    """w_new = w - lr*g + pull(w, mean) with the pre-step w and mean, two replicas."""
+    w = [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])]
+    g = [torch.tensor([0.5, 0.0]), torch.tensor([-1.0, 2.0])]
+    lr, eta = 0.1, 0.5
+    mean = (w[0] + w[1]) / 2  # [2, 0]
+    stepped = [wa - lr * ga for wa, ga in zip(w, g)]  # [0.95, -1], [3.1, 0.8]
+    tanh_new = [s + pull("tanh", wa, mean, eta) for s, wa in zip(stepped, w)]
+    assert tanh_new[0].tolist() == pytest.approx([0.95 + 0.5 * math.tanh(1.0), -1 + 0.5 * math.tanh(1.0)])
+    assert tanh_new[1].tolist() == pytest.approx([3.1 - 0.5 * math.tanh(1.0), 0.8 - 0.5 * math.tanh(1.0)])
+    linear_new = [s + pull("linear", wa, mean, eta) for s, wa in zip(stepped, w)]
+    assert linear_new[0].tolist() == pytest.approx([1.45, -0.5])
+    assert linear_new[1].tolist() == pytest.approx([2.6, 0.3])
+    # average: the mean of the post-step weights, the same for both replicas
+    post_mean = (stepped[0] + stepped[1]) / 2
+    average_new = [s + pull("average", s, post_mean, eta) for s in stepped]
+    assert average_new[0].tolist() == pytest.approx([2.025, -0.1])
+    assert average_new[1].tolist() == pytest.approx([2.025, -0.1])
+
+
+def test_eta_schedule_scopes_and_caps():
+    cfg = CouplingConfig(name="linear", eta=0.1, eta_growth=0.5, eta_max=0.3)
+    assert [eta_at(cfg, s) for s in (1, 2, 3, 4)] == pytest.approx([0.1, 0.15, 0.225, 0.3])
+    assert eta_at(CouplingConfig(name="tanh", eta=0.2), 1000) == 0.2
+
+
+@pytest.mark.parametrize(
+    "name, every, expected",
+    [
+        ("tanh", 1, [1, 2, 3, 4, 5, 6]),
+        ("linear", 2, [2, 4, 6]),
+        ("average", 3, [3, 6]),
+        ("none", 1, []),
+        ("ddp", 1, []),
+    ],
+)
+def test_coupling_steps(name, every, expected):
+    cfg = CouplingConfig(name=name, every=every)
+    assert [s for s in range(1, 7) if is_coupling_step(cfg, s)] == expected

@@ -1,0 +1,45 @@
+"""Run a function in N real gloo processes on CPU (spawned, FileStore rendezvous)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 30.0
+"""Every collective in a test fails after this long instead of hanging."""
+
+
+def _entry(rank: int, fn, world_size: int, store_path: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # N processes share 2 cores
+    store = tdist.FileStore(store_path, world_size)
+    tdist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        tdist.destroy_process_group()
+
+
+def run_world(fn, world_size: int, *args, timeout_s: float = 240.0) -> None:
+    """Call fn(rank, world_size, *args) in `world_size` processes; re-raise a child's error."""
+    store_dir = tempfile.mkdtemp(prefix="replica_dist_store_")
+    context = mp.start_processes(
+        _entry,
+        args=(fn, world_size, os.path.join(store_dir, "store"), args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"world of {world_size} processes did not finish in {timeout_s} s")
