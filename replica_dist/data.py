@@ -86,6 +86,11 @@ def _file(cfg: DataConfig, seed: int):
     if missing:
         raise ConfigError(f"data.path {cfg.path} lacks arrays {missing}; it needs {list(required)}")
     x_train, y_train, x_test, y_test = (arrays[key] for key in required)
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ConfigError(
+            f"data.path arrays disagree in length: X_train {len(x_train)}, y_train {len(y_train)}, "
+            f"X_test {len(x_test)}, y_test {len(y_test)}"
+        )
     integer_targets = np.issubdtype(y_train.dtype, np.integer)
     return (
         x_train,
@@ -103,13 +108,9 @@ _LOADERS = {"digits": _digits, "teacher": _teacher, "seed": _seed_library, "file
 def load_dataset(cfg: DataConfig, seed: int, dtype: torch.dtype) -> Dataset:
     """The whole dataset, identical on every rank."""
     x_train, y_train, x_test, y_test, task, loss = _LOADERS[cfg.name](cfg, seed)
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise ConfigError(
-            f"data.path arrays disagree in length: X_train {len(x_train)}, y_train {len(y_train)}, "
-            f"X_test {len(x_test)}, y_test {len(y_test)}"
-        )
     if len(x_train) == 0 or len(x_test) == 0:
-        raise ConfigError("data.path must hold at least one training and one test sample")
+        keys = "data.path" if cfg.name == "file" else "data.num_samples and data.test_fraction"
+        raise ConfigError(f"{keys} must leave at least one training and one test sample")
     target_dtype = torch.long if task == "classification" else dtype
     if task == "classification":
         num_outputs = int(max(y_train.max(), y_test.max())) + 1
