@@ -26,7 +26,8 @@ def init(cfg: DistConfig) -> torch.device:
     if backend == "nccl" and not use_cuda:
         raise ValueError("dist.backend=nccl needs CUDA; use dist.backend=gloo or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # More ranks than GPUs share them round-robin (gloo only: NCCL refuses two ranks per GPU).
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
