@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
-from replica_dist.metrics import NullLogger, TensorBoardLogger, center_layer_stats, replica_layer_stats
+from replica_dist.diagnostics import Diagnostics
 from replica_dist.model import build_model
 
 log = logging.getLogger(__name__)
@@ -59,10 +58,14 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
     batches = ReplicaBatches(
         data.x_train[mine].to(device), data.y_train[mine].to(device), cfg.train.batch_size, cfg.seed, rank
     )
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    # Evaluation covers the whole training set (all shards) and the shared test set.
+    splits = {
+        "train_set": (data.x_train.to(device), data.y_train.to(device)),
+        "test": (data.x_test.to(device), data.y_test.to(device)),
+    }
     loss_fn = LOSSES[data.loss]
 
-    # ---- this replica's network; the center is a scratch copy that holds the mean weights
+    # ---- this replica's network
     init_replica = rank if cfg.init == "independent" else 0
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init_replica))
     model = model.to(device=device, dtype=dtype)
@@ -73,18 +76,12 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
     # DDP broadcasts rank 0's weights itself, so `ddp` replicas start (and stay) identical.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if form == "ddp" else model
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    center = copy.deepcopy(model)
-    center_state = FlatState(center)
-    param_names = state.names[: state.num_params]
-
-    replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}")
-    center_log = TensorBoardLogger(run_dir / "tb" / "center") if rank == 0 else NullLogger()
-    ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble") if rank == 0 else NullLogger()
+    # The center is a scratch copy of the network that holds the mean weights.
+    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device)
     if rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     start = time.perf_counter()
-    center_accuracy = math.nan
     try:
         for step in range(1, cfg.train.steps + 1):
             coupled = is_coupling_step(cfg.coupling, step)
@@ -115,44 +112,20 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
                 state.add(pull(form, w_before, mean_before, eta, cfg.coupling.temperature))
 
             # 4. Diagnostics, on logging and evaluation steps only.
-            if not (logging_step or eval_step):
-                continue
-            w_after = state.pack().clone()
-            mean_after = dist.replica_mean(w_after)
+            if logging_step or eval_step:
+                w_after = state.pack().clone()
+                mean_after = dist.replica_mean(w_after)
             if logging_step:
-                losses = dist.gather_rows([loss.item()], device)[:, 0]
-                if not torch.isfinite(losses).all():
-                    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-                    raise FloatingPointError(f"non-finite training loss at step {step} on replica(s) {bad}")
-                n = state.num_params
-                replica_log.log(
-                    {"train/loss": loss.item(), "coupling/eta": eta}
-                    | replica_layer_stats(
-                        param_names,
-                        state.views(w_before)[:n],
-                        state.views(w_after_optimizer)[:n],
-                        state.views(w_after)[:n],
-                        state.views(mean_after)[:n],
-                    ),
-                    step,
-                )
-                center_log.log(
-                    {"train/replica_mean_loss": losses.mean().item()}
-                    | center_layer_stats(param_names, state.views(mean_before)[:n], state.views(mean_after)[:n]),
-                    step,
+                losses = diagnostics.log_step(
+                    step, loss.item(), eta, w_before, w_after_optimizer, w_after, mean_before, mean_after
                 )
             if eval_step:
-                center_state.load(mean_after)
-                evaluation = _evaluate(model, center, x_test, y_test, data.task, data.loss)
-                replica_log.log({f"test/{k}": v for k, v in evaluation["replica"].items()}, step)
-                center_log.log({f"test/{k}": v for k, v in evaluation["center"].items()}, step)
-                ensemble_log.log({f"test/{k}": v for k, v in evaluation["ensemble"].items()}, step)
-                center_accuracy = evaluation["center"].get("accuracy", math.nan)
+                evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
             if logging_step:
                 elapsed = time.perf_counter() - start
                 log.info(
                     "step %d/%d | loss %.4f (mean of %d replicas) | center acc %.4f | %.0f s left",
-                    step, cfg.train.steps, losses.mean().item(), world_size, center_accuracy,
+                    step, cfg.train.steps, losses.mean().item(), world_size, diagnostics.center_accuracy,
                     elapsed / step * (cfg.train.steps - step),
                 )
         wall_seconds = time.perf_counter() - start
@@ -162,44 +135,31 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         (run_dir / "weights").mkdir(exist_ok=True)
         torch.save(model.state_dict(), run_dir / "weights" / f"replica_{rank}.pt")
         if rank == 0:
-            torch.save(center.state_dict(), run_dir / "weights" / "center.pt")
+            torch.save(diagnostics.center.state_dict(), run_dir / "weights" / "center.pt")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
-        for logger in (replica_log, center_log, ensemble_log):
-            logger.close()
-
-
-def _evaluate(model, center, x_test, y_test, task: str, loss: str) -> dict[str, dict[str, float]]:
-    """Test metrics of this replica, the center (mean weights) and the ensemble (mean of the
-    replicas' output probabilities, or outputs for regression): one all_reduce."""
-    replica_prediction = predict(model, x_test, task)
-    ensemble_prediction = dist.replica_mean(replica_prediction)
-    return {
-        "replica": score(replica_prediction, y_test, task, loss),
-        "center": score(predict(center, x_test, task), y_test, task, loss),
-        "ensemble": score(ensemble_prediction, y_test, task, loss),
-    }
+        diagnostics.close()
 
 
 def _summary(cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device) -> dict:
     """The run's final numbers; every replica's own are gathered with one all_reduce."""
-    train_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
-    mine = evaluation["replica"]
-    rows = dist.gather_rows([train_loss, mine["loss"], mine.get("accuracy", math.nan)], device).tolist()
-    replicas = []
-    for replica, (train, test_loss, test_accuracy) in enumerate(rows):
-        entry = {"replica": replica, "train_loss": train, "test_loss": test_loss}
-        if task == "classification":
-            entry["test_accuracy"] = test_accuracy
-        replicas.append(entry)
+    own_data_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
+    keys = sorted(evaluation["replica"])
+    rows = dist.gather_rows([own_data_loss] + [evaluation["replica"][k] for k in keys], device).tolist()
+
+    def flat(metrics: dict[str, float]) -> dict[str, float]:  # "train_set/loss" -> "train_loss"
+        return {k.replace("train_set/", "train_").replace("test/", "test_"): v for k, v in metrics.items()}
+
     return {
         "steps": cfg.train.steps,
         "wall_seconds": wall_seconds,
         "world_size": len(rows),
         "coupling": cfg.coupling.name,
         "task": task,
-        "replicas": replicas,
-        "center": {f"test_{k}": v for k, v in evaluation["center"].items()},
-        "ensemble": {f"test_{k}": v for k, v in evaluation["ensemble"].items()},
+        "replicas": [
+            {"replica": r, "own_data_loss": row[0]} | flat(dict(zip(keys, row[1:]))) for r, row in enumerate(rows)
+        ],
+        "center": flat(evaluation["center"]),
+        "ensemble": flat(evaluation["ensemble"]),
     }

@@ -84,3 +84,37 @@ def center_layer_stats(names: list[str], before: list[torch.Tensor], after: list
         stats[f"update_ratio/{name}"] = delta.norm() / c0.norm().clamp_min(torch.finfo(c0.dtype).tiny)
         stats[f"weight_norm/{name}"] = c1.norm()
     return _as_floats(stats)
+
+
+@torch.no_grad()
+def squared_norms(weights: list[torch.Tensor]) -> list[float]:
+    """‖w‖² of each tensor, in float64 (the pairwise overlap subtracts large, close numbers)."""
+    return torch.stack([w.double().pow(2).sum() for w in weights]).tolist()
+
+
+@torch.no_grad()
+def replica_overlaps(names: list[str], weights: list[torch.Tensor], center: list[torch.Tensor]) -> dict[str, float]:
+    """overlap/<name>: q_a = w_a·w̄ / (‖w_a‖‖w̄‖), this replica's cosine with the center."""
+    stats = {}
+    for name, w, c in zip(names, weights, center):
+        w, c = w.double().flatten(), c.double().flatten()
+        stats[f"overlap/{name}"] = (w @ c) / (w.norm() * c.norm()).clamp_min(torch.finfo(torch.float64).tiny)
+    return _as_floats(stats)
+
+
+@torch.no_grad()
+def pairwise_overlaps(names: list[str], center: list[torch.Tensor], replica_squared_norms: torch.Tensor) -> dict[str, float]:
+    """pairwise_overlap/<name>: mean over pairs a≠b of w_a·w_b, divided by the mean of ‖w_a‖²
+    (the cosine when all norms are equal), from the center alone and every replica's ‖w_a‖²
+    (a (replicas, layers) table): Σ_{a≠b} w_a·w_b = ‖Σ_a w_a‖² − Σ_a ‖w_a‖², with Σ_a w_a = n·w̄.
+    Needs no exchange of weights; empty for a single replica."""
+    n = replica_squared_norms.shape[0]
+    if n < 2:
+        return {}
+    stats = {}
+    for i, (name, c) in enumerate(zip(names, center)):
+        sum_of_squares = replica_squared_norms[:, i].sum()
+        square_of_sum = n * n * c.double().pow(2).sum().cpu()
+        mean_pair_dot = (square_of_sum - sum_of_squares) / (n * (n - 1))
+        stats[f"pairwise_overlap/{name}"] = mean_pair_dot / (sum_of_squares / n).clamp_min(torch.finfo(torch.float64).tiny)
+    return _as_floats(stats)

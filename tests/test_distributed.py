@@ -193,3 +193,68 @@ def test_one_collective_per_coupling_step_and_none_for_independent_replicas(tmp_
             assert per_step == expected, (case, rank, per_step)
             assert calls[1] > 0 and calls[12] > 0  # diagnostics do communicate
     assert sum(int(is_coupling_step(load_config(COUNTED_CASES["none"])[0].coupling, s)) for s in range(12)) == 0
+
+
+# ---- center and ensemble, recomputed in one process from the saved replica weights
+
+def _recompute(cfg, weights: list[dict[str, torch.Tensor]]):
+    from replica_dist.data import load_dataset
+    from replica_dist.model import build_model
+
+    dtype = getattr(torch, cfg.train.dtype)
+    data = load_dataset(cfg.data, cfg.seed, dtype)
+    model = build_model(cfg.model, data.input_shape, data.num_outputs, 0).to(dtype).eval()
+    center = {k: (torch.stack([w[k] for w in weights]).mean(0) if v.is_floating_point() else v)
+              for k, v in weights[0].items()}
+    results = {"center": {}, "ensemble": {}}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        with torch.no_grad():
+            model.load_state_dict(center)
+            center_probs = model(x).softmax(1)
+            replica_probs = []
+            for w in weights:
+                model.load_state_dict(w)
+                replica_probs.append(model(x).softmax(1))
+        ensemble_probs = torch.stack(replica_probs).mean(0)
+        for name, probs in (("center", center_probs), ("ensemble", ensemble_probs)):
+            results[name][f"{split}_loss"] = -probs[torch.arange(len(y)), y].log().mean().item()
+            results[name][f"{split}_accuracy"] = (probs.argmax(1) == y).double().mean().item()
+    return results
+
+
+@pytest.mark.parametrize("case", ["tanh", "tanh_cnn_batchnorm", "none"])
+def test_center_and_ensemble_equal_a_single_process_recomputation(trained, case):
+    world_size, root = trained
+    cfg = config(case, root / case)
+    expected = _recompute(cfg, _replica_weights(root / case, world_size))
+    summary = json.loads((root / case / "summary.json").read_text())
+    for model in ("center", "ensemble"):
+        assert summary[model] == pytest.approx(expected[model], rel=1e-5, abs=1e-6), model
+
+
+# ---- overlaps: the formula from the center alone against brute-force pairwise products
+
+def _train_for_overlaps(rank: int, world_size: int, root: str) -> None:
+    run_dir = Path(root)
+    cfg, _ = load_config(COMMON + ["coupling=tanh", "train.steps=6", "log.every=1", f"hydra.run.dir={run_dir}"])
+    loop.train(cfg, run_dir, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_overlaps_equal_brute_force_pairwise_products(tmp_path, world_size):
+    run_world(_train_for_overlaps, world_size, str(tmp_path))
+    weights = _replica_weights(tmp_path, world_size)
+    center_run = EventAccumulator(str(tmp_path / "tb" / "center"), size_guidance={"scalars": 0})
+    center_run.Reload()
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        w = [weights[a][name].double().flatten() for a in range(world_size)]
+        pair_dots = [w[a] @ w[b] for a in range(world_size) for b in range(world_size) if a != b]
+        mean_square = sum(wa @ wa for wa in w) / world_size
+        expected_pairwise = (sum(pair_dots) / len(pair_dots) / mean_square).item()
+        logged = {e.step: e.value for e in center_run.Scalars(f"pairwise_overlap/{name}")}
+        assert logged[6] == pytest.approx(expected_pairwise, rel=1e-5, abs=1e-6), name
+        mean = sum(w) / world_size
+        for a in range(world_size):
+            expected_q = (w[a] @ mean / (w[a].norm() * mean.norm())).item()
+            logged_q = _scalar(tmp_path / "tb" / f"replica_{a}", f"overlap/{name}")
+            assert logged_q[6] == pytest.approx(expected_q, rel=1e-5, abs=1e-6), (name, a)

@@ -35,3 +35,26 @@ def test_rate_is_the_absolute_value_of_a_signed_mean():
 def test_center_layer_stats_by_hand():
     stats = center_layer_stats(["b"], [torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 6.0])])
     assert stats == pytest.approx({"rate/b": 1.0, "update_ratio/b": 2 / 5, "weight_norm/b": math.sqrt(45)})
+
+
+def test_pairwise_overlap_from_the_center_equals_brute_force():
+    from replica_dist.metrics import pairwise_overlaps, replica_overlaps, squared_norms
+
+    generator = torch.Generator().manual_seed(0)
+    replicas = [torch.randn(5, 3, generator=generator, dtype=torch.float64) + 1.0 for _ in range(4)]
+    center = torch.stack(replicas).mean(0)
+    table = torch.tensor([squared_norms([w]) for w in replicas], dtype=torch.float64)
+    dots = [(a * b).sum() for i, a in enumerate(replicas) for j, b in enumerate(replicas) if i != j]
+    expected = (sum(dots) / 12) / (table.sum() / 4)
+    assert pairwise_overlaps(["w"], [center], table)["pairwise_overlap/w"] == pytest.approx(expected.item(), rel=1e-12)
+    cosine = (replicas[0] * center).sum() / (replicas[0].norm() * center.norm())
+    assert replica_overlaps(["w"], [replicas[0]], [center])["overlap/w"] == pytest.approx(cosine.item(), rel=1e-12)
+
+
+def test_identical_replicas_overlap_fully_and_a_single_replica_has_no_pairs():
+    from replica_dist.metrics import pairwise_overlaps, squared_norms
+
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    table = torch.tensor([squared_norms([w])] * 3, dtype=torch.float64)
+    assert pairwise_overlaps(["w"], [w], table)["pairwise_overlap/w"] == pytest.approx(1.0, rel=1e-12)
+    assert pairwise_overlaps(["w"], [w], table[:1]) == {}

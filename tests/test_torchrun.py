@@ -70,11 +70,13 @@ def test_summary_matches_the_events(run_dir):
     assert summary["steps"] == 30 and summary["world_size"] == 2 and summary["wall_seconds"] > 0
     assert summary["coupling"] == "tanh" and summary["task"] == "classification"
     for r, replica in enumerate(summary["replicas"]):
-        assert set(replica) == {"replica", "train_loss", "test_loss", "test_accuracy"}
+        assert set(replica) == {"replica", "own_data_loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
         final = scalars(run_dir[0] / "tb" / f"replica_{r}").Scalars("test/accuracy")[-1].value
         assert replica["test_accuracy"] == pytest.approx(final, abs=1e-6)
     center_final = scalars(run_dir[0] / "tb" / "center").Scalars("test/accuracy")[-1].value
     assert summary["center"]["test_accuracy"] == pytest.approx(center_final, abs=1e-6)
+    for model in ("center", "ensemble"):
+        assert set(summary[model]) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
     assert 0 <= summary["ensemble"]["test_accuracy"] <= 1
     assert (run_dir[0] / "config.yaml").read_text().count("name: tanh") == 1
 

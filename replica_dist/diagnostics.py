@@ -1,0 +1,82 @@
+"""What the loop measures on logging and evaluation steps, and where it writes it.
+
+Each replica writes its own TensorBoard run `tb/replica_<r>/`; rank 0 also writes
+`tb/center/` and `tb/ensemble/`. The other ranks hold NullLoggers for those, so no code
+here or in the loop asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from replica_dist import dist
+from replica_dist.evaluate import evaluate_models
+from replica_dist.flat import FlatState
+from replica_dist.metrics import (
+    NullLogger,
+    TensorBoardLogger,
+    center_layer_stats,
+    pairwise_overlaps,
+    replica_layer_stats,
+    replica_overlaps,
+    squared_norms,
+)
+
+
+class Diagnostics:
+    def __init__(self, run_dir: Path, rank: int, state: FlatState, center: nn.Module, device: torch.device):
+        self.state = state
+        self.names = state.names[: state.num_params]
+        self.center = center
+        self.center_state = FlatState(center)
+        self.device = device
+        self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}")
+        self.center_log = TensorBoardLogger(run_dir / "tb" / "center") if rank == 0 else NullLogger()
+        self.ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble") if rank == 0 else NullLogger()
+        self.center_accuracy = math.nan
+        """The center's test accuracy at the latest evaluation, for the progress line."""
+
+    def params(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return self.state.views(flat)[: self.state.num_params]
+
+    def log_step(self, step: int, loss: float, eta: float, before, after_optimizer, after, mean_before, mean_after) -> torch.Tensor:
+        """Per-layer statistics of the step for this replica and the center; returns every
+        replica's loss. A non-finite loss anywhere stops every rank here, together."""
+        weights, center = self.params(after), self.params(mean_after)
+        # One small all_reduce: every replica's loss and per-layer ‖w‖², row by row.
+        table = dist.gather_rows([loss, *squared_norms(weights)], self.device)
+        losses = table[:, 0]
+        if not torch.isfinite(losses).all():
+            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            raise FloatingPointError(f"non-finite training loss at step {step} on replica(s) {bad}")
+        self.replica_log.log(
+            {"train/loss": loss, "coupling/eta": eta}
+            | replica_layer_stats(self.names, self.params(before), self.params(after_optimizer), weights, center)
+            | replica_overlaps(self.names, weights, center),
+            step,
+        )
+        self.center_log.log(
+            {"train/replica_mean_loss": losses.mean().item()}
+            | center_layer_stats(self.names, self.params(mean_before), center)
+            | pairwise_overlaps(self.names, center, table[:, 1:]),
+            step,
+        )
+        return losses
+
+    def evaluate(self, step: int, replica: nn.Module, mean_after: torch.Tensor, splits, task: str, loss: str) -> dict:
+        """Train-set and test metrics of this replica, the center and the ensemble."""
+        self.center_state.load(mean_after)
+        evaluation = evaluate_models(replica, self.center, splits, task, loss)
+        self.replica_log.log(evaluation["replica"], step)
+        self.center_log.log(evaluation["center"], step)
+        self.ensemble_log.log(evaluation["ensemble"], step)
+        self.center_accuracy = evaluation["center"].get("test/accuracy", math.nan)
+        return evaluation
+
+    def close(self) -> None:
+        for logger in (self.replica_log, self.center_log, self.ensemble_log):
+            logger.close()
