@@ -209,6 +209,23 @@ class EvalConfig:
 
 
 @dataclass
+class FlatnessConfig:
+    sigmas: list[float] = field(default_factory=list)
+    """Relative noise levels at which the local energy of the center and of every replica is
+    measured at the end of training (empty: skip; `python -m replica_dist.flatness RUN_DIR`
+    does the same afterwards)."""
+    samples: int = 20
+    """Draws of the noise per sigma (>= 2, for a standard error)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            all(math.isfinite(s) and s >= 0 for s in self.sigmas),
+            f"flatness.sigmas must be finite and >= 0; got {list(self.sigmas)}",
+        )
+        _check(self.samples >= 2, f"flatness.samples must be >= 2; got {self.samples}")
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
@@ -236,6 +253,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     seed: int = 0
     """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
     init: str = "independent"

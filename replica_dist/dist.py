@@ -69,6 +69,11 @@ def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
     tdist.broadcast(flat, src=src)
 
 
+def barrier() -> None:
+    """Wait until every rank has arrived here."""
+    tdist.barrier()
+
+
 def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
     """A (world_size, len(values)) table whose row r holds rank r's `values`: one all_reduce
     of a zero table in which each rank fills its own row (a NaN stays in its row)."""

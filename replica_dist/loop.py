@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from replica_dist import dist
+from replica_dist import dist, flatness
 from replica_dist.config import Config, ConfigError, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
@@ -137,6 +137,10 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         if rank == 0:
             torch.save(diagnostics.center.state_dict(), run_dir / "weights" / "center.pt")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.flatness.sigmas:
+            dist.barrier()  # every replica's weights are on disk
+            if rank == 0:
+                log.info("%s", flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False))
         return summary
     finally:
         diagnostics.close()

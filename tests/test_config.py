@@ -93,6 +93,8 @@ BAD_OVERRIDES = [
     (["dist.timeout_s=0"], r"dist\.timeout_s"),
     (["dist.backend=foo"], r"dist\.backend"),
     (["init=foo"], r"\binit\b"),
+    (["flatness.samples=1"], r"flatness\.samples"),
+    (["flatness.sigmas=[0.1,-1]"], r"flatness\.sigmas"),
     (["optim.nesterov=true", "optim.momentum=0"], r"optim\.nesterov"),
 ]
 

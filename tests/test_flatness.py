@@ -264,3 +264,22 @@ def test_cli_refuses_a_missing_or_unfinished_run(tmp_path):
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "lacks" in done.stderr
     assert not (tmp_path / "flatness.json").exists()
+
+
+def _train_with_flatness(rank: int, world_size: int, run_dir: str) -> None:
+    from replica_dist import loop
+    from replica_dist.train import load_config
+
+    cfg, _ = load_config(["train.steps=10", "model.hidden=[8]", "flatness.sigmas=[0,0.1]", "flatness.samples=3",
+                          f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", f"hydra.run.dir={run_dir}"])
+    loop.train(cfg, Path(run_dir), torch.device("cpu"))
+
+
+def test_flatness_at_the_end_of_training_equals_the_command_line(tmp_path):
+    from worlds import run_world
+
+    run_world(_train_with_flatness, 2, str(tmp_path))
+    at_end = (tmp_path / "flatness.json").read_text()
+    assert len(json.loads(at_end)["replicas"]) == 2
+    assert flatness_cli(str(tmp_path), "--sigmas", "0,0.1", "--samples", "3", "--force").returncode == 0
+    assert (tmp_path / "flatness.json").read_text() == at_end
