@@ -165,3 +165,12 @@ class ReplicaBatches:
         chosen = torch.as_tensor(self._order[self._position : self._position + self.batch_size], device=self.x.device)
         self._position += self.batch_size
         return self.x[chosen], self.y[chosen]
+
+    def state_dict(self) -> dict:
+        """Where this replica is in its data order: enough to continue bit for bit."""
+        return {"rng": self._rng.bit_generator.state, "order": self._order.tolist(), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._order = np.asarray(state["order"], dtype=np.int64)
+        self._position = int(state["position"])

@@ -347,3 +347,15 @@ def test_generated_data_too_small_names_its_own_keys():
     with pytest.raises(ConfigError, match=r"data\.num_samples and data\.test_fraction") as err:
         load_dataset(DataConfig(name="teacher", num_samples=1, input_dim=3, num_outputs=2), 0, torch.float32)
     assert "data.path" not in str(err.value)
+
+
+def test_replica_batches_continue_identically_from_their_state():
+    x = torch.arange(50, dtype=torch.float32)[:, None]
+    y = torch.arange(50)
+    first = ReplicaBatches(x, y, batch_size=8, seed=1, rank=2)
+    for _ in range(9):  # into the second pass
+        first.next()
+    resumed = ReplicaBatches(x, y, batch_size=8, seed=1, rank=2)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(20):
+        assert torch.equal(first.next()[1], resumed.next()[1])
