@@ -1,0 +1,144 @@
+"""The report CLI on a real torchrun run; note_figure's table on scalars made up by hand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from replica_dist import report
+from replica_dist.note_figure import markdown_table, pooled_median, rate_rows, tables
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("report") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "replica_dist.train", f"hydra.run.dir={run}", "train.steps=12", "log.every=3",
+               "model.hidden=[8]", "dist.timeout_s=30"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert len(data) > len(PNG_SIGNATURE) and data[:8] == PNG_SIGNATURE, path
+
+
+@pytest.mark.e2e
+def test_report_cli_writes_valid_pngs(run_dir):
+    done = subprocess.run([sys.executable, "-m", "replica_dist.report", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = [Path(line) for line in done.stdout.split()]
+    logged_overlaps = any(tag.startswith(("overlap/", "pairwise_overlap/"))
+                          for scalars in report.load_run(run_dir).values() for tag in scalars)
+    assert {p.name for p in written} == BASE_PNGS | ({"overlap.png"} if logged_overlaps else set())
+    for path in written:
+        assert path.parent == run_dir / "report"
+        assert_png(path)
+
+
+@pytest.mark.e2e
+def test_loader_returns_what_event_accumulator_reads(run_dir):
+    events = EventAccumulator(str(run_dir / "tb" / "replica_1"), size_guidance={"scalars": 0})
+    events.Reload()
+    direct = events.Scalars("rate/fc1.weight")
+    steps, values = report.load_scalars(run_dir / "tb" / "replica_1")["rate/fc1.weight"]
+    assert steps.tolist() == [e.step for e in direct] == [1, 3, 6, 9, 12]
+    assert values.tolist() == [e.value for e in direct]
+    runs = report.load_run(run_dir)
+    assert list(runs) == ["center", "ensemble", "replica_0", "replica_1"]
+    assert report.layers(runs) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+@pytest.mark.parametrize("make", [lambda tmp: tmp / "missing", lambda tmp: tmp])
+def test_a_missing_or_empty_run_dir_is_one_error_line_and_exit_2(tmp_path, capsys, make):
+    assert report.main([str(make(tmp_path))]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("replica_dist.report: error:")
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(report.ReportError, match=r'pip install -e "\.\[plot\]"'):
+        report.pyplot()
+
+
+def write_fake_run(run_dir: Path, overlaps: bool) -> None:
+    """Two replicas and a center over 3 steps with the per-layer tags of one parameter `w`."""
+    for r in range(2):
+        with SummaryWriter(str(run_dir / "tb" / f"replica_{r}")) as writer:
+            for step in (1, 2, 3):
+                for group in ("rate", "grad_step", "coupling_step", "dist_to_center"):
+                    writer.add_scalar(f"{group}/w", 0.1 * step + r, step)
+                writer.add_scalar("train/loss", 10.0 / step, step)
+                if overlaps:
+                    writer.add_scalar("overlap/w", 0.5 + 0.1 * step, step)
+    with SummaryWriter(str(run_dir / "tb" / "center")) as writer:
+        for step in (1, 2, 3):
+            writer.add_scalar("rate/w", 0.05 * step, step)
+            if overlaps:
+                writer.add_scalar("pairwise_overlap/w", 0.4 + 0.1 * step, step)
+
+
+@pytest.mark.parametrize("overlaps", [False, True])
+def test_overlaps_are_plotted_only_when_logged(tmp_path, overlaps):
+    write_fake_run(tmp_path / "run", overlaps)
+    written = report.write_report(tmp_path / "run", tmp_path / "out")
+    assert {p.name for p in written} == BASE_PNGS | ({"overlap.png"} if overlaps else set())
+    for path in written:
+        assert_png(path)
+
+
+def fake_run(rates: dict[str, list[list[float]]]) -> dict:
+    """A run as load_run returns it, from {layer: [values of replica 0, values of replica 1]}."""
+    run = {}
+    for layer, per_replica in rates.items():
+        for r, values in enumerate(per_replica):
+            steps = np.arange(1, len(values) + 1)
+            scalars = run.setdefault(f"replica_{r}", {})
+            for group in ("rate", "grad_step", "coupling_step", "dist_to_center"):
+                scalars[f"{group}/{layer}"] = (steps, np.array(values, dtype=float))
+            scalars["train/loss"] = (steps, np.full(len(values), 5.0))
+            scalars["test/loss"] = (steps, np.full(len(values), 6.0))
+    return run
+
+
+def test_rate_table_medians_and_ratios_by_hand():
+    uncoupled = fake_run({"fc1.weight": [[1, 2, 3], [4, 5, 100]], "fc2.weight": [[10, 20, 0], [30, 40, 25]]})
+    coupled = fake_run({"fc1.weight": [[7, 7, 7], [7, 8, 9]], "fc2.weight": [[50, 50, 50], [50, 50, 50]]})
+    # pooled over both replicas and all steps: median(1, 2, 3, 4, 5, 100) = 3.5, median(0, ..., 40) = 22.5
+    assert pooled_median(uncoupled, "rate/fc1.weight") == 3.5
+    rows = rate_rows(uncoupled, {"eta=1": coupled}, ["fc1.weight", "fc2.weight"])
+    assert rows == [
+        {"run": "eta=1", "layer": "layer 1 (fc1.weight)", "uncoupled": 3.5, "coupled": 7.0, "ratio": 2.0},
+        {"run": "eta=1", "layer": "layer 2 (fc2.weight)", "uncoupled": 22.5, "coupled": 50.0, "ratio": 50 / 22.5},
+    ]
+    table = markdown_table(rows)
+    assert "| eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in table
+    assert "| eta=1 | layer 2 (fc2.weight) | 22.5 | 50 | 2.22 |" in table
+
+
+def test_a_layer_that_never_moved_uncoupled_has_an_infinite_ratio():
+    rows = rate_rows(fake_run({"w": [[0, 0], [0, 0]]}), {"c": fake_run({"w": [[1, 1], [1, 1]]})}, ["w"])
+    assert rows[0]["ratio"] == float("inf")
+
+
+def test_the_whole_table_text():
+    runs = {"uncoupled": fake_run({"fc1.weight": [[1, 2, 3], [4, 5, 6]]}),
+            "coupled": fake_run({"fc1.weight": [[2, 4, 6], [8, 10, 12]]})}
+    text = tables(runs, seed=7)
+    assert text.startswith("Seed 7; 2 replicas; medians over both replicas and all 3 steps.")
+    assert "| tanh, eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in text
+    assert "| uncoupled | 5 | 5 | 6 | - | - |" in text  # cost table: no center or ensemble here
