@@ -209,6 +209,20 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 250
+    """Every replica saves its whole state every k steps into <run_dir>/checkpoints/ (0: never)."""
+    keep: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in the run directory, if there is one."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"checkpoint.every must be >= 0 (0 disables); got {self.every}")
+        _check(self.keep >= 1, f"checkpoint.keep must be >= 1; got {self.keep}")
+
+
+@dataclass
 class FlatnessConfig:
     sigmas: list[float] = field(default_factory=list)
     """Relative noise levels at which the local energy of the center and of every replica is
@@ -254,6 +268,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
     init: str = "independent"

@@ -28,15 +28,17 @@ from replica_dist.metrics import (
 
 
 class Diagnostics:
-    def __init__(self, run_dir: Path, rank: int, state: FlatState, center: nn.Module, device: torch.device):
+    def __init__(self, run_dir: Path, rank: int, state: FlatState, center: nn.Module, device: torch.device, first_step: int):
         self.state = state
         self.names = state.names[: state.num_params]
         self.center = center
         self.center_state = FlatState(center)
         self.device = device
-        self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}")
-        self.center_log = TensorBoardLogger(run_dir / "tb" / "center") if rank == 0 else NullLogger()
-        self.ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble") if rank == 0 else NullLogger()
+        # On a resumed run, TensorBoard hides what the interrupted run logged from first_step on.
+        purge_step = first_step if first_step > 1 else None
+        self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}", purge_step)
+        self.center_log = TensorBoardLogger(run_dir / "tb" / "center", purge_step) if rank == 0 else NullLogger()
+        self.ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step) if rank == 0 else NullLogger()
         self.center_accuracy = math.nan
         """The center's test accuracy at the latest evaluation, for the progress line."""
 

@@ -32,10 +32,33 @@ def init(cfg: DistConfig) -> torch.device:
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cfg.timeout_s)
     if "RANK" in os.environ:
-        tdist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        tdist.init_process_group(
+            backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
+            timeout=timeout, device_id=device if backend == "nccl" else None,
+        )
     else:
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
+
+
+def _store(rank: int, world_size: int, timeout: timedelta) -> tdist.Store:
+    """The rendezvous store torchrun describes, with keys private to this restart attempt.
+
+    After `torchrun --max-restarts` restarts the workers, the store can still hold the
+    previous attempt's gloo addresses, and a new worker may read them before its peer has
+    replaced them ("connectFullMesh failed ... Connection refused", seen with torch 2.13).
+    A prefix per attempt keeps attempts apart."""
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = tdist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_hosts_store,
+    )
+    return tdist.PrefixStore(f"replica_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:
@@ -69,6 +92,13 @@ def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
     tdist.broadcast(flat, src=src)
 
 
+def broadcast_object(value: object, src: int = 0) -> object:
+    """Rank `src`'s picklable `value`, on every rank (for start-up decisions, not hot paths)."""
+    holder = [value]
+    tdist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def barrier() -> None:
     """Wait until every rank has arrived here."""
     tdist.barrier()
@@ -81,10 +111,3 @@ def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
     table[rank()] = torch.tensor(values, dtype=torch.float64, device=device)
     tdist.all_reduce(table, op=tdist.ReduceOp.SUM)
     return table.cpu()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (all_reduce MAX)."""
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)  # NCCL reduces int32, not bool
-    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
-    return bool(value.item())

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from replica_dist import dist, flatness
-from replica_dist.config import Config, ConfigError, OptimConfig
+from replica_dist import dist, flatness, run_state
+from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES, predict, score
@@ -48,9 +48,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
     form = cfg.coupling.name
     dtype = getattr(torch, cfg.train.dtype)
 
-    # Decided together: one rank refusing while the others start would leave them hanging.
-    if dist.any_rank((run_dir / "summary.json").exists() or (run_dir / "tb").exists(), device):
-        raise ConfigError(f"hydra.run.dir={run_dir} already holds a run; choose a new hydra.run.dir")
+    # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
+    start = run_state.decide_start(cfg, run_dir)
 
     # ---- data: the shared test set, and this replica's own training data
     data = load_dataset(cfg.data, cfg.seed, dtype)
@@ -76,14 +75,16 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
     # DDP broadcasts rank 0's weights itself, so `ddp` replicas start (and stay) identical.
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if form == "ddp" else model
     optimizer = build_optimizer(cfg.optim, model.parameters())
+    if start > 0:
+        run_state.restore(run_dir, start, model, optimizer, batches)
     # The center is a scratch copy of the network that holds the mean weights.
-    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device)
-    if rank == 0:
+    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device, first_step=start + 1)
+    if rank == 0 and start == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    start = time.perf_counter()
+    started = time.perf_counter()
     try:
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(start + 1, cfg.train.steps + 1):
             coupled = is_coupling_step(cfg.coupling, step)
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps
@@ -122,13 +123,17 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
             if eval_step:
                 evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
             if logging_step:
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - started
                 log.info(
                     "step %d/%d | loss %.4f (mean of %d replicas) | center acc %.4f | %.0f s left",
                     step, cfg.train.steps, losses.mean().item(), world_size, diagnostics.center_accuracy,
-                    elapsed / step * (cfg.train.steps - step),
+                    elapsed / (step - start) * (cfg.train.steps - step),
                 )
-        wall_seconds = time.perf_counter() - start
+
+            # 5. A checkpoint of every replica (the last step ends with the final results instead).
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                run_state.save(cfg, run_dir, step, model, optimizer, batches)
+        wall_seconds = time.perf_counter() - started
 
         summary = _summary(cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device)
         # Plain state_dicts: they load into the model class with no replica_dist code around.

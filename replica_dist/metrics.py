@@ -22,8 +22,8 @@ class MetricLogger(Protocol):
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path):
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for tag, value in metrics.items():

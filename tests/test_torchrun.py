@@ -91,7 +91,7 @@ def test_a_second_run_into_the_same_directory_is_refused(run_dir):
     before = (run_dir[0] / "summary.json").read_text()
     done = torchrun(2, f"hydra.run.dir={run_dir[0]}", "train.steps=2")
     assert done.returncode != 0
-    assert "hydra.run.dir" in done.stderr and "already holds a run" in done.stderr
+    assert "hydra.run.dir" in done.stderr and "already holds a finished run" in done.stderr
     assert (run_dir[0] / "summary.json").read_text() == before
 
 

@@ -1,0 +1,124 @@
+"""Starting or resuming a run, and saving every replica's whole state along the way.
+
+A replica's state is everything that makes its next step identical to an uninterrupted
+run: weights and buffers, optimizer state, the step, its data order, and the RNG states.
+The coupling's schedule is a function of the step alone, so the step restores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from replica_dist import checkpoint, dist
+from replica_dist.config import Config, ConfigError
+from replica_dist.data import ReplicaBatches
+
+log = logging.getLogger(__name__)
+
+_FRESH, _RESUME, _TAKEN, _MISMATCH = range(4)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def run_hash(cfg: Config) -> str:
+    return checkpoint.config_hash(dataclasses.asdict(cfg))
+
+
+def decide_start(cfg: Config, run_dir: Path) -> int:
+    """The step to resume from (0 for a fresh run), the same on every rank: rank 0 looks at
+    the run directory and broadcasts its finding, so no rank starts while another refuses."""
+    status, step, message = dist.broadcast_object(_inspect(cfg, run_dir) if dist.rank() == 0 else None)
+    if status in (_TAKEN, _MISMATCH):
+        raise ConfigError(message)
+    if status == _RESUME:
+        log.info("resuming from %s", checkpoint.step_dir(checkpoint_root(run_dir), step))
+    return step
+
+
+def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, str]:
+    if (run_dir / "summary.json").exists():
+        return _TAKEN, 0, f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir"
+    root = checkpoint_root(run_dir)
+    if cfg.checkpoint.resume and root.is_dir():
+        for stray in checkpoint.clean_temporaries(root):
+            log.warning("removed a partial checkpoint file left by a killed writer: %s", stray)
+        try:
+            step = checkpoint.find_resumable(root, dist.world_size(), run_hash(cfg))
+        except checkpoint.CheckpointMismatch as err:
+            return _MISMATCH, 0, f"checkpoint: {err}"
+        if step is not None:
+            return _RESUME, step, ""
+    if (run_dir / "tb").exists():
+        return _TAKEN, 0, (
+            f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
+            f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+        )
+    return _FRESH, 0, ""
+
+
+def _rng_states() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy_global": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(_as_tuples(states["python"]))
+    saved = states["numpy_global"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+        "has_gauss": saved["has_gauss"],
+        "gauss": saved["gauss"],
+    })
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate needs the tuples that a round trip through torch.save keeps as lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save(cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
+    """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes."""
+    root = checkpoint_root(run_dir)
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "data": batches.state_dict(),
+        "rng": _rng_states(),
+    }
+    checkpoint.save_replica(root, step, dist.rank(), state)
+    dist.barrier()
+    if dist.rank() == 0:
+        checkpoint.write_manifest(root, step, dist.world_size(), run_hash(cfg))
+        checkpoint.prune(root, cfg.checkpoint.keep)
+
+
+def restore(run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
+    state = checkpoint.load_replica(checkpoint_root(run_dir), step, dist.rank())
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+    batches.load_state_dict(state["data"])
+    _set_rng_states(state["rng"])

@@ -1,0 +1,154 @@
+"""Interrupted runs resume from their newest complete checkpoint and end as if never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.multiprocessing import ProcessRaisedException
+
+from replica_dist import loop
+from replica_dist.data import ReplicaBatches
+from replica_dist.train import load_config
+from worlds import COLLECTIVE_TIMEOUT_S, run_world
+
+REPO = Path(__file__).resolve().parent.parent
+OVERRIDES = ["train.steps=20", "train.batch_size=16", "model.hidden=[16]", "log.every=1", "eval.every=5",
+             "checkpoint.every=5", "checkpoint.keep=3", "optim.momentum=0.9", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}"]
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def _train(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) -> None:
+    if fail_at_step:
+        original, calls = ReplicaBatches.next, [0]
+
+        def failing_next(self):
+            calls[0] += 1
+            if calls[0] == fail_at_step:
+                raise InjectedFailure(f"injected failure at step {fail_at_step}")
+            return original(self)
+
+        ReplicaBatches.next = failing_next
+    cfg, _ = load_config(OVERRIDES + [f"hydra.run.dir={run_dir}"])
+    loop.train(cfg, Path(run_dir), torch.device("cpu"))
+
+
+def _weights(run_dir: Path, world_size: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(run_dir / "weights" / f"replica_{r}.pt") for r in range(world_size)]
+
+
+def _losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb" / f"replica_{replica}"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_world(_train, 2, str(run_dir))
+    return run_dir
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    for got, expected in zip(_weights(resumed), _weights(reference)):
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+    for replica in range(2):
+        assert _losses(resumed, replica) == _losses(reference, replica)  # no step twice, same values
+
+
+def test_a_crashed_run_resumes_bit_for_bit(tmp_path, uninterrupted):
+    with pytest.raises(ProcessRaisedException, match="injected failure at step 13"):
+        run_world(_train, 2, str(tmp_path), 13)
+    assert not (tmp_path / "summary.json").exists()
+    run_world(_train, 2, str(tmp_path))
+    _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_truncated_newest_checkpoint_is_skipped(tmp_path, uninterrupted, caplog):
+    with pytest.raises(ProcessRaisedException):
+        run_world(_train, 2, str(tmp_path), 13)
+    newest = tmp_path / "checkpoints" / "step-00000010" / "replica-1.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    run_world(_train, 2, str(tmp_path))  # resumes from step 5, warns about step 10
+    _assert_same_run(tmp_path, uninterrupted)
+
+
+def test_resuming_with_another_world_size_is_refused(tmp_path):
+    with pytest.raises(ProcessRaisedException):
+        run_world(_train, 2, str(tmp_path), 13)
+    with pytest.raises(ProcessRaisedException, match="written by 2 replicas, this run has 3"):
+        run_world(_train, 3, str(tmp_path))
+
+
+def test_a_finished_run_is_not_overwritten(uninterrupted):
+    before = (uninterrupted / "summary.json").read_text()
+    with pytest.raises(ProcessRaisedException, match="already holds a finished run"):
+        run_world(_train, 2, str(uninterrupted))
+    assert (uninterrupted / "summary.json").read_text() == before
+
+
+# ---- a worker SIGKILLed under torchrun --max-restarts=1
+
+def _torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--max-restarts=1", "-m", "replica_dist.train", f"hydra.run.dir={run_dir}", "train.steps=1500",
+               "model.hidden=[64]", "log.every=100", "eval.every=500", "checkpoint.every=100",
+               f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", *extra]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.e2e
+def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path):
+    reference = _torchrun(tmp_path / "reference")
+    out_reference, _ = reference.communicate(timeout=240)
+    assert reference.returncode == 0, out_reference[-3000:]
+    killed = _torchrun(tmp_path / "killed")
+    try:
+        deadline = time.monotonic() + 120
+        manifest = tmp_path / "killed" / "checkpoints" / "step-00000300" / "manifest.json"
+        while not manifest.exists():
+            assert time.monotonic() < deadline and killed.poll() is None, "no checkpoint at step 300"
+            time.sleep(0.02)
+        pid = _worker_pid(killed.pid, rank=1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert not (tmp_path / "killed" / "summary.json").exists()  # killed mid-run, not after
+        out_killed, _ = killed.communicate(timeout=240)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == 0, out_killed[-3000:]
+    assert "resuming from" in out_killed
+    for got, expected in zip(_weights(tmp_path / "killed"), _weights(tmp_path / "reference")):
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 1500
