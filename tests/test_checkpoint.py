@@ -31,8 +31,8 @@ from replica_dist.checkpoint import (
     step_dir,
     write_manifest,
 )
+from runs import REPO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HASH = config_hash({"optim": {"lr": 0.05}, "train": {"steps": 100}})
 
 
@@ -341,7 +341,7 @@ def test_a_writer_killed_mid_write_leaves_only_a_temporary_that_is_cleaned(tmp_p
         checkpoint.atomic_write_bytes({str(target)!r}, b"new content" * 1000)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert result.returncode == 9, result.stderr.decode()
     assert target.read_bytes() == b"old content"
     stray = list(target.parent.glob(".tmp-*"))

@@ -19,8 +19,7 @@ from replica_dist.config import (
     TrainConfig,
 )
 from replica_dist.train import load_config
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from runs import REPO
 
 
 def _load(tmp_path: Path, *overrides: str):
@@ -219,7 +218,7 @@ def test_cli_bad_override_exits_2_with_one_line(tmp_path, override, key):
     run_dir = tmp_path / "x"
     proc = subprocess.run(
         [sys.executable, "-m", "replica_dist.train", f"hydra.run.dir={run_dir}", override],
-        cwd=REPO_ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,

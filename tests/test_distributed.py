@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from reference import reference_weights
 from replica_dist import loop
 from replica_dist.coupling import is_coupling_step
 from replica_dist.train import load_config
+from runs import events, replica_weights, scalar
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 COMMON = [
@@ -63,15 +63,11 @@ def trained(request, tmp_path_factory):
     return world_size, root
 
 
-def _replica_weights(run_dir: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(run_dir / "weights" / f"replica_{r}.pt") for r in range(world_size)]
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_single_process_reference(trained, case):
     world_size, root = trained
     expected = reference_weights(config(case, root / case), world_size)
-    actual = _replica_weights(root / case, world_size)
+    actual = replica_weights(root / case, world_size)
     for r in range(world_size):
         assert actual[r].keys() == expected[r].keys()
         for name in expected[r]:
@@ -83,14 +79,14 @@ def test_matches_single_process_reference(trained, case):
 def test_coupled_replicas_stay_different(trained, case):
     """Independent inits and shards: the elastic forms pull but do not collapse replicas."""
     world_size, root = trained
-    weights = _replica_weights(root / case, world_size)
+    weights = replica_weights(root / case, world_size)
     assert not torch.equal(weights[0]["fc1.weight"], weights[1]["fc1.weight"])
 
 
 @pytest.mark.parametrize("case", ["average", "ddp"])
 def test_average_and_ddp_end_with_identical_replicas(trained, case):
     world_size, root = trained  # 20 steps: a multiple of average's every=4
-    weights = _replica_weights(root / case, world_size)
+    weights = replica_weights(root / case, world_size)
     for r in range(1, world_size):
         for name in weights[0]:
             assert torch.equal(weights[r][name], weights[0][name]), (case, r, name)
@@ -101,7 +97,7 @@ def test_summary_and_center_weights(trained):
     summary = json.loads((root / "tanh" / "summary.json").read_text())
     assert summary["world_size"] == world_size and summary["steps"] == 20
     assert [r["replica"] for r in summary["replicas"]] == list(range(world_size))
-    weights = _replica_weights(root / "tanh", world_size)
+    weights = replica_weights(root / "tanh", world_size)
     center = torch.load(root / "tanh" / "weights" / "center.pt")
     for name in center:
         torch.testing.assert_close(center[name], torch.stack([w[name] for w in weights]).mean(0))
@@ -116,18 +112,12 @@ def _train_logging_every_step(rank: int, world_size: int, root: str) -> None:
         loop.train(cfg, run_dir, torch.device("cpu"))
 
 
-def _scalar(run_dir: Path, tag: str) -> dict[int, float]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
-
-
 def test_average_every_k_and_ddp_every_step_leave_replicas_together(tmp_path):
     run_world(_train_logging_every_step, 2, str(tmp_path))
     for case, together_steps in (("average", {4, 8, 12}), ("ddp", set(range(1, 13)))):
         for r in range(2):
-            spread = _scalar(tmp_path / case / "tb" / f"replica_{r}", "dist_to_center/fc1.weight")
-            norm = _scalar(tmp_path / case / "tb" / f"replica_{r}", "weight_norm/fc1.weight")
+            spread = scalar(tmp_path / case / "tb" / f"replica_{r}", "dist_to_center/fc1.weight")
+            norm = scalar(tmp_path / case / "tb" / f"replica_{r}", "weight_norm/fc1.weight")
             assert sorted(spread) == list(range(1, 13))
             for step, distance in spread.items():
                 if step in together_steps:
@@ -226,7 +216,7 @@ def _recompute(cfg, weights: list[dict[str, torch.Tensor]]):
 def test_center_and_ensemble_equal_a_single_process_recomputation(trained, case):
     world_size, root = trained
     cfg = config(case, root / case)
-    expected = _recompute(cfg, _replica_weights(root / case, world_size))
+    expected = _recompute(cfg, replica_weights(root / case, world_size))
     summary = json.loads((root / case / "summary.json").read_text())
     for model in ("center", "ensemble"):
         assert summary[model] == pytest.approx(expected[model], rel=1e-5, abs=1e-6), model
@@ -243,9 +233,8 @@ def _train_for_overlaps(rank: int, world_size: int, root: str) -> None:
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_overlaps_equal_brute_force_pairwise_products(tmp_path, world_size):
     run_world(_train_for_overlaps, world_size, str(tmp_path))
-    weights = _replica_weights(tmp_path, world_size)
-    center_run = EventAccumulator(str(tmp_path / "tb" / "center"), size_guidance={"scalars": 0})
-    center_run.Reload()
+    weights = replica_weights(tmp_path, world_size)
+    center_run = events(tmp_path / "tb" / "center")
     for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
         w = [weights[a][name].double().flatten() for a in range(world_size)]
         pair_dots = [w[a] @ w[b] for a in range(world_size) for b in range(world_size) if a != b]
@@ -256,5 +245,5 @@ def test_overlaps_equal_brute_force_pairwise_products(tmp_path, world_size):
         mean = sum(w) / world_size
         for a in range(world_size):
             expected_q = (w[a] @ mean / (w[a].norm() * mean.norm())).item()
-            logged_q = _scalar(tmp_path / "tb" / f"replica_{a}", f"overlap/{name}")
+            logged_q = scalar(tmp_path / "tb" / f"replica_{a}", f"overlap/{name}")
             assert logged_q[6] == pytest.approx(expected_q, rel=1e-5, abs=1e-6), (name, a)

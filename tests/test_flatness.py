@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from replica_dist.config import ModelConfig
 from replica_dist.flatness import local_energy
 from replica_dist.model import build_model
+from runs import REPO, events, torchrun
 from worlds import COLLECTIVE_TIMEOUT_S
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -189,19 +187,10 @@ def flatness_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
-def scalars(run: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
-    return events
-
-
 @pytest.fixture(scope="module")
 def flatness_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("flatness") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "replica_dist.train", f"hydra.run.dir={run_dir}", "train.steps=20", "model.hidden=[16]",
-               f"dist.timeout_s={COLLECTIVE_TIMEOUT_S:g}"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = torchrun(2, f"hydra.run.dir={run_dir}", "train.steps=20", "model.hidden=[16]", timeout_s=180)
     assert done.returncode == 0, done.stderr[-3000:]
     done = flatness_cli(str(run_dir), "--samples", "3", "--sigmas", "0,0.1")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -228,12 +217,12 @@ def test_cli_writes_scalars_into_the_runs(flatness_run, run):
     run_dir, _ = flatness_run
     record = json.loads((run_dir / "flatness.json").read_text())
     entries = record["center"] if run == "center" else record["replicas"][int(run[-1])]
-    events = scalars(run_dir / "tb" / run)
-    tags = set(events.Tags()["scalars"])
+    tb = events(run_dir / "tb" / run)
+    tags = set(tb.Tags()["scalars"])
     assert "test/accuracy" in tags  # the training run's own curves are still there
     for entry, name in zip(entries, ("0", "0.1")):
         for suffix, key in (("", "local_energy"), ("_stderr", "stderr")):
-            (event,) = events.Scalars(f"flatness/local_energy_sigma_{name}{suffix}")
+            (event,) = tb.Scalars(f"flatness/local_energy_sigma_{name}{suffix}")
             assert event.step == 20
             assert event.value == pytest.approx(entry[key], abs=1e-6)
 

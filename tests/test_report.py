@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from replica_dist import report
 from replica_dist.note_figure import markdown_table, pooled_median, rate_rows, tables
+from runs import REPO, events, torchrun
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}
 
@@ -22,10 +21,7 @@ BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("report") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "replica_dist.train", f"hydra.run.dir={run}", "train.steps=12", "log.every=3",
-               "model.hidden=[8]", "dist.timeout_s=30"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = torchrun(2, f"hydra.run.dir={run}", "train.steps=12", "log.every=3", "model.hidden=[8]", timeout_s=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -51,9 +47,7 @@ def test_report_cli_writes_valid_pngs(run_dir):
 
 @pytest.mark.e2e
 def test_loader_returns_what_event_accumulator_reads(run_dir):
-    events = EventAccumulator(str(run_dir / "tb" / "replica_1"), size_guidance={"scalars": 0})
-    events.Reload()
-    direct = events.Scalars("rate/fc1.weight")
+    direct = events(run_dir / "tb" / "replica_1").Scalars("rate/fc1.weight")
     steps, values = report.load_scalars(run_dir / "tb" / "replica_1")["rate/fc1.weight"]
     assert steps.tolist() == [e.step for e in direct] == [1, 3, 6, 9, 12]
     assert values.tolist() == [e.value for e in direct]

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from worlds import COLLECTIVE_TIMEOUT_S
+from runs import events, torchrun
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-
-
-def torchrun(nproc: int, *overrides: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "replica_dist.train", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-
-
-def scalars(run: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    events.Reload()
-    return events
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +26,25 @@ PARAMS = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3
 
 @pytest.mark.parametrize("replica", [0, 1])
 def test_replica_events_hold_per_layer_tags(run_dir, replica):
-    events = scalars(run_dir[0] / "tb" / f"replica_{replica}")
-    tags = set(events.Tags()["scalars"])
+    tb = events(run_dir[0] / "tb" / f"replica_{replica}")
+    tags = set(tb.Tags()["scalars"])
     for group in ("rate", "update_ratio", "grad_step", "coupling_step", "dist_to_center"):
         for name in PARAMS:
             assert f"{group}/{name}" in tags
     assert {"train/loss", "test/accuracy", "test/loss", "coupling/eta"} <= tags
-    assert [e.step for e in events.Scalars("rate/fc1.weight")] == [1, 10, 20, 30]
-    assert [e.step for e in events.Scalars("test/accuracy")] == [10, 20, 30]
-    assert all(e.value == pytest.approx(0.05) for e in events.Scalars("coupling/eta"))
-    assert all(e.value > 0 for e in events.Scalars("coupling_step/fc1.weight"))
+    assert [e.step for e in tb.Scalars("rate/fc1.weight")] == [1, 10, 20, 30]
+    assert [e.step for e in tb.Scalars("test/accuracy")] == [10, 20, 30]
+    assert all(e.value == pytest.approx(0.05) for e in tb.Scalars("coupling/eta"))
+    assert all(e.value > 0 for e in tb.Scalars("coupling_step/fc1.weight"))
 
 
 def test_center_and_ensemble_events(run_dir):
-    center = scalars(run_dir[0] / "tb" / "center")
+    center = events(run_dir[0] / "tb" / "center")
     tags = set(center.Tags()["scalars"])
     for name in PARAMS:
         assert {f"rate/{name}", f"update_ratio/{name}"} <= tags
     assert {"test/accuracy", "test/loss", "train/replica_mean_loss"} <= tags
-    ensemble = scalars(run_dir[0] / "tb" / "ensemble")
+    ensemble = events(run_dir[0] / "tb" / "ensemble")
     assert [e.step for e in ensemble.Scalars("test/accuracy")] == [10, 20, 30]
 
 
@@ -71,9 +54,9 @@ def test_summary_matches_the_events(run_dir):
     assert summary["coupling"] == "tanh" and summary["task"] == "classification"
     for r, replica in enumerate(summary["replicas"]):
         assert set(replica) == {"replica", "own_data_loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
-        final = scalars(run_dir[0] / "tb" / f"replica_{r}").Scalars("test/accuracy")[-1].value
+        final = events(run_dir[0] / "tb" / f"replica_{r}").Scalars("test/accuracy")[-1].value
         assert replica["test_accuracy"] == pytest.approx(final, abs=1e-6)
-    center_final = scalars(run_dir[0] / "tb" / "center").Scalars("test/accuracy")[-1].value
+    center_final = events(run_dir[0] / "tb" / "center").Scalars("test/accuracy")[-1].value
     assert summary["center"]["test_accuracy"] == pytest.approx(center_final, abs=1e-6)
     for model in ("center", "ensemble"):
         assert set(summary[model]) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}

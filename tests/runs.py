@@ -1,0 +1,44 @@
+"""Start `torchrun -m replica_dist.train` in a subprocess and read a run back from disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from worlds import COLLECTIVE_TIMEOUT_S
+
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root: the working directory of every subprocess."""
+
+
+def torchrun_command(nproc: int, *overrides: str, extra_torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """`torchrun --standalone` with `nproc` workers of replica_dist.train, collectives bounded in time."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *extra_torchrun_args, "-m", "replica_dist.train", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", *overrides]
+
+
+def torchrun(nproc: int, *overrides: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """Run torchrun_command to the end in REPO, its stdout and stderr captured as text."""
+    return subprocess.run(torchrun_command(nproc, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    """All scalars of one TensorBoard log directory, loaded."""
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalar(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar tag."""
+    return {e.step: e.value for e in events(log_dir).Scalars(tag)}
+
+
+def replica_weights(run_dir: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
+    """The final weights/replica_<r>.pt of every replica, in rank order."""
+    return [torch.load(run_dir / "weights" / f"replica_{r}.pt") for r in range(world_size)]
