@@ -15,11 +15,11 @@ COLLECTIVE_TIMEOUT_S = 30.0
 """Every collective in a test fails after this long instead of hanging."""
 
 
-def _entry(rank: int, fn, world_size: int, store_path: str, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, store_path: str, collective_timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(1)  # N processes share 2 cores
     store = tdist.FileStore(store_path, world_size)
     tdist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout_s)
     )
     try:
         fn(rank, world_size, *args)
@@ -27,12 +27,14 @@ def _entry(rank: int, fn, world_size: int, store_path: str, args: tuple) -> None
         tdist.destroy_process_group()
 
 
-def run_world(fn, world_size: int, *args, timeout_s: float = 240.0) -> None:
+def run_world(
+    fn, world_size: int, *args, timeout_s: float = 240.0, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+) -> None:
     """Call fn(rank, world_size, *args) in `world_size` processes; re-raise a child's error."""
     store_dir = tempfile.mkdtemp(prefix="replica_dist_store_")
     context = mp.start_processes(
         _entry,
-        args=(fn, world_size, os.path.join(store_dir, "store"), args),
+        args=(fn, world_size, os.path.join(store_dir, "store"), collective_timeout_s, args),
         nprocs=world_size,
         join=False,
         start_method="spawn",
