@@ -8,6 +8,8 @@ because gloo gained ReduceOp.AVG only recently.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -74,34 +76,62 @@ def world_size() -> int:
     return tdist.get_world_size()
 
 
+class CollectiveError(RuntimeError):
+    """A collective that failed or timed out (a peer died, or stopped calling collectives)."""
+
+
+_step = 0
+
+
+def set_step(step: int) -> None:
+    """Record the training step, so that a failed collective can say where it failed."""
+    global _step
+    _step = step
+
+
+@contextmanager
+def _collective(name: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as err:
+        first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        where = f"step {_step}" if _step else "start-up"
+        raise CollectiveError(f"{name} failed at {where} on rank {rank()}: {first_line}") from err
+
+
 def replica_mean(flat: torch.Tensor) -> torch.Tensor:
     """The mean over replicas of `flat` (left untouched), in a new tensor: one all_reduce."""
     total = flat.clone()
-    tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
+    with _collective("all_reduce (replica mean)"):
+        tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
     return total.div_(world_size())
 
 
 def replica_mean_(flat: torch.Tensor) -> torch.Tensor:
     """Replace `flat` by its mean over replicas, in place: one all_reduce."""
-    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    with _collective("all_reduce (replica mean)"):
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
     return flat.div_(world_size())
 
 
 def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
     """Overwrite `flat` on every rank with rank `src`'s values."""
-    tdist.broadcast(flat, src=src)
+    with _collective("broadcast"):
+        tdist.broadcast(flat, src=src)
 
 
 def broadcast_object(value: object, src: int = 0) -> object:
     """Rank `src`'s picklable `value`, on every rank (for start-up decisions, not hot paths)."""
     holder = [value]
-    tdist.broadcast_object_list(holder, src=src)
+    with _collective("broadcast_object_list"):
+        tdist.broadcast_object_list(holder, src=src)
     return holder[0]
 
 
 def barrier() -> None:
     """Wait until every rank has arrived here."""
-    tdist.barrier()
+    with _collective("barrier"):
+        tdist.barrier()
 
 
 def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
@@ -109,5 +139,6 @@ def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
     of a zero table in which each rank fills its own row (a NaN stays in its row)."""
     table = torch.zeros(world_size(), len(values), dtype=torch.float64, device=device)
     table[rank()] = torch.tensor(values, dtype=torch.float64, device=device)
-    tdist.all_reduce(table, op=tdist.ReduceOp.SUM)
+    with _collective("all_reduce (per-replica metrics)"):
+        tdist.all_reduce(table, op=tdist.ReduceOp.SUM)
     return table.cpu()

@@ -85,6 +85,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
     started = time.perf_counter()
     try:
         for step in range(start + 1, cfg.train.steps + 1):
+            dist.set_step(step)
             coupled = is_coupling_step(cfg.coupling, step)
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps

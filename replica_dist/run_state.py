@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def decide_start(cfg: Config, run_dir: Path) -> int:
 
 
 def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, str]:
+    try:  # before any rank writes anything, so that a bad path fails cleanly on every rank
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return _TAKEN, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
     if (run_dir / "summary.json").exists():
         return _TAKEN, 0, f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir"
     root = checkpoint_root(run_dir)
