@@ -323,7 +323,9 @@ def _verify(folder: Path) -> dict:
     for name, entry in manifest["files"].items():
         _, sha256 = _file_digest(folder / name)
         if sha256 != entry["sha256"]:
-            raise IncompleteCheckpoint(f"{folder.name}/{name} does not match its sha256 in the manifest (altered)")
+            raise IncompleteCheckpoint(
+                f"{folder.name}/{name} does not match its sha256 in the manifest (altered)"
+            )
     return manifest
 
 
@@ -340,7 +342,9 @@ def find_resumable(root: str | os.PathLike, world_size: int, config_hash: str) -
         try:
             manifest = _verify(folder)
         except IncompleteCheckpoint as why:
-            warnings.warn(f"skipping incomplete checkpoint {folder}: {why}", IncompleteCheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"skipping incomplete checkpoint {folder}: {why}", IncompleteCheckpointWarning, stacklevel=2
+            )
             continue
         differences = []
         if manifest["world_size"] != world_size:

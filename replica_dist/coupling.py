@@ -22,7 +22,9 @@ ELASTIC_FORMS = ("tanh", "linear")
 """Forms that pull toward the mean of the pre-step weights."""
 
 
-def pull(form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0) -> torch.Tensor:
+def pull(
+    form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
+) -> torch.Tensor:
     """The coupling's move of weights `w` toward the replicas' `mean` (same shape)."""
     if form == "tanh":
         return eta * torch.tanh((mean - w) / temperature)

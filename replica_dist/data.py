@@ -100,31 +100,51 @@ def _file(cfg: DataConfig, seed: int):
 
 def _check_file_arrays(path: str, x_train, y_train, x_test, y_test) -> None:
     """One clear error for each way a user's arrays can be unusable."""
+
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"data.path {path}: {problem}")
 
     for name, x in (("X_train", x_train), ("X_test", x_test)):
         if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or x.ndim < 2:
-            raise bad(f"{name} must be a 2-D or higher array of numbers (samples first); got {x.dtype} of shape {x.shape}")
+            raise bad(
+                f"{name} must be a 2-D or higher array of numbers (samples first); got {x.dtype} of shape {x.shape}"
+            )
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise bad(f"{name} holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise bad(f"X_train samples have shape {x_train.shape[1:]} but X_test samples {x_test.shape[1:]}")
-    kinds = {name: ("int" if np.issubdtype(y.dtype, np.integer) else "float" if np.issubdtype(y.dtype, np.floating) else "")
-             for name, y in (("y_train", y_train), ("y_test", y_test))}
+    kinds = {
+        name: (
+            "int"
+            if np.issubdtype(y.dtype, np.integer)
+            else "float"
+            if np.issubdtype(y.dtype, np.floating)
+            else ""
+        )
+        for name, y in (("y_train", y_train), ("y_test", y_test))
+    }
     if "" in kinds.values() or kinds["y_train"] != kinds["y_test"]:
-        raise bad(f"y_train and y_test must both be integer labels or both floating targets; "
-                  f"got {y_train.dtype} and {y_test.dtype}")
+        raise bad(
+            f"y_train and y_test must both be integer labels or both floating targets; "
+            f"got {y_train.dtype} and {y_test.dtype}"
+        )
     for name, y in (("y_train", y_train), ("y_test", y_test)):
         if kinds[name] == "int" and (y.ndim != 1 or (y < 0).any()):
-            raise bad(f"{name} labels must be a 1-D array of integers >= 0; got shape {y.shape}, min {y.min()}")
+            raise bad(
+                f"{name} labels must be a 1-D array of integers >= 0; got shape {y.shape}, min {y.min()}"
+            )
         if kinds[name] == "float" and (y.ndim > 2 or not np.isfinite(y).all()):
             raise bad(f"{name} targets must be a finite 1-D or 2-D array; got shape {y.shape}")
-    if kinds["y_train"] == "float" and y_train.reshape(len(y_train), -1).shape[1] != y_test.reshape(len(y_test), -1).shape[1]:
+    if (
+        kinds["y_train"] == "float"
+        and y_train.reshape(len(y_train), -1).shape[1] != y_test.reshape(len(y_test), -1).shape[1]
+    ):
         raise bad(f"y_train and y_test have different target widths: {y_train.shape} and {y_test.shape}")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise bad(f"arrays disagree in length: X_train {len(x_train)}, y_train {len(y_train)}, "
-                  f"X_test {len(x_test)}, y_test {len(y_test)}")
+        raise bad(
+            f"arrays disagree in length: X_train {len(x_train)}, y_train {len(y_train)}, "
+            f"X_test {len(x_test)}, y_test {len(y_test)}"
+        )
 
 
 _LOADERS = {"digits": _digits, "teacher": _teacher, "seed": _seed_library, "file": _file}
@@ -187,13 +207,19 @@ class ReplicaBatches:
         if self._position + self.batch_size > len(self.x):
             self._order = self._rng.permutation(len(self.x))
             self._position = 0
-        chosen = torch.as_tensor(self._order[self._position : self._position + self.batch_size], device=self.x.device)
+        chosen = torch.as_tensor(
+            self._order[self._position : self._position + self.batch_size], device=self.x.device
+        )
         self._position += self.batch_size
         return self.x[chosen], self.y[chosen]
 
     def state_dict(self) -> dict:
         """Where this replica is in its data order: enough to continue bit for bit."""
-        return {"rng": self._rng.bit_generator.state, "order": self._order.tolist(), "position": self._position}
+        return {
+            "rng": self._rng.bit_generator.state,
+            "order": self._order.tolist(),
+            "position": self._position,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._rng.bit_generator.state = state["rng"]

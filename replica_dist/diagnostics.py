@@ -28,7 +28,15 @@ from replica_dist.metrics import (
 
 
 class Diagnostics:
-    def __init__(self, run_dir: Path, rank: int, state: FlatState, center: nn.Module, device: torch.device, first_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        state: FlatState,
+        center: nn.Module,
+        device: torch.device,
+        first_step: int,
+    ):
         self.state = state
         self.names = state.names[: state.num_params]
         self.center = center
@@ -37,15 +45,21 @@ class Diagnostics:
         # On a resumed run, TensorBoard hides what the interrupted run logged from first_step on.
         purge_step = first_step if first_step > 1 else None
         self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}", purge_step)
-        self.center_log = TensorBoardLogger(run_dir / "tb" / "center", purge_step) if rank == 0 else NullLogger()
-        self.ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step) if rank == 0 else NullLogger()
+        self.center_log = (
+            TensorBoardLogger(run_dir / "tb" / "center", purge_step) if rank == 0 else NullLogger()
+        )
+        self.ensemble_log = (
+            TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step) if rank == 0 else NullLogger()
+        )
         self.center_accuracy = math.nan
         """The center's test accuracy at the latest evaluation, for the progress line."""
 
     def params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return self.state.views(flat)[: self.state.num_params]
 
-    def log_step(self, step: int, loss: float, eta: float, before, after_optimizer, after, mean_before, mean_after) -> torch.Tensor:
+    def log_step(
+        self, step: int, loss: float, eta: float, before, after_optimizer, after, mean_before, mean_after
+    ) -> torch.Tensor:
         """Per-layer statistics of the step for this replica and the center; returns every
         replica's loss. A non-finite loss anywhere stops every rank here, together."""
         weights, center = self.params(after), self.params(mean_after)
@@ -57,7 +71,9 @@ class Diagnostics:
             raise FloatingPointError(f"non-finite training loss at step {step} on replica(s) {bad}")
         self.replica_log.log(
             {"train/loss": loss, "coupling/eta": eta}
-            | replica_layer_stats(self.names, self.params(before), self.params(after_optimizer), weights, center)
+            | replica_layer_stats(
+                self.names, self.params(before), self.params(after_optimizer), weights, center
+            )
             | replica_overlaps(self.names, weights, center),
             step,
         )
@@ -69,7 +85,9 @@ class Diagnostics:
         )
         return losses
 
-    def evaluate(self, step: int, replica: nn.Module, mean_after: torch.Tensor, splits, task: str, loss: str) -> dict:
+    def evaluate(
+        self, step: int, replica: nn.Module, mean_after: torch.Tensor, splits, task: str, loss: str
+    ) -> dict:
         """Train-set and test metrics of this replica, the center and the ensemble."""
         self.center_state.load(mean_after)
         evaluation = evaluate_models(replica, self.center, splits, task, loss)

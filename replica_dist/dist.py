@@ -36,8 +36,12 @@ def init(cfg: DistConfig) -> torch.device:
     if "RANK" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         tdist.init_process_group(
-            backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
-            timeout=timeout, device_id=device if backend == "nccl" else None,
+            backend,
+            store=_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if backend == "nccl" else None,
         )
     else:
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -60,7 +64,9 @@ def _store(rank: int, world_size: int, timeout: timedelta) -> tdist.Store:
         timeout=timeout,
         multi_tenant=not agent_hosts_store,
     )
-    return tdist.PrefixStore(f"replica_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return tdist.PrefixStore(
+        f"replica_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
 
 
 def teardown() -> None:

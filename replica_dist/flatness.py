@@ -69,8 +69,10 @@ def local_energy(
         for s in range(samples):
             # One z per draw, shared by every sigma (common random numbers): the curve over
             # sigma is smooth, and each sigma's result does not depend on the rest of the grid.
-            zs = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=generator.device).to(p.device)
-                  for p in params]
+            zs = [
+                torch.randn(p.shape, generator=generator, dtype=p.dtype, device=generator.device).to(p.device)
+                for p in params
+            ]
             for k, sigma in enumerate(sigmas):
                 if sigma == 0:
                     continue  # the identity perturbation: exactly 0, no evaluation noise
@@ -85,7 +87,12 @@ def local_energy(
         model.train(was_training)
     means, stderrs = deltas.mean(dim=0), deltas.std(dim=0, correction=1) / math.sqrt(samples)
     return [
-        {"sigma": float(sigma), "local_energy": means[k].item(), "stderr": stderrs[k].item(), "samples": samples}
+        {
+            "sigma": float(sigma),
+            "local_energy": means[k].item(),
+            "stderr": stderrs[k].item(),
+            "samples": samples,
+        }
         for k, sigma in enumerate(sigmas)
     ]
 
@@ -119,12 +126,18 @@ def _load_run(run_dir: Path) -> tuple[Config, dict, list[Path]]:
         if not (run_dir / name).is_file():
             raise FlatnessError(f"{run_dir} is not a finished run: it lacks {name}")
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml")))
+        cfg = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
+        )
         summary = json.loads((run_dir / "summary.json").read_text())
         world_size, steps = int(summary["world_size"]), int(summary["steps"])
     except (ConfigError, OmegaConfBaseException, ValueError, KeyError, TypeError) as err:
-        raise FlatnessError(f"{run_dir}: unreadable config.yaml or summary.json ({' '.join(str(err).split())})") from None
-    weights = [run_dir / "weights" / "center.pt"] + [run_dir / "weights" / f"replica_{r}.pt" for r in range(world_size)]
+        raise FlatnessError(
+            f"{run_dir}: unreadable config.yaml or summary.json ({' '.join(str(err).split())})"
+        ) from None
+    weights = [run_dir / "weights" / "center.pt"] + [
+        run_dir / "weights" / f"replica_{r}.pt" for r in range(world_size)
+    ]
     missing = [str(path.relative_to(run_dir)) for path in weights if not path.is_file()]
     if missing:
         raise FlatnessError(f"{run_dir} lacks {', '.join(missing)} (summary.json says {world_size} replicas)")
@@ -147,7 +160,9 @@ def _write_scalars(log_dir: Path, results: list[dict], step: int) -> None:
 
 
 def _table(sigmas: list[float], center: list[dict], replicas: list[list[dict]]) -> str:
-    lines = [f"{'sigma':>8}  {'center':>21}  {f'mean of {len(replicas)} replicas':>21}  {'replica range':>21}"]
+    lines = [
+        f"{'sigma':>8}  {'center':>21}  {f'mean of {len(replicas)} replicas':>21}  {'replica range':>21}"
+    ]
     for k, sigma in enumerate(sigmas):
         values = [r[k]["local_energy"] for r in replicas]
         mean = sum(values) / len(values)
@@ -179,11 +194,15 @@ def run(run_dir: Path, sigmas: list[float], samples: int, seed: int, force: bool
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except (RuntimeError, OSError) as err:
-            raise FlatnessError(f"{path} does not load into the run's model: {str(err).splitlines()[0]}") from None
+            raise FlatnessError(
+                f"{path} does not load into the run's model: {str(err).splitlines()[0]}"
+            ) from None
         # The same seed for every model: center and replicas see the same z (common random
         # numbers), so their difference is measured with less noise than either value.
         generator = torch.Generator().manual_seed(seed)
-        results.append(local_energy(model, data.x_train, data.y_train, data.task, data.loss, sigmas, samples, generator))
+        results.append(
+            local_energy(model, data.x_train, data.y_train, data.task, data.loss, sigmas, samples, generator)
+        )
     center, replicas = results[0], results[1:]
     _write_scalars(run_dir / "tb" / "center", center, summary["steps"])
     for r, replica in enumerate(replicas):
@@ -200,12 +219,16 @@ def run(run_dir: Path, sigmas: list[float], samples: int, seed: int, force: bool
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out)
-    return f"local energy ({record['metric']}), {samples} samples, seed {seed}\n" + _table(sigmas, center, replicas)
+    return f"local energy ({record['metric']}), {samples} samples, seed {seed}\n" + _table(
+        sigmas, center, replicas
+    )
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run directory (hydra.run.dir of a training run)")
+    parser.add_argument(
+        "run_dir", type=Path, help="a finished run directory (hydra.run.dir of a training run)"
+    )
     parser.add_argument("--sigmas", default="0.01,0.05,0.1,0.2", help="comma-separated relative noise levels")
     parser.add_argument("--samples", type=int, default=20, help="draws of z per sigma (>= 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws of z")

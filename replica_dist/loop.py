@@ -21,9 +21,9 @@ from replica_dist import dist, flatness, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.diagnostics import Diagnostics
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
-from replica_dist.diagnostics import Diagnostics
 from replica_dist.model import build_model
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,11 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         dist.broadcast_(state.pack())
         state.load(state.buffer)
     # DDP broadcasts rank 0's weights itself, so `ddp` replicas start (and stay) identical.
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if form == "ddp" else model
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if form == "ddp"
+        else model
+    )
     optimizer = build_optimizer(cfg.optim, model.parameters())
     if start > 0:
         run_state.restore(run_dir, start, model, optimizer, batches)
@@ -127,7 +131,11 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
                 elapsed = time.perf_counter() - started
                 log.info(
                     "step %d/%d | loss %.4f (mean of %d replicas) | center acc %.4f | %.0f s left",
-                    step, cfg.train.steps, losses.mean().item(), world_size, diagnostics.center_accuracy,
+                    step,
+                    cfg.train.steps,
+                    losses.mean().item(),
+                    world_size,
+                    diagnostics.center_accuracy,
                     elapsed / (step - start) * (cfg.train.steps - step),
                 )
 
@@ -146,13 +154,18 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         if cfg.flatness.sigmas:
             dist.barrier()  # every replica's weights are on disk
             if rank == 0:
-                log.info("%s", flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False))
+                log.info(
+                    "%s",
+                    flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False),
+                )
         return summary
     finally:
         diagnostics.close()
 
 
-def _summary(cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device) -> dict:
+def _summary(
+    cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device
+) -> dict:
     """The run's final numbers; every replica's own are gathered with one all_reduce."""
     own_data_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
     keys = sorted(evaluation["replica"])
@@ -168,7 +181,8 @@ def _summary(cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss
         "coupling": cfg.coupling.name,
         "task": task,
         "replicas": [
-            {"replica": r, "own_data_loss": row[0]} | flat(dict(zip(keys, row[1:]))) for r, row in enumerate(rows)
+            {"replica": r, "own_data_loss": row[0]} | flat(dict(zip(keys, row[1:])))
+            for r, row in enumerate(rows)
         ],
         "center": flat(evaluation["center"]),
         "ensemble": flat(evaluation["ensemble"]),

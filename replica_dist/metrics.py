@@ -75,7 +75,9 @@ def replica_layer_stats(
 
 
 @torch.no_grad()
-def center_layer_stats(names: list[str], before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, float]:
+def center_layer_stats(
+    names: list[str], before: list[torch.Tensor], after: list[torch.Tensor]
+) -> dict[str, float]:
     """The center's (mean weights') per-layer rate, update ratio and norm over a step."""
     stats = {}
     for name, c0, c1 in zip(names, before, after):
@@ -93,7 +95,9 @@ def squared_norms(weights: list[torch.Tensor]) -> list[float]:
 
 
 @torch.no_grad()
-def replica_overlaps(names: list[str], weights: list[torch.Tensor], center: list[torch.Tensor]) -> dict[str, float]:
+def replica_overlaps(
+    names: list[str], weights: list[torch.Tensor], center: list[torch.Tensor]
+) -> dict[str, float]:
     """overlap/<name>: q_a = w_a·w̄ / (‖w_a‖‖w̄‖), this replica's cosine with the center."""
     stats = {}
     for name, w, c in zip(names, weights, center):
@@ -103,7 +107,9 @@ def replica_overlaps(names: list[str], weights: list[torch.Tensor], center: list
 
 
 @torch.no_grad()
-def pairwise_overlaps(names: list[str], center: list[torch.Tensor], replica_squared_norms: torch.Tensor) -> dict[str, float]:
+def pairwise_overlaps(
+    names: list[str], center: list[torch.Tensor], replica_squared_norms: torch.Tensor
+) -> dict[str, float]:
     """pairwise_overlap/<name>: mean over pairs a≠b of w_a·w_b, divided by the mean of ‖w_a‖²
     (the cosine when all norms are equal), from the center alone and every replica's ‖w_a‖²
     (a (replicas, layers) table): Σ_{a≠b} w_a·w_b = ‖Σ_a w_a‖² − Σ_a ‖w_a‖², with Σ_a w_a = n·w̄.
@@ -116,5 +122,7 @@ def pairwise_overlaps(names: list[str], center: list[torch.Tensor], replica_squa
         sum_of_squares = replica_squared_norms[:, i].sum()
         square_of_sum = n * n * c.double().pow(2).sum().cpu()
         mean_pair_dot = (square_of_sum - sum_of_squares) / (n * (n - 1))
-        stats[f"pairwise_overlap/{name}"] = mean_pair_dot / (sum_of_squares / n).clamp_min(torch.finfo(torch.float64).tiny)
+        stats[f"pairwise_overlap/{name}"] = mean_pair_dot / (sum_of_squares / n).clamp_min(
+            torch.finfo(torch.float64).tiny
+        )
     return _as_floats(stats)

@@ -70,29 +70,47 @@ def run_overrides(seed: int, etas=SWEEP_ETAS) -> dict[str, list[str]]:
     """The Hydra overrides of every run, by run name: uncoupled, coupled (eta 1), the sweep."""
     runs = {"uncoupled": [*NOTE, "coupling=none", f"seed={seed}"]}
     for eta in sorted(etas, key=lambda e: e != 1.0):  # coupled (eta 1) first
-        runs[run_name(eta)] = [*NOTE, "coupling=tanh", f"coupling.eta={eta:g}", "coupling.temperature=1.0",
-                               f"seed={seed}"]
+        runs[run_name(eta)] = [
+            *NOTE,
+            "coupling=tanh",
+            f"coupling.eta={eta:g}",
+            "coupling.temperature=1.0",
+            f"seed={seed}",
+        ]
     return runs
 
 
 def torchrun_command(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
-            "-m", "replica_dist.train", f"hydra.run.dir={run_dir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={NPROC}",
+        "-m",
+        "replica_dist.train",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
 
 
 def train_all(runs_dir: Path, overrides: dict[str, list[str]]) -> None:
     """Train every run in turn, each one torchrun job; stop at the first that fails."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     commands = {name: torchrun_command(runs_dir / name, args) for name, args in overrides.items()}
-    script = "".join(f"# {name}\n{shlex.join(['python' if c == sys.executable else c for c in cmd])}\n"
-                     for name, cmd in commands.items())
+    script = "".join(
+        f"# {name}\n{shlex.join(['python' if c == sys.executable else c for c in cmd])}\n"
+        for name, cmd in commands.items()
+    )
     (runs_dir / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + script)
     for name, command in commands.items():
         start = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-            raise ReportError(f"the {name} run failed (exit {done.returncode}): {shlex.join(command)}\n{tail}")
+            raise ReportError(
+                f"the {name} run failed (exit {done.returncode}): {shlex.join(command)}\n{tail}"
+            )
         print(f"trained {name:9s} in {time.perf_counter() - start:4.1f} s: {runs_dir / name}", flush=True)
 
 
@@ -112,8 +130,15 @@ def rate_rows(uncoupled: Run, coupled: dict[str, Run], names: list[str], group: 
     for label, run in coupled.items():
         for index, name in enumerate(names):
             before, after = pooled_median(uncoupled, f"{group}/{name}"), pooled_median(run, f"{group}/{name}")
-            rows.append({"run": label, "layer": f"layer {index + 1} ({name})", "uncoupled": before,
-                         "coupled": after, "ratio": after / before if before > 0 else float("inf")})
+            rows.append(
+                {
+                    "run": label,
+                    "layer": f"layer {index + 1} ({name})",
+                    "uncoupled": before,
+                    "coupled": after,
+                    "ratio": after / before if before > 0 else float("inf"),
+                }
+            )
     return rows
 
 
@@ -124,11 +149,15 @@ def _number(value: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| run | layer | median rate, uncoupled | median rate, coupled | ratio coupled / uncoupled |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| run | layer | median rate, uncoupled | median rate, coupled | ratio coupled / uncoupled |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['run']} | {row['layer']} | {_number(row['uncoupled'])} | {_number(row['coupled'])} "
-                     f"| {_number(row['ratio'])} |")
+        lines.append(
+            f"| {row['run']} | {row['layer']} | {_number(row['uncoupled'])} | {_number(row['coupled'])} "
+            f"| {_number(row['ratio'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -142,32 +171,45 @@ def detail_table(runs: dict[str, Run], names: list[str]) -> str:
     replicas' moves), the medians of the optimizer's and the coupling's parts of each move
     (norms), and the distance to the center after the last step."""
     replica_names = list(replicas(next(iter(runs.values()))))
-    lines = ["| run | layer | " + " | ".join(f"median rate, {r}" for r in replica_names)
-             + " | median rate, center | median grad_step | median coupling_step | dist_to_center, last step |",
-             "|---|---|" + "---:|" * (len(replica_names) + 4)]
+    lines = [
+        "| run | layer | "
+        + " | ".join(f"median rate, {r}" for r in replica_names)
+        + " | median rate, center | median grad_step | median coupling_step | dist_to_center, last step |",
+        "|---|---|" + "---:|" * (len(replica_names) + 4),
+    ]
     for label, run in runs.items():
         for index, name in enumerate(names):
             rates = [_number(float(np.median(run[r][f"rate/{name}"][1]))) for r in replica_names]
             center = run.get("center", {}).get(f"rate/{name}")
-            lines.append(f"| {label} | layer {index + 1} | " + " | ".join(rates)
-                         + f" | {_number(float(np.median(center[1]))) if center is not None else '-'}"
-                         f" | {_number(pooled_median(run, f'grad_step/{name}'))}"
-                         f" | {_number(pooled_median(run, f'coupling_step/{name}'))}"
-                         f" | {_number(_last(run, f'dist_to_center/{name}'))} |")
+            lines.append(
+                f"| {label} | layer {index + 1} | "
+                + " | ".join(rates)
+                + f" | {_number(float(np.median(center[1]))) if center is not None else '-'}"
+                f" | {_number(pooled_median(run, f'grad_step/{name}'))}"
+                f" | {_number(pooled_median(run, f'coupling_step/{name}'))}"
+                f" | {_number(_last(run, f'dist_to_center/{name}'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def cost_table(runs: dict[str, Run]) -> str:
     """Per run: the replicas' mean train loss (summed squared error on their own batch of 64)
     at the first and the last step, and the test loss on the whole library at the last step."""
-    lines = ["| run | train loss, step 1 | train loss, last step | test loss (library), replicas | "
-             "test loss, center | test loss, ensemble |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | train loss, step 1 | train loss, last step | test loss (library), replicas | "
+        "test loss, center | test loss, ensemble |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, run in runs.items():
         losses = np.array([s["train/loss"][1] for s in replicas(run).values()]).mean(axis=0)
-        test = {name: _number(run[name]["test/loss"][1][-1]) if "test/loss" in run.get(name, {}) else "-"
-                for name in ("center", "ensemble")}
-        lines.append(f"| {label} | {_number(losses[0])} | {_number(losses[-1])} | {_number(_last(run, 'test/loss'))} "
-                     f"| {test['center']} | {test['ensemble']} |")
+        test = {
+            name: _number(run[name]["test/loss"][1][-1]) if "test/loss" in run.get(name, {}) else "-"
+            for name in ("center", "ensemble")
+        }
+        lines.append(
+            f"| {label} | {_number(losses[0])} | {_number(losses[-1])} | {_number(_last(run, 'test/loss'))} "
+            f"| {test['center']} | {test['ensemble']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +239,9 @@ def tables(runs: dict[str, Run], seed: int) -> str:
 COLORS = {"cost": "tab:orange", 1: "tab:red", 2: "tab:blue"}
 
 
-def _layer_lines(ax, run: Run, names: list[str], group: str, style: str, both_replicas: bool,
-                 center: bool = False) -> None:
+def _layer_lines(
+    ax, run: Run, names: list[str], group: str, style: str, both_replicas: bool, center: bool = False
+) -> None:
     """Layer 1 red, layer 2 blue: replica_0 solid (or `style`), replica_1 dotted, the center
     thick and pale; series that are zero throughout (no coupling) are left out."""
     for index, name in enumerate(names[:2]):
@@ -210,8 +253,13 @@ def _layer_lines(ax, run: Run, names: list[str], group: str, style: str, both_re
             if tag not in scalars or not (scalars[tag][1] > 0).any():
                 continue
             look = {"replica_0": dict(ls=style, lw=1.6), "center": dict(ls="-", lw=3.5, alpha=0.3)}
-            ax.plot(scalars[tag][0], positive(scalars[tag][1]), color=COLORS[index + 1],
-                    label=f"layer {index + 1} {group}, {source}", **look.get(source, dict(ls=":", lw=1.0)))
+            ax.plot(
+                scalars[tag][0],
+                positive(scalars[tag][1]),
+                color=COLORS[index + 1],
+                label=f"layer {index + 1} {group}, {source}",
+                **look.get(source, dict(ls=":", lw=1.0)),
+            )
 
 
 def note_figure(runs: dict[str, Run], path: Path) -> None:
@@ -224,14 +272,21 @@ def note_figure(runs: dict[str, Run], path: Path) -> None:
         ax = axes[0, column]
         for replica, scalars in replicas(run).items():
             first = replica == "replica_0"
-            ax.plot(*scalars["train/loss"], color=COLORS["cost"], ls="-" if first else ":", lw=1.6 if first else 1.0,
-                    label=f"cost, {replica}")
-        ax.set_title(f"{'uncoupled (coupling=none)' if name == 'uncoupled' else 'coupled (tanh, eta=1)'}\ncost")
+            ax.plot(
+                *scalars["train/loss"],
+                color=COLORS["cost"],
+                ls="-" if first else ":",
+                lw=1.6 if first else 1.0,
+                label=f"cost, {replica}",
+            )
+        ax.set_title(
+            f"{'uncoupled (coupling=none)' if name == 'uncoupled' else 'coupled (tanh, eta=1)'}\ncost"
+        )
         ax.set_ylabel("summed squared error on its batch")
 
         ax = axes[1, column]
         _layer_lines(ax, run, names, "rate", "-", both_replicas=True, center=True)
-        ax.set_title("rate |mean(dw)| (the note's \"learning rate\" of a layer)")
+        ax.set_title('rate |mean(dw)| (the note\'s "learning rate" of a layer)')
         ax.set_ylabel("|mean(dw)|")
 
         ax = axes[2, column]
@@ -256,21 +311,32 @@ def sweep_figure(runs: dict[str, Run], path: Path) -> None:
     """The eta sweep beside the uncoupled run: cost, distance to the center, rate per layer."""
     plt = pyplot()
     names = layers(runs["uncoupled"])
-    panels = [("train/loss", "cost (mean of the replicas)"), (f"dist_to_center/{names[0]}", "layer 1: |w - center|")]
+    panels = [
+        ("train/loss", "cost (mean of the replicas)"),
+        (f"dist_to_center/{names[0]}", "layer 1: |w - center|"),
+    ]
     panels += [(f"rate/{name}", f"layer {i + 1}: rate |mean(dw)|") for i, name in enumerate(names[:2])]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
-    coupled = sorted((name for name in runs if name != "uncoupled"),
-                     key=lambda name: 1.0 if name == "coupled" else float(name.removeprefix("eta_")))
+    coupled = sorted(
+        (name for name in runs if name != "uncoupled"),
+        key=lambda name: 1.0 if name == "coupled" else float(name.removeprefix("eta_")),
+    )
     runs = {"uncoupled": runs["uncoupled"]} | {name: runs[name] for name in coupled}
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(coupled)))
     styles = {"uncoupled": dict(color="black", lw=2)} | {
-        name: dict(color=color, lw=1.5) for name, color in zip(coupled, colors)}
+        name: dict(color=color, lw=1.5) for name, color in zip(coupled, colors)
+    }
     for ax, (tag, title) in zip(axes.flat, panels):
         for name, run in runs.items():
             values = [s[tag] for s in replicas(run).values() if tag in s]
             if not values:
                 continue
-            ax.plot(values[0][0], positive(np.mean([v for _, v in values], axis=0)), label=label(name), **styles[name])
+            ax.plot(
+                values[0][0],
+                positive(np.mean([v for _, v in values], axis=0)),
+                label=label(name),
+                **styles[name],
+            )
         ax.set_title(title + " (mean of the replicas)" if not tag.startswith("train/") else title)
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -285,14 +351,23 @@ def sweep_figure(runs: dict[str, Run], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/note_figure.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=os.environ.get("NOTE_RUNS_DIR"),
-                        help="directory for the run directories (default $NOTE_RUNS_DIR, else "
-                             "runs/note_figure/<timestamp>)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=os.environ.get("NOTE_RUNS_DIR"),
+        help="directory for the run directories (default $NOTE_RUNS_DIR, else runs/note_figure/<timestamp>)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the seed of every run (default 0)")
-    parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where the PNGs and table go (default docs/)")
-    parser.add_argument("--plot-only", action="store_true", help="do not train; plot the runs already in --runs")
+    parser.add_argument(
+        "--docs", type=Path, default=REPO / "docs", help="where the PNGs and table go (default docs/)"
+    )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="do not train; plot the runs already in --runs"
+    )
     args = parser.parse_args(argv)
-    runs_dir = Path(args.runs) if args.runs else REPO / "runs" / "note_figure" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    runs_dir = (
+        Path(args.runs) if args.runs else REPO / "runs" / "note_figure" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
     overrides = run_overrides(args.seed)
     try:
         if args.plot_only:

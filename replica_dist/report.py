@@ -59,11 +59,17 @@ def load_run(run_dir: str | Path) -> dict[str, Scalars]:
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
     tb = run_dir / "tb"
-    subruns = sorted((p for p in tb.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)) if tb.is_dir() else []
+    subruns = (
+        sorted((p for p in tb.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name))
+        if tb.is_dir()
+        else []
+    )
     runs = {p.name: load_scalars(p) for p in subruns}
     runs = {name: scalars for name, scalars in runs.items() if scalars}
     if not any(name.startswith("replica_") for name in runs):
-        raise ReportError(f"{run_dir} holds no TensorBoard scalars of any replica (expected {tb}/replica_<r>/)")
+        raise ReportError(
+            f"{run_dir} holds no TensorBoard scalars of any replica (expected {tb}/replica_<r>/)"
+        )
     return runs
 
 
@@ -73,7 +79,12 @@ def replicas(runs: dict[str, Scalars]) -> dict[str, Scalars]:
 
 def layers(runs: dict[str, Scalars]) -> list[str]:
     """Parameter names with per-layer statistics (from the `rate/<name>` tags of the replicas)."""
-    names = {tag.split("/", 1)[1] for scalars in replicas(runs).values() for tag in scalars if tag.startswith("rate/")}
+    names = {
+        tag.split("/", 1)[1]
+        for scalars in replicas(runs).values()
+        for tag in scalars
+        if tag.startswith("rate/")
+    }
     return sorted(names, key=_layer_key)
 
 
@@ -187,8 +198,14 @@ def _per_layer_figure(plt, runs, names, groups, title, ylabel, path, written, lo
                     ax.plot(steps, positive(values) if log else values, color=color, ls=style, label=label)
         if center_group and f"{center_group}/{name}" in runs.get("center", {}):
             steps, values = runs["center"][f"{center_group}/{name}"]
-            ax.plot(steps, positive(values) if log else values, color="black", lw=2, alpha=0.7,
-                    label=f"center {center_group}" if center_group not in groups else "center")
+            ax.plot(
+                steps,
+                positive(values) if log else values,
+                color="black",
+                lw=2,
+                alpha=0.7,
+                label=f"center {center_group}" if center_group not in groups else "center",
+            )
         ax.set_title(name)
         _finish(ax, ylabel, log=log)
     _save(fig, path, written)
@@ -205,25 +222,67 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     written: list[Path] = []
     _loss_figure(plt, runs, title, out, written)
     if names:
-        _per_layer_figure(plt, runs, names, ["rate"], f"{title}: rate = |mean(dw)| per step", "|mean(dw)|",
-                          out / "rate.png", written, center_group="rate")
-        _per_layer_figure(plt, runs, names, ["grad_step", "coupling_step"],
-                          f"{title}: optimizer part (solid) and coupling part (dashed) of dw", "norm of the part",
-                          out / "steps.png", written)
-        _per_layer_figure(plt, runs, names, ["dist_to_center"], f"{title}: distance to the center",
-                          "|w - center|", out / "dist_to_center.png", written)
+        _per_layer_figure(
+            plt,
+            runs,
+            names,
+            ["rate"],
+            f"{title}: rate = |mean(dw)| per step",
+            "|mean(dw)|",
+            out / "rate.png",
+            written,
+            center_group="rate",
+        )
+        _per_layer_figure(
+            plt,
+            runs,
+            names,
+            ["grad_step", "coupling_step"],
+            f"{title}: optimizer part (solid) and coupling part (dashed) of dw",
+            "norm of the part",
+            out / "steps.png",
+            written,
+        )
+        _per_layer_figure(
+            plt,
+            runs,
+            names,
+            ["dist_to_center"],
+            f"{title}: distance to the center",
+            "|w - center|",
+            out / "dist_to_center.png",
+            written,
+        )
     has_overlap = any(tag.startswith(("overlap/", "pairwise_overlap/")) for s in runs.values() for tag in s)
     if has_overlap:
-        overlap_names = sorted({tag.split("/", 1)[1] for s in runs.values() for tag in s
-                                if tag.startswith(("overlap/", "pairwise_overlap/"))}, key=_layer_key)
-        _per_layer_figure(plt, runs, overlap_names, ["overlap"],
-                          f"{title}: replica-center overlap; center: mean pairwise overlap", "overlap",
-                          out / "overlap.png", written, log=False, center_group="pairwise_overlap")
+        overlap_names = sorted(
+            {
+                tag.split("/", 1)[1]
+                for s in runs.values()
+                for tag in s
+                if tag.startswith(("overlap/", "pairwise_overlap/"))
+            },
+            key=_layer_key,
+        )
+        _per_layer_figure(
+            plt,
+            runs,
+            overlap_names,
+            ["overlap"],
+            f"{title}: replica-center overlap; center: mean pairwise overlap",
+            "overlap",
+            out / "overlap.png",
+            written,
+            log=False,
+            center_group="pairwise_overlap",
+        )
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replica_dist.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m replica_dist.report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("run_dir", help="a run directory (the one holding tb/ and summary.json)")
     parser.add_argument("--out", help="where to write the PNGs (default RUN_DIR/report)")
     args = parser.parse_args(argv)

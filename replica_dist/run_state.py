@@ -66,9 +66,13 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, str]:
         if step is not None:
             return _RESUME, step, ""
     if (run_dir / "tb").exists():
-        return _TAKEN, 0, (
-            f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
-            f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+        return (
+            _TAKEN,
+            0,
+            (
+                f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
+                f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+            ),
         )
     return _FRESH, 0, ""
 
@@ -91,12 +95,14 @@ def _rng_states() -> dict:
 def _set_rng_states(states: dict) -> None:
     random.setstate(_as_tuples(states["python"]))
     saved = states["numpy_global"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
-        "has_gauss": saved["has_gauss"],
-        "gauss": saved["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

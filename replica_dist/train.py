@@ -69,8 +69,13 @@ def setup_logging(rank: int) -> None:
 def report(summary: dict, run_dir: Path) -> None:
     metric = "test_accuracy" if summary["task"] == "classification" else "test_loss"
     replicas = ", ".join(f"{r[metric]:.4f}" for r in summary["replicas"])
-    log.info("%s | replicas %s | center %.4f | ensemble %.4f", metric, replicas,
-             summary["center"][metric], summary["ensemble"][metric])
+    log.info(
+        "%s | replicas %s | center %.4f | ensemble %.4f",
+        metric,
+        replicas,
+        summary["center"][metric],
+        summary["ensemble"][metric],
+    )
     log.info("run directory %s | tensorboard --logdir %s", run_dir, run_dir / "tb")
 
 

@@ -25,11 +25,15 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
     models, optimizers, batches = [], [], []
     for r in range(world_size):
         init = r if cfg.init == "independent" and cfg.coupling.name != "ddp" else 0
-        model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init)).to(dtype)
+        model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init)).to(
+            dtype
+        )
         models.append(model)
         optimizers.append(build_optimizer(cfg.optim, model.parameters()))
         mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, r, world_size)
-        batches.append(ReplicaBatches(data.x_train[mine], data.y_train[mine], cfg.train.batch_size, cfg.seed, r))
+        batches.append(
+            ReplicaBatches(data.x_train[mine], data.y_train[mine], cfg.train.batch_size, cfg.seed, r)
+        )
 
     c = cfg.coupling
     for step in range(1, cfg.train.steps + 1):
@@ -38,7 +42,7 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
         mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
 
-        def elastic_pull(w, m):
+        def elastic_pull(w, m, eta=eta):
             if c.name == "tanh":
                 return eta * torch.tanh((m - w) / c.temperature)
             return eta * (m - w)

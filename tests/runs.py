@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from worlds import COLLECTIVE_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,14 +16,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 def torchrun_command(nproc: int, *overrides: str, extra_torchrun_args: tuple[str, ...] = ()) -> list[str]:
     """`torchrun --standalone` with `nproc` workers of replica_dist.train, collectives bounded in time."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *extra_torchrun_args, "-m", "replica_dist.train", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra_torchrun_args,
+        "-m",
+        "replica_dist.train",
+        f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+        *overrides,
+    ]
 
 
 def torchrun(nproc: int, *overrides: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
     """Run torchrun_command to the end in REPO, its stdout and stderr captured as text."""
-    return subprocess.run(torchrun_command(nproc, *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run(
+        torchrun_command(nproc, *overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def events(log_dir: Path) -> EventAccumulator:

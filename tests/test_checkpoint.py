@@ -36,10 +36,14 @@ from runs import REPO
 HASH = config_hash({"optim": {"lr": 0.05}, "train": {"steps": 100}})
 
 
-def _save_step(root: Path, step: int, world_size: int = 2, cfg_hash: str = HASH, manifest: bool = True) -> None:
+def _save_step(
+    root: Path, step: int, world_size: int = 2, cfg_hash: str = HASH, manifest: bool = True
+) -> None:
     """What the ranks do together: each saves its replica, then rank 0 the manifest."""
     for replica in range(world_size):
-        save_replica(root, step, replica, {"step": step, "replica": replica, "w": torch.full((4,), float(step))})
+        save_replica(
+            root, step, replica, {"step": step, "replica": replica, "w": torch.full((4,), float(step))}
+        )
     if manifest:
         write_manifest(root, step, world_size, cfg_hash)
 
@@ -163,7 +167,12 @@ def test_truncated_replica_file_is_skipped(tmp_path):
     victim.write_bytes(data[:-100])
     step, warned = _find(tmp_path)
     assert step == 10
-    assert len(warned) == 1 and "step-00000020" in warned[0] and "replica-1.pt" in warned[0] and "truncated" in warned[0]
+    assert (
+        len(warned) == 1
+        and "step-00000020" in warned[0]
+        and "replica-1.pt" in warned[0]
+        and "truncated" in warned[0]
+    )
 
 
 def test_altered_replica_file_of_the_same_size_is_skipped(tmp_path):
@@ -263,8 +272,14 @@ def _with(key: str, value) -> dict:
 
 @pytest.mark.parametrize(
     "key, value",
-    [("train.steps", 3000), ("log.every", 1), ("eval.every", 7), ("checkpoint.every", 10),
-     ("checkpoint.keep", 1), ("dist.timeout_s", 30.0)],
+    [
+        ("train.steps", 3000),
+        ("log.every", 1),
+        ("eval.every", 7),
+        ("checkpoint.every", 10),
+        ("checkpoint.keep", 1),
+        ("dist.timeout_s", 30.0),
+    ],
 )
 def test_config_hash_ignores_keys_that_may_change_on_resume(key, value):
     assert config_hash(_with(key, value)) == config_hash(CFG)
@@ -272,7 +287,13 @@ def test_config_hash_ignores_keys_that_may_change_on_resume(key, value):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("optim.lr", 0.1), ("train.batch_size", 64), ("model.hidden", [64]), ("seed", 1), ("dist.backend", "gloo")],
+    [
+        ("optim.lr", 0.1),
+        ("train.batch_size", 64),
+        ("model.hidden", [64]),
+        ("seed", 1),
+        ("dist.backend", "gloo"),
+    ],
 )
 def test_config_hash_changes_for_other_keys(key, value):
     assert config_hash(_with(key, value)) != config_hash(CFG)

@@ -98,9 +98,7 @@ BAD_OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "pattern"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES]
-)
+@pytest.mark.parametrize(("overrides", "pattern"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
 def test_bad_override_raises_config_error(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         _load(tmp_path, *overrides)

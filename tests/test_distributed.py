@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-
 from reference import reference_weights
+from worlds import COLLECTIVE_TIMEOUT_S, run_world
+
 from replica_dist import loop
 from replica_dist.coupling import is_coupling_step
 from replica_dist.train import load_config
 from runs import events, replica_weights, scalar
-from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 COMMON = [
     "train.steps=20",
@@ -29,16 +29,33 @@ COMMON = [
 
 CASES = {
     "tanh": ["coupling=tanh", "coupling.eta=0.05"],
-    "tanh_scoped_T": ["coupling=tanh", "coupling.eta=0.02", "coupling.eta_growth=0.1",
-                      "coupling.eta_max=0.3", "coupling.temperature=0.5", "coupling.every=3"],
+    "tanh_scoped_T": [
+        "coupling=tanh",
+        "coupling.eta=0.02",
+        "coupling.eta_growth=0.1",
+        "coupling.eta_max=0.3",
+        "coupling.temperature=0.5",
+        "coupling.every=3",
+    ],
     "tanh_same_init_adam": ["coupling=tanh", "init=same", "optim=adam", "optim.lr=0.01"],
     # float64: in float32, BatchNorm's division by the batch std amplifies the different
     # summation order of one-thread workers and the multi-threaded reference to ~2e-6.
-    "tanh_cnn_batchnorm": ["coupling=tanh", "coupling.eta=0.1", "model=cnn", "model.hidden=[4,4]",
-                           "model.batch_norm=true", "train.dtype=float64"],
+    "tanh_cnn_batchnorm": [
+        "coupling=tanh",
+        "coupling.eta=0.1",
+        "model=cnn",
+        "model.hidden=[4,4]",
+        "model.batch_norm=true",
+        "train.dtype=float64",
+    ],
     "linear": ["coupling=linear", "coupling.eta=0.2", "coupling.every=2"],
-    "linear_via_optimizer": ["coupling=linear", "coupling.eta=0.5", "coupling.via_optimizer=true",
-                             "optim.momentum=0.9", "optim.weight_decay=0.01"],
+    "linear_via_optimizer": [
+        "coupling=linear",
+        "coupling.eta=0.5",
+        "coupling.via_optimizer=true",
+        "optim.momentum=0.9",
+        "optim.weight_decay=0.01",
+    ],
     "average": ["coupling=average", "coupling.every=4"],
     "none": ["coupling=none"],
     "ddp": ["coupling=ddp", "optim.nesterov=true"],
@@ -71,8 +88,13 @@ def test_matches_single_process_reference(trained, case):
     for r in range(world_size):
         assert actual[r].keys() == expected[r].keys()
         for name in expected[r]:
-            torch.testing.assert_close(actual[r][name], expected[r][name], atol=1e-6, rtol=0,
-                                       msg=lambda m: f"replica {r} {name}: {m}")
+            torch.testing.assert_close(
+                actual[r][name],
+                expected[r][name],
+                atol=1e-6,
+                rtol=0,
+                msg=lambda m, r=r, name=name: f"replica {r} {name}: {m}",
+            )
 
 
 @pytest.mark.parametrize("case", ["tanh", "linear", "none"])
@@ -105,10 +127,13 @@ def test_summary_and_center_weights(trained):
 
 # ---- the replicas' spread step by step, read back from TensorBoard
 
+
 def _train_logging_every_step(rank: int, world_size: int, root: str) -> None:
     for case in ("average", "ddp"):
         run_dir = Path(root) / case
-        cfg, _ = load_config(COMMON + CASES[case] + ["train.steps=12", "log.every=1", f"hydra.run.dir={run_dir}"])
+        cfg, _ = load_config(
+            COMMON + CASES[case] + ["train.steps=12", "log.every=1", f"hydra.run.dir={run_dir}"]
+        )
         loop.train(cfg, run_dir, torch.device("cpu"))
 
 
@@ -129,10 +154,28 @@ def test_average_every_k_and_ddp_every_step_leave_replicas_together(tmp_path):
 # ---- communication: collectives counted on every training step
 
 COLLECTIVES = (
-    "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-    "reduce_scatter_tensor", "reduce", "gather", "scatter", "barrier", "monitored_barrier",
-    "all_to_all", "all_to_all_single", "all_gather_object", "broadcast_object_list",
-    "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "all_to_all",
+    "all_to_all_single",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
 )
 COUNTED_CASES = {
     "tanh": ["coupling=tanh", "coupling.every=2"],
@@ -151,6 +194,7 @@ def _count_collectives(rank: int, world_size: int, root: str) -> None:
         def wrapper(*args, **kwargs):
             calls[current_step[0]] += 1
             return original(*args, **kwargs)
+
         return wrapper
 
     for name in COLLECTIVES:
@@ -165,8 +209,11 @@ def _count_collectives(rank: int, world_size: int, root: str) -> None:
         calls.clear()
         current_step[0] = 0
         run_dir = Path(root) / case
-        cfg, _ = load_config(COMMON + overrides + ["train.steps=12", "log.every=1000", "eval.every=1000",
-                                                   f"hydra.run.dir={run_dir}"])
+        cfg, _ = load_config(
+            COMMON
+            + overrides
+            + ["train.steps=12", "log.every=1000", "eval.every=1000", f"hydra.run.dir={run_dir}"]
+        )
         loop.train(cfg, run_dir, torch.device("cpu"))
         (Path(root) / f"{case}.rank{rank}.json").write_text(json.dumps(calls))
 
@@ -176,16 +223,21 @@ def test_one_collective_per_coupling_step_and_none_for_independent_replicas(tmp_
     for case, overrides in COUNTED_CASES.items():
         cfg, _ = load_config(COMMON + overrides + [f"hydra.run.dir={tmp_path}"])
         for rank in range(2):
-            calls = {int(k): v for k, v in json.loads((tmp_path / f"{case}.rank{rank}.json").read_text()).items()}
+            calls = {
+                int(k): v for k, v in json.loads((tmp_path / f"{case}.rank{rank}.json").read_text()).items()
+            }
             # Steps 1 and 12 log and evaluate; steps 2..11 only train.
             per_step = [calls.get(step, 0) for step in range(2, 12)]
             expected = [int(is_coupling_step(cfg.coupling, step)) for step in range(2, 12)]
             assert per_step == expected, (case, rank, per_step)
             assert calls[1] > 0 and calls[12] > 0  # diagnostics do communicate
-    assert sum(int(is_coupling_step(load_config(COUNTED_CASES["none"])[0].coupling, s)) for s in range(12)) == 0
+    assert (
+        sum(int(is_coupling_step(load_config(COUNTED_CASES["none"])[0].coupling, s)) for s in range(12)) == 0
+    )
 
 
 # ---- center and ensemble, recomputed in one process from the saved replica weights
+
 
 def _recompute(cfg, weights: list[dict[str, torch.Tensor]]):
     from replica_dist.data import load_dataset
@@ -194,8 +246,10 @@ def _recompute(cfg, weights: list[dict[str, torch.Tensor]]):
     dtype = getattr(torch, cfg.train.dtype)
     data = load_dataset(cfg.data, cfg.seed, dtype)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, 0).to(dtype).eval()
-    center = {k: (torch.stack([w[k] for w in weights]).mean(0) if v.is_floating_point() else v)
-              for k, v in weights[0].items()}
+    center = {
+        k: (torch.stack([w[k] for w in weights]).mean(0) if v.is_floating_point() else v)
+        for k, v in weights[0].items()
+    }
     results = {"center": {}, "ensemble": {}}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         with torch.no_grad():
@@ -224,9 +278,12 @@ def test_center_and_ensemble_equal_a_single_process_recomputation(trained, case)
 
 # ---- overlaps: the formula from the center alone against brute-force pairwise products
 
+
 def _train_for_overlaps(rank: int, world_size: int, root: str) -> None:
     run_dir = Path(root)
-    cfg, _ = load_config(COMMON + ["coupling=tanh", "train.steps=6", "log.every=1", f"hydra.run.dir={run_dir}"])
+    cfg, _ = load_config(
+        COMMON + ["coupling=tanh", "train.steps=6", "log.every=1", f"hydra.run.dir={run_dir}"]
+    )
     loop.train(cfg, run_dir, torch.device("cpu"))
 
 

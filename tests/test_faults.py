@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from worlds import run_world
 
 from replica_dist import dist
 from replica_dist.config import ConfigError, DataConfig
 from replica_dist.data import load_dataset
 from runs import REPO
-from worlds import run_world
 
 HANG_TIMEOUT_S = 5.0
 
@@ -45,7 +45,12 @@ def _npz(path, **arrays) -> str:
     return str(path)
 
 
-GOOD = {"X_train": np.zeros((6, 3)), "y_train": np.arange(6) % 2, "X_test": np.zeros((2, 3)), "y_test": np.array([0, 1])}
+GOOD = {
+    "X_train": np.zeros((6, 3)),
+    "y_train": np.arange(6) % 2,
+    "X_test": np.zeros((2, 3)),
+    "y_test": np.array([0, 1]),
+}
 
 
 @pytest.mark.parametrize(
@@ -64,8 +69,20 @@ GOOD = {"X_train": np.zeros((6, 3)), "y_train": np.arange(6) % 2, "X_test": np.z
         ({"y_train": np.full(6, np.nan), "y_test": np.zeros(2)}, r"y_train targets must be a finite"),
         ({"y_train": np.zeros((6, 2)), "y_test": np.zeros((2, 3))}, r"different target widths"),
     ],
-    ids=["nan-x-train", "inf-x-test", "strings-x", "1d-x", "feature-shapes", "lengths", "mixed-y-kinds",
-         "negative-labels", "2d-labels", "string-labels", "nan-targets", "target-widths"],
+    ids=[
+        "nan-x-train",
+        "inf-x-test",
+        "strings-x",
+        "1d-x",
+        "feature-shapes",
+        "lengths",
+        "mixed-y-kinds",
+        "negative-labels",
+        "2d-labels",
+        "string-labels",
+        "nan-targets",
+        "target-widths",
+    ],
 )
 def test_unusable_data_files_give_one_clear_error(tmp_path, change, message):
     path = _npz(tmp_path / "data.npz", **(GOOD | change))
@@ -82,8 +99,13 @@ def test_the_good_file_loads(tmp_path):
 def test_an_unwritable_run_dir_exits_2_and_touches_nothing(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me\n")
-    done = subprocess.run([sys.executable, "-m", "replica_dist.train", f"hydra.run.dir={blocker}/run", "train.steps=2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "replica_dist.train", f"hydra.run.dir={blocker}/run", "train.steps=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"replica_dist: error: hydra.run.dir={blocker}/run cannot be written: Not a directory"

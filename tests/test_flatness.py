@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.config import ModelConfig
 from replica_dist.flatness import local_energy
 from replica_dist.model import build_model
 from runs import REPO, events, torchrun
-from worlds import COLLECTIVE_TIMEOUT_S
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -52,7 +52,9 @@ def test_sigma_zero_is_exactly_zero():
         assert first == {"sigma": 0.0, "local_energy": 0.0, "stderr": 0.0, "samples": 5}
     labels = torch.randint(0, 3, (50,), generator=generator())
     classifier = nn.Linear(4, 3)
-    result = local_energy(classifier, torch.randn(50, 4), labels, "classification", "cross_entropy", [0, 0.5], 4, generator())
+    result = local_energy(
+        classifier, torch.randn(50, 4), labels, "classification", "cross_entropy", [0, 0.5], 4, generator()
+    )
     assert (result[0]["local_energy"], result[0]["stderr"]) == (0.0, 0.0)
 
 
@@ -66,7 +68,10 @@ def test_linear_mse_matches_the_closed_form(sigma):
     # Its per-draw variance, with A = X diag(w), r = Xw - y and u = A z ~ N(0, A A^T):
     # dE = (2 sigma / n) r.u + (sigma^2 / n) |u|^2, so Var = 4 sigma^2 |A^T r|^2 / n^2 + 2 sigma^4 |A^T A|_F^2 / n^2.
     a, r = x * w, x @ w - y[:, 0]
-    variance = 4 * sigma**2 * (a.T @ r).square().sum().item() / n**2 + 2 * sigma**4 * (a.T @ a).square().sum().item() / n**2
+    variance = (
+        4 * sigma**2 * (a.T @ r).square().sum().item() / n**2
+        + 2 * sigma**4 * (a.T @ a).square().sum().item() / n**2
+    )
     expected_stderr = math.sqrt(variance / samples)
 
     (result,) = local_energy(model, x, y, "regression", "mse", [sigma], samples, generator())
@@ -88,7 +93,9 @@ def test_classification_error_matches_the_closed_form():
     x = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None] + 0.025
     y = (x[:, 0] < 0).long()
     samples = 4000
-    for result in local_energy(model, x, y, "classification", "cross_entropy", [0.7, 1.0], samples, generator()):
+    for result in local_energy(
+        model, x, y, "classification", "cross_entropy", [0.7, 1.0], samples, generator()
+    ):
         sigma = result["sigma"]
         expected = 0.5 * math.erfc(2 / (sigma * math.sqrt(2)) / math.sqrt(2))
         binomial_stderr = math.sqrt(expected * (1 - expected) / samples)
@@ -106,7 +113,9 @@ def test_forward_passes_see_perturbed_weights_in_eval_mode_without_grad():
     original = model.fc1.weight.detach().clone()
     seen = []
     model.fc1.register_forward_pre_hook(
-        lambda module, args: seen.append((module.weight.detach().clone(), module.training, torch.is_grad_enabled()))
+        lambda module, args: seen.append(
+            (module.weight.detach().clone(), module.training, torch.is_grad_enabled())
+        )
     )
     sigma, samples = 0.1, 40
     local_energy(model, x, y, "regression", "mse", [0.0, sigma], samples, generator())
@@ -259,8 +268,16 @@ def _train_with_flatness(rank: int, world_size: int, run_dir: str) -> None:
     from replica_dist import loop
     from replica_dist.train import load_config
 
-    cfg, _ = load_config(["train.steps=10", "model.hidden=[8]", "flatness.sigmas=[0,0.1]", "flatness.samples=3",
-                          f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", f"hydra.run.dir={run_dir}"])
+    cfg, _ = load_config(
+        [
+            "train.steps=10",
+            "model.hidden=[8]",
+            "flatness.sigmas=[0,0.1]",
+            "flatness.samples=3",
+            f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
 

@@ -14,14 +14,16 @@ def test_replica_layer_stats_by_hand():
     after = [torch.tensor([1.0, 4.0, 1.0])]  # coupling part (0, 2, 0)
     center = [torch.tensor([1.0, 1.0, 5.0])]
     stats = replica_layer_stats(["fc1.weight"], before, after_optimizer, after, center)
-    assert stats == pytest.approx({
-        "rate/fc1.weight": 1 / 3,  # |mean(0, 2, -1)|
-        "update_ratio/fc1.weight": math.sqrt(5) / 3,
-        "grad_step/fc1.weight": 1.0,
-        "coupling_step/fc1.weight": 2.0,
-        "dist_to_center/fc1.weight": 5.0,  # |(0, 3, -4)|
-        "weight_norm/fc1.weight": math.sqrt(18),
-    })
+    assert stats == pytest.approx(
+        {
+            "rate/fc1.weight": 1 / 3,  # |mean(0, 2, -1)|
+            "update_ratio/fc1.weight": math.sqrt(5) / 3,
+            "grad_step/fc1.weight": 1.0,
+            "coupling_step/fc1.weight": 2.0,
+            "dist_to_center/fc1.weight": 5.0,  # |(0, 3, -4)|
+            "weight_norm/fc1.weight": math.sqrt(18),
+        }
+    )
 
 
 def test_rate_is_the_absolute_value_of_a_signed_mean():
@@ -46,9 +48,13 @@ def test_pairwise_overlap_from_the_center_equals_brute_force():
     table = torch.tensor([squared_norms([w]) for w in replicas], dtype=torch.float64)
     dots = [(a * b).sum() for i, a in enumerate(replicas) for j, b in enumerate(replicas) if i != j]
     expected = (sum(dots) / 12) / (table.sum() / 4)
-    assert pairwise_overlaps(["w"], [center], table)["pairwise_overlap/w"] == pytest.approx(expected.item(), rel=1e-12)
+    assert pairwise_overlaps(["w"], [center], table)["pairwise_overlap/w"] == pytest.approx(
+        expected.item(), rel=1e-12
+    )
     cosine = (replicas[0] * center).sum() / (replicas[0].norm() * center.norm())
-    assert replica_overlaps(["w"], [replicas[0]], [center])["overlap/w"] == pytest.approx(cosine.item(), rel=1e-12)
+    assert replica_overlaps(["w"], [replicas[0]], [center])["overlap/w"] == pytest.approx(
+        cosine.item(), rel=1e-12
+    )
 
 
 def test_identical_replicas_overlap_fully_and_a_single_replica_has_no_pairs():

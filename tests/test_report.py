@@ -21,7 +21,9 @@ BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("report") / "run"
-    done = torchrun(2, f"hydra.run.dir={run}", "train.steps=12", "log.every=3", "model.hidden=[8]", timeout_s=180)
+    done = torchrun(
+        2, f"hydra.run.dir={run}", "train.steps=12", "log.every=3", "model.hidden=[8]", timeout_s=180
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -33,12 +35,20 @@ def assert_png(path: Path) -> None:
 
 @pytest.mark.e2e
 def test_report_cli_writes_valid_pngs(run_dir):
-    done = subprocess.run([sys.executable, "-m", "replica_dist.report", str(run_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "replica_dist.report", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     written = [Path(line) for line in done.stdout.split()]
-    logged_overlaps = any(tag.startswith(("overlap/", "pairwise_overlap/"))
-                          for scalars in report.load_run(run_dir).values() for tag in scalars)
+    logged_overlaps = any(
+        tag.startswith(("overlap/", "pairwise_overlap/"))
+        for scalars in report.load_run(run_dir).values()
+        for tag in scalars
+    )
     assert {p.name for p in written} == BASE_PNGS | ({"overlap.png"} if logged_overlaps else set())
     for path in written:
         assert path.parent == run_dir / "report"
@@ -117,7 +127,13 @@ def test_rate_table_medians_and_ratios_by_hand():
     rows = rate_rows(uncoupled, {"eta=1": coupled}, ["fc1.weight", "fc2.weight"])
     assert rows == [
         {"run": "eta=1", "layer": "layer 1 (fc1.weight)", "uncoupled": 3.5, "coupled": 7.0, "ratio": 2.0},
-        {"run": "eta=1", "layer": "layer 2 (fc2.weight)", "uncoupled": 22.5, "coupled": 50.0, "ratio": 50 / 22.5},
+        {
+            "run": "eta=1",
+            "layer": "layer 2 (fc2.weight)",
+            "uncoupled": 22.5,
+            "coupled": 50.0,
+            "ratio": 50 / 22.5,
+        },
     ]
     table = markdown_table(rows)
     assert "| eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in table
@@ -130,8 +146,10 @@ def test_a_layer_that_never_moved_uncoupled_has_an_infinite_ratio():
 
 
 def test_the_whole_table_text():
-    runs = {"uncoupled": fake_run({"fc1.weight": [[1, 2, 3], [4, 5, 6]]}),
-            "coupled": fake_run({"fc1.weight": [[2, 4, 6], [8, 10, 12]]})}
+    runs = {
+        "uncoupled": fake_run({"fc1.weight": [[1, 2, 3], [4, 5, 6]]}),
+        "coupled": fake_run({"fc1.weight": [[2, 4, 6], [8, 10, 12]]}),
+    }
     text = tables(runs, seed=7)
     assert text.startswith("Seed 7; 2 replicas; medians over both replicas and all 3 steps.")
     assert "| tanh, eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in text

@@ -12,15 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop
 from replica_dist.data import ReplicaBatches
 from replica_dist.train import load_config
 from runs import REPO, events, replica_weights, torchrun_command
-from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
-OVERRIDES = ["train.steps=20", "train.batch_size=16", "model.hidden=[16]", "log.every=1", "eval.every=5",
-             "checkpoint.every=5", "checkpoint.keep=3", "optim.momentum=0.9", f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}"]
+OVERRIDES = [
+    "train.steps=20",
+    "train.batch_size=16",
+    "model.hidden=[16]",
+    "log.every=1",
+    "eval.every=5",
+    "checkpoint.every=5",
+    "checkpoint.keep=3",
+    "optim.momentum=0.9",
+    f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+]
 
 
 class InjectedFailure(RuntimeError):
@@ -100,10 +109,19 @@ def test_a_finished_run_is_not_overwritten(uninterrupted):
 
 # ---- a worker SIGKILLed under torchrun --max-restarts=1
 
+
 def _torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
-    command = torchrun_command(2, f"hydra.run.dir={run_dir}", "train.steps=1500", "model.hidden=[64]",
-                               "log.every=100", "eval.every=500", "checkpoint.every=100", *extra,
-                               extra_torchrun_args=("--max-restarts=1",))
+    command = torchrun_command(
+        2,
+        f"hydra.run.dir={run_dir}",
+        "train.steps=1500",
+        "model.hidden=[64]",
+        "log.every=100",
+        "eval.every=500",
+        "checkpoint.every=100",
+        *extra,
+        extra_torchrun_args=("--max-restarts=1",),
+    )
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -143,7 +161,9 @@ def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path)
             killed.kill()
     assert killed.returncode == 0, out_killed[-3000:]
     assert "resuming from" in out_killed
-    for got, expected in zip(replica_weights(tmp_path / "killed", 2), replica_weights(tmp_path / "reference", 2)):
+    for got, expected in zip(
+        replica_weights(tmp_path / "killed", 2), replica_weights(tmp_path / "reference", 2)
+    ):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())

@@ -15,8 +15,14 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    done = torchrun(2, f"hydra.run.dir={run_dir}", "train.steps=30", "log.every=10", "eval.every=10",
-                    "model.hidden=[32,16]")
+    done = torchrun(
+        2,
+        f"hydra.run.dir={run_dir}",
+        "train.steps=30",
+        "log.every=10",
+        "eval.every=10",
+        "model.hidden=[32,16]",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done
 
@@ -53,7 +59,14 @@ def test_summary_matches_the_events(run_dir):
     assert summary["steps"] == 30 and summary["world_size"] == 2 and summary["wall_seconds"] > 0
     assert summary["coupling"] == "tanh" and summary["task"] == "classification"
     for r, replica in enumerate(summary["replicas"]):
-        assert set(replica) == {"replica", "own_data_loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+        assert set(replica) == {
+            "replica",
+            "own_data_loss",
+            "train_loss",
+            "train_accuracy",
+            "test_loss",
+            "test_accuracy",
+        }
         final = events(run_dir[0] / "tb" / f"replica_{r}").Scalars("test/accuracy")[-1].value
         assert replica["test_accuracy"] == pytest.approx(final, abs=1e-6)
     center_final = events(run_dir[0] / "tb" / "center").Scalars("test/accuracy")[-1].value
@@ -81,8 +94,13 @@ def test_a_second_run_into_the_same_directory_is_refused(run_dir):
 def test_more_replicas_than_training_samples(tmp_path):
     data = tmp_path / "tiny.npz"
     rng = np.random.default_rng(0)
-    np.savez(data, X_train=rng.normal(size=(2, 3)), y_train=np.array([0, 1]),
-             X_test=rng.normal(size=(2, 3)), y_test=np.array([1, 0]))
+    np.savez(
+        data,
+        X_train=rng.normal(size=(2, 3)),
+        y_train=np.array([0, 1]),
+        X_test=rng.normal(size=(2, 3)),
+        y_test=np.array([1, 0]),
+    )
     done = torchrun(3, f"hydra.run.dir={tmp_path / 'run'}", "data=file", f"data.path={data}", "train.steps=2")
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("replica_dist: error:")]
