@@ -148,12 +148,11 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
         # Plain state_dicts: they load into the model class with no replica_dist code around.
         (run_dir / "weights").mkdir(exist_ok=True)
         torch.save(model.state_dict(), run_dir / "weights" / f"replica_{rank}.pt")
+        dist.barrier()  # summary.json marks a finished run: every replica's weights come first
         if rank == 0:
             torch.save(diagnostics.center.state_dict(), run_dir / "weights" / "center.pt")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if cfg.flatness.sigmas:
-            dist.barrier()  # every replica's weights are on disk
-            if rank == 0:
+            if cfg.flatness.sigmas:
                 log.info(
                     "%s",
                     flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False),
