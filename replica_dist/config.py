@@ -209,6 +209,17 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    nonfinite: str = "stop"
+    """When a replica's loss or a gradient is NaN or inf: `stop` (every rank stops with one
+    error naming the replica and the step) or `skip` (every rank skips that step, counted in
+    guard/skipped_steps). Either way no non-finite update is ever applied; see guard.py."""
+
+    def __post_init__(self) -> None:
+        _one_of("guard.nonfinite", self.nonfinite, ("stop", "skip"))
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 250
     """Every replica saves its whole state every k steps into <run_dir>/checkpoints/ (0: never)."""
@@ -269,6 +280,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     seed: int = 0
     """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
     init: str = "independent"

@@ -58,19 +58,25 @@ class Diagnostics:
         return self.state.views(flat)[: self.state.num_params]
 
     def log_step(
-        self, step: int, loss: float, eta: float, before, after_optimizer, after, mean_before, mean_after
+        self,
+        step: int,
+        loss: float,
+        eta: float,
+        before,
+        after_optimizer,
+        after,
+        mean_before,
+        mean_after,
+        skipped_steps: int,
     ) -> torch.Tensor:
         """Per-layer statistics of the step for this replica and the center; returns every
-        replica's loss. A non-finite loss anywhere stops every rank here, together."""
+        replica's loss (a skipped step's may be non-finite: the guard has decided on it)."""
         weights, center = self.params(after), self.params(mean_after)
         # One small all_reduce: every replica's loss and per-layer ‖w‖², row by row.
         table = dist.gather_rows([loss, *squared_norms(weights)], self.device)
         losses = table[:, 0]
-        if not torch.isfinite(losses).all():
-            bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-            raise FloatingPointError(f"non-finite training loss at step {step} on replica(s) {bad}")
         self.replica_log.log(
-            {"train/loss": loss, "coupling/eta": eta}
+            {"train/loss": loss, "coupling/eta": eta, "guard/skipped_steps": skipped_steps}
             | replica_layer_stats(
                 self.names, self.params(before), self.params(after_optimizer), weights, center
             )
@@ -78,7 +84,7 @@ class Diagnostics:
             step,
         )
         self.center_log.log(
-            {"train/replica_mean_loss": losses.mean().item()}
+            {"train/replica_mean_loss": losses.nanmean().item()}
             | center_layer_stats(self.names, self.params(mean_before), center)
             | pairwise_overlaps(self.names, center, table[:, 1:]),
             step,

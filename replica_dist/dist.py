@@ -113,11 +113,17 @@ def replica_mean(flat: torch.Tensor) -> torch.Tensor:
     return total.div_(world_size())
 
 
-def replica_mean_(flat: torch.Tensor) -> torch.Tensor:
-    """Replace `flat` by its mean over replicas, in place: one all_reduce."""
+def replica_mean_and_rows(flat: torch.Tensor, row: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over replicas of `flat` (left untouched), and a (world_size, len(row)) table
+    whose row r holds rank r's `row` (small integers, exact in any float type): one all_reduce
+    of one buffer, each rank filling its own row of the table behind the weights."""
+    n, k = world_size(), len(row)
+    buffer = torch.zeros(flat.numel() + n * k, dtype=flat.dtype, device=flat.device)
+    buffer[: flat.numel()] = flat
+    buffer[flat.numel() + rank() * k : flat.numel() + (rank() + 1) * k] = torch.tensor(row, dtype=flat.dtype)
     with _collective("all_reduce (replica mean)"):
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-    return flat.div_(world_size())
+        tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
+    return buffer[: flat.numel()].div_(n), buffer[flat.numel() :].view(n, k).cpu()
 
 
 def broadcast_(flat: torch.Tensor, src: int = 0) -> None:

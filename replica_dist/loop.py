@@ -24,6 +24,7 @@ from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
+from replica_dist.guard import Guard, StopRequested
 from replica_dist.model import build_model
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     )
 
 
-def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
-    """Train this rank's replica for `cfg.train.steps` steps; return the run's summary."""
+def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None = None) -> dict:
+    """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
+    Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
+    guard = guard or Guard(cfg.guard.nonfinite)
     rank, world_size = dist.rank(), dist.world_size()
     form = cfg.coupling.name
     dtype = getattr(torch, cfg.train.dtype)
@@ -95,35 +98,57 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps
             eta = eta_at(cfg.coupling, step)
 
-            # 1. The mean of the weights *before* the step: one all_reduce of one flat buffer.
-            if (coupled and form in ELASTIC_FORMS) or logging_step:
+            # 1. The weights *before* the step: the coupling pulls toward their mean.
+            talks = (coupled and form in ELASTIC_FORMS) or logging_step
+            if talks:
                 w_before = state.pack().clone()
-                mean_before = dist.replica_mean(w_before)
 
-            # 2. The replica's own optimizer step on its own minibatch.
+            # 2. The replica's own gradient on its own minibatch.
             x, y = batches.next()
             loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if coupled and form in ELASTIC_FORMS and cfg.coupling.via_optimizer:
-                state.pull_through_optimizer(pull(form, w_before, mean_before, eta, cfg.coupling.temperature))
-            optimizer.step()
+            apply = guard.inspect(step, loss, model.parameters())  # never a non-finite update
+
+            # 3. One all_reduce of one flat buffer: the mean of the pre-step weights, and every
+            #    rank's guard word, so that all ranks skip or stop together.
+            if talks:
+                mean_before, words = dist.replica_mean_and_rows(w_before, guard.word())
+                apply = guard.decide(step, words) and apply
+            if apply:
+                if coupled and form in ELASTIC_FORMS and cfg.coupling.via_optimizer:
+                    state.pull_through_optimizer(
+                        pull(form, w_before, mean_before, eta, cfg.coupling.temperature)
+                    )
+                optimizer.step()
+            else:
+                guard.skipped_steps += 1
             if logging_step:
                 w_after_optimizer = state.pack().clone()
 
-            # 3. The coupling: every replica moves at once, from the same mean.
+            # 4. The coupling: every replica moves at once, from the same mean.
             if coupled and form == "average":
-                state.load(dist.replica_mean_(state.pack()))
-            elif coupled and not cfg.coupling.via_optimizer:
+                mean_after_step, words = dist.replica_mean_and_rows(state.pack(), guard.word())
+                guard.decide(step, words)
+                state.load(mean_after_step)
+            elif coupled and apply and not cfg.coupling.via_optimizer:
                 state.add(pull(form, w_before, mean_before, eta, cfg.coupling.temperature))
 
-            # 4. Diagnostics, on logging and evaluation steps only.
+            # 5. Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:
                 w_after = state.pack().clone()
                 mean_after = dist.replica_mean(w_after)
             if logging_step:
                 losses = diagnostics.log_step(
-                    step, loss.item(), eta, w_before, w_after_optimizer, w_after, mean_before, mean_after
+                    step,
+                    loss.item(),
+                    eta,
+                    w_before,
+                    w_after_optimizer,
+                    w_after,
+                    mean_before,
+                    mean_after,
+                    guard.skipped_steps,
                 )
             if eval_step:
                 evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
@@ -133,15 +158,19 @@ def train(cfg: Config, run_dir: Path, device: torch.device) -> dict:
                     "step %d/%d | loss %.4f (mean of %d replicas) | center acc %.4f | %.0f s left",
                     step,
                     cfg.train.steps,
-                    losses.mean().item(),
+                    losses.nanmean().item(),
                     world_size,
                     diagnostics.center_accuracy,
                     elapsed / (step - start) * (cfg.train.steps - step),
                 )
 
-            # 5. A checkpoint of every replica (the last step ends with the final results instead).
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            # 6. A checkpoint of every replica (the last step ends with the final results instead).
+            if step < cfg.train.steps and (
+                guard.stop_agreed or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            ):
                 run_state.save(cfg, run_dir, step, model, optimizer, batches)
+                if guard.stop_agreed:
+                    raise StopRequested(step)
         wall_seconds = time.perf_counter() - started
 
         summary = _summary(cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device)

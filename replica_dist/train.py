@@ -22,6 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
 from replica_dist.config import Config, ConfigError, register_configs
+from replica_dist.guard import Guard, StopRequested
 from replica_dist.loop import train
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -89,9 +90,13 @@ def main(argv: list[str]) -> int:
     try:
         cfg, run_dir = load_config(argv)
         setup_logging(rank)
+        guard = Guard(cfg.guard.nonfinite)
+        guard.install_signal_handlers()
         device = dist.init(cfg.dist)
         try:
-            report(train(cfg, run_dir, device), run_dir)
+            report(train(cfg, run_dir, device, guard), run_dir)
+        except StopRequested as stop:
+            log.info("%s: checkpoint saved; run the same command to resume", stop)
         finally:
             dist.teardown()
     except ConfigError as err:

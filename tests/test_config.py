@@ -93,6 +93,9 @@ BAD_OVERRIDES = [
     (["dist.backend=foo"], r"dist\.backend"),
     (["init=foo"], r"\binit\b"),
     (["flatness.samples=1"], r"flatness\.samples"),
+    (["guard.nonfinite=ignore"], r"guard\.nonfinite"),
+    (["checkpoint.every=-1"], r"checkpoint\.every"),
+    (["checkpoint.keep=0"], r"checkpoint\.keep"),
     (["flatness.sigmas=[0.1,-1]"], r"flatness\.sigmas"),
     (["optim.nesterov=true", "optim.momentum=0"], r"optim\.nesterov"),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -139,32 +140,62 @@ def _worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.e2e
-def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path):
-    reference = _torchrun(tmp_path / "reference")
-    out_reference, _ = reference.communicate(timeout=240)
-    assert reference.returncode == 0, out_reference[-3000:]
-    killed = _torchrun(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    reference = _torchrun(run_dir)
+    out, _ = reference.communicate(timeout=240)
+    assert reference.returncode == 0, out[-3000:]
+    return run_dir
+
+
+def _signal_rank_1_after_step_300(run_dir: Path, signum: int) -> str:
+    """Start the run, send `signum` to rank 1 once step 300's checkpoint is complete, and
+    return what torchrun printed by the time it exits."""
+    process = _torchrun(run_dir)
     try:
         deadline = time.monotonic() + 120
-        manifest = tmp_path / "killed" / "checkpoints" / "step-00000300" / "manifest.json"
+        manifest = run_dir / "checkpoints" / "step-00000300" / "manifest.json"
         while not manifest.exists():
-            assert time.monotonic() < deadline and killed.poll() is None, "no checkpoint at step 300"
+            assert time.monotonic() < deadline and process.poll() is None, "no checkpoint at step 300"
             time.sleep(0.02)
-        pid = _worker_pid(killed.pid, rank=1)
+        pid = _worker_pid(process.pid, rank=1)
         assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert not (tmp_path / "killed" / "summary.json").exists()  # killed mid-run, not after
-        out_killed, _ = killed.communicate(timeout=240)
+        os.kill(pid, signum)
+        assert not (run_dir / "summary.json").exists()  # mid-run, not after
+        out, _ = process.communicate(timeout=240)
     finally:
-        if killed.poll() is None:
-            killed.kill()
-    assert killed.returncode == 0, out_killed[-3000:]
-    assert "resuming from" in out_killed
-    for got, expected in zip(
-        replica_weights(tmp_path / "killed", 2), replica_weights(tmp_path / "reference", 2)
-    ):
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+def _assert_same_final_weights(run_dir: Path, reference: Path) -> None:
+    for got, expected in zip(replica_weights(run_dir, 2), replica_weights(reference, 2)):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["steps"] == 1500
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1500
+
+
+@pytest.mark.e2e
+def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path, reference_run):
+    out = _signal_rank_1_after_step_300(tmp_path / "killed", signal.SIGKILL)
+    assert "resuming from" in out
+    _assert_same_final_weights(tmp_path / "killed", reference_run)
+
+
+@pytest.mark.e2e
+def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path, reference_run):
+    run_dir = tmp_path / "preempted"
+    out = _signal_rank_1_after_step_300(run_dir, signal.SIGTERM)
+    stopped = re.search(r"stopped on request after step (\d+): checkpoint saved", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 300 < step < 1500 and "resuming from" not in out  # a clean stop, not a restart
+    assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
+    assert not (run_dir / "summary.json").exists()
+    resumed = _torchrun(run_dir)
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0 and f"step-{step:08d}" in out, out[-3000:]
+    _assert_same_final_weights(run_dir, reference_run)

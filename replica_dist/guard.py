@@ -1,0 +1,79 @@
+"""Non-finite values and stop requests: noticed by one replica, decided by all together.
+
+Every step, each replica checks its own loss and gradients. A replica never applies a
+non-finite update: whatever the policy, it skips its optimizer step and its pull when its own
+values are not finite, so its weights, the mean and every checkpoint stay finite.
+
+What the *other* replicas do is decided together, at the next step that communicates anyway:
+a coupling step (every step with coupling.every=1), or a logging step. There each rank's
+"word" (the step of its first unreported non-finite value, and whether it was asked to stop)
+rides in the step's one all_reduce, so every rank takes the same decision in the same step
+at no extra collective:
+  - guard.nonfinite=stop: every rank raises one error naming the replica(s) and the step;
+  - guard.nonfinite=skip: when the non-finite value is in this very step, every rank skips
+    it (counted in guard/skipped_steps); an earlier one was already skipped by its replica.
+SIGTERM and SIGINT (Slurm preemption, Ctrl-C) are stop requests, decided the same way: every
+rank finishes the step, saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+
+import torch
+
+
+class StopRequested(Exception):
+    """Every rank agreed to stop at a step boundary (a SIGTERM or SIGINT reached one of them)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on request after step {step}")
+        self.step = step
+
+
+class Guard:
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.unreported_bad_step = 0
+        """The step of this replica's first non-finite value not yet shared (0: none)."""
+        self.stop_requested = False
+        self.stop_agreed = False
+        self.skipped_steps = 0
+        """Steps this replica did not apply (counted by the loop)."""
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask for a stop at the next step boundary; a second SIGINT interrupts."""
+
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    @torch.no_grad()
+    def inspect(self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> bool:
+        """Whether this replica's loss and every gradient of this step are finite."""
+        values = [loss.detach()] + [p.grad for p in params if p.grad is not None]
+        finite = bool(torch.stack([v.isfinite().all() for v in values]).all())
+        if not finite and not self.unreported_bad_step:
+            self.unreported_bad_step = step
+        return finite
+
+    def word(self) -> list[float]:
+        """What this rank tells the others at the next communicating step."""
+        return [float(self.unreported_bad_step), float(self.stop_requested)]
+
+    def decide(self, step: int, words: torch.Tensor) -> bool:
+        """From every rank's word (a (world_size, 2) table, the same on every rank): whether
+        to apply this step. Raises under the stop policy; notes an agreed stop request."""
+        bad_steps = [int(s) for s in words[:, 0].tolist()]
+        self.unreported_bad_step = 0
+        self.stop_agreed = self.stop_agreed or bool(words[:, 1].sum() > 0)
+        bad = {replica: s for replica, s in enumerate(bad_steps) if s}
+        if bad and self.policy == "stop":
+            where = ", ".join(f"replica {replica} at step {s}" for replica, s in bad.items())
+            raise FloatingPointError(f"non-finite loss or gradient: {where} (guard.nonfinite=stop)")
+        return step not in bad.values()

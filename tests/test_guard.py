@@ -1,0 +1,131 @@
+"""Non-finite values: never applied, and decided by every rank in the same step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from worlds import COLLECTIVE_TIMEOUT_S, run_world
+
+from replica_dist import dist, loop
+from replica_dist.data import ReplicaBatches
+from replica_dist.guard import Guard
+from replica_dist.train import load_config
+from runs import events, replica_weights
+
+
+def test_decide_stop_names_every_bad_replica_and_its_step():
+    guard = Guard("stop")
+    with pytest.raises(FloatingPointError, match=r"replica 1 at step 5, replica 3 at step 4"):
+        guard.decide(5, torch.tensor([[0.0, 0], [5, 0], [0, 0], [4, 0]]))
+
+
+def test_decide_skip_skips_only_a_bad_value_of_this_step():
+    guard = Guard("skip")
+    assert guard.decide(5, torch.tensor([[0.0, 0], [5, 0]])) is False
+    assert guard.decide(8, torch.tensor([[0.0, 0], [5, 0]])) is True  # step 5 was skipped by replica 1 alone
+    assert guard.decide(9, torch.tensor([[0.0, 0], [0, 0]])) is True
+    assert not guard.stop_agreed
+    guard.decide(10, torch.tensor([[0.0, 0], [0, 1]]))
+    assert guard.stop_agreed
+
+
+def test_inspect_reports_the_first_non_finite_step_until_shared():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    assert guard.inspect(3, torch.tensor(1.0), layer.parameters())
+    layer.weight.grad[0, 0] = float("inf")
+    assert not guard.inspect(4, torch.tensor(1.0), layer.parameters())
+    assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters())
+    assert guard.word() == [4.0, 0.0]
+    guard.decide(6, torch.tensor([guard.word()]))
+    assert guard.word() == [0.0, 0.0]
+
+
+# ---- a NaN injected into replica 1's batch at step 5, in a real 2-process world
+
+COMMON = [
+    "train.steps=12",
+    "train.batch_size=16",
+    "model.hidden=[16]",
+    "eval.every=100",
+    "checkpoint.every=2",
+    "checkpoint.keep=10",
+    f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+]
+
+
+def _train_with_nan(rank: int, world_size: int, run_dir: str, overrides: list[str]) -> None:
+    if rank == 1:
+        original, calls = ReplicaBatches.next, [0]
+
+        def poisoned_next(self):
+            calls[0] += 1
+            x, y = original(self)
+            return (x * float("nan"), y) if calls[0] == 5 else (x, y)
+
+        ReplicaBatches.next = poisoned_next
+    cfg, _ = load_config(COMMON + overrides + [f"hydra.run.dir={run_dir}"])
+    try:
+        loop.train(cfg, Path(run_dir), torch.device("cpu"))
+    except FloatingPointError as err:
+        (Path(run_dir) / f"error.rank{rank}.json").write_text(
+            json.dumps({"step": dist._step, "message": str(err)})
+        )
+
+
+def _errors(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / f"error.rank{r}.json").read_text()) for r in range(2)]
+
+
+def _checkpoints_finite(run_dir: Path) -> list[int]:
+    steps = []
+    for folder in sorted((run_dir / "checkpoints").glob("step-*")):
+        for r in range(2):
+            state = torch.load(folder / f"replica-{r}.pt", weights_only=True)
+            assert all(torch.isfinite(t).all() for t in state["model"].values()), folder
+        steps.append(int(folder.name.split("-")[1]))
+    return steps
+
+
+def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path):
+    run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=stop"])
+    errors = _errors(tmp_path)
+    assert errors[0] == errors[1]
+    assert errors[0]["step"] == 5 and "replica 1 at step 5" in errors[0]["message"]
+    assert _checkpoints_finite(tmp_path) == [2, 4]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_skip_every_rank_skips_the_same_step(tmp_path):
+    run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=skip", "log.every=1"])
+    for r in range(2):
+        tb = events(tmp_path / "tb" / f"replica_{r}")
+        skipped = {e.step: e.value for e in tb.Scalars("guard/skipped_steps")}
+        assert [skipped[s] for s in range(1, 13)] == [0] * 4 + [1] * 8
+        rate = {e.step: e.value for e in tb.Scalars("rate/fc1.weight")}
+        assert rate[5] == 0.0 and rate[4] > 0 and rate[6] > 0  # no update of any kind at step 5
+    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+    for weights in replica_weights(tmp_path, 2):
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_independent_replicas_decide_at_the_next_logging_step(tmp_path, policy):
+    run_world(
+        _train_with_nan, 2, str(tmp_path), ["coupling=none", f"guard.nonfinite={policy}", "log.every=4"]
+    )
+    if policy == "stop":
+        errors = _errors(tmp_path)
+        assert errors[0] == errors[1] and errors[0]["step"] == 8
+        assert "replica 1 at step 5" in errors[0]["message"]
+    else:
+        skipped = [
+            {e.step: e.value for e in events(tmp_path / "tb" / f"replica_{r}").Scalars("guard/skipped_steps")}
+            for r in range(2)
+        ]
+        assert skipped[0][12] == 0 and skipped[1][12] == 1  # only replica 1 skipped its own step 5
+    assert _checkpoints_finite(tmp_path)[:3] == [2, 4, 6]
