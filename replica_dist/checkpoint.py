@@ -57,6 +57,8 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     "eval.every",
     "checkpoint.every",
     "checkpoint.keep",
+    "checkpoint.resume",
+    "checkpoint.remap",
     "dist.timeout_s",
     "flatness.sigmas",
     "flatness.samples",
@@ -329,7 +331,9 @@ def _verify(folder: Path) -> dict:
     return manifest
 
 
-def find_resumable(root: str | os.PathLike, world_size: int, config_hash: str) -> int | None:
+def find_resumable(
+    root: str | os.PathLike, world_size: int, config_hash: str, allow_other_world_size: bool = False
+) -> int | None:
     """The newest step under `root` whose manifest is readable and whose every replica file
     has the recorded size and sha256; None if there is none.
 
@@ -347,7 +351,7 @@ def find_resumable(root: str | os.PathLike, world_size: int, config_hash: str) -
             )
             continue
         differences = []
-        if manifest["world_size"] != world_size:
+        if manifest["world_size"] != world_size and not allow_other_world_size:
             differences.append(
                 f"checkpoint {folder.name} was written by {manifest['world_size']} replicas, "
                 f"this run has {world_size}"
@@ -363,6 +367,11 @@ def find_resumable(root: str | os.PathLike, world_size: int, config_hash: str) -
             )
         return step
     return None
+
+
+def saved_world_size(root: str | os.PathLike, step: int) -> int:
+    """How many replicas wrote the checkpoint of `step` (from its manifest)."""
+    return int(_read_manifest(step_dir(root, step))["world_size"])
 
 
 def load_replica(root: str | os.PathLike, step: int, replica: int) -> dict:

@@ -227,6 +227,11 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted."""
     resume: bool = True
     """Continue from the newest complete checkpoint in the run directory, if there is one."""
+    remap: bool = False
+    """Allow resuming with another number of replicas: replica r that existed continues from
+    its own weights and optimizer state; a new replica starts from the mean of the saved
+    replicas with a fresh optimizer; surplus replicas are dropped. Shards are re-derived for
+    the new number of replicas, so every replica's data order starts anew."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, f"checkpoint.every must be >= 0 (0 disables); got {self.every}")

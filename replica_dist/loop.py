@@ -82,16 +82,16 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
         else model
     )
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    if start > 0:
+    if start.step > 0:
         run_state.restore(run_dir, start, model, optimizer, batches)
     # The center is a scratch copy of the network that holds the mean weights.
-    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device, first_step=start + 1)
-    if rank == 0 and start == 0:
+    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device, first_step=start.step + 1)
+    if rank == 0 and start.step == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     started = time.perf_counter()
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
+        for step in range(start.step + 1, cfg.train.steps + 1):
             dist.set_step(step)
             coupled = is_coupling_step(cfg.coupling, step)
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
@@ -161,7 +161,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
                     losses.nanmean().item(),
                     world_size,
                     diagnostics.center_accuracy,
-                    elapsed / (step - start) * (cfg.train.steps - step),
+                    elapsed / (step - start.step) * (cfg.train.steps - step),
                 )
 
             # 6. A checkpoint of every replica (the last step ends with the final results instead).

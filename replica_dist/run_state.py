@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,47 +35,69 @@ def run_hash(cfg: Config) -> str:
     return checkpoint.config_hash(dataclasses.asdict(cfg))
 
 
-def decide_start(cfg: Config, run_dir: Path) -> int:
-    """The step to resume from (0 for a fresh run), the same on every rank: rank 0 looks at
-    the run directory and broadcasts its finding, so no rank starts while another refuses."""
-    status, step, message = dist.broadcast_object(_inspect(cfg, run_dir) if dist.rank() == 0 else None)
+@dataclass(frozen=True)
+class Start:
+    step: int
+    """The step of the checkpoint resumed from; 0 for a fresh run."""
+    saved_world_size: int
+    """How many replicas wrote that checkpoint (this run's own count for a fresh run)."""
+
+
+def decide_start(cfg: Config, run_dir: Path) -> Start:
+    """Where to start, the same on every rank: rank 0 looks at the run directory and
+    broadcasts its finding, so no rank starts while another refuses."""
+    status, step, saved_world_size, message = dist.broadcast_object(
+        _inspect(cfg, run_dir) if dist.rank() == 0 else None
+    )
     if status in (_TAKEN, _MISMATCH):
         raise ConfigError(message)
     if status == _RESUME:
         log.info("resuming from %s", checkpoint.step_dir(checkpoint_root(run_dir), step))
-    return step
+        if saved_world_size != dist.world_size():
+            log.warning(
+                "checkpoint.remap: %d saved replicas continue as %d", saved_world_size, dist.world_size()
+            )
+    return Start(step, saved_world_size)
 
 
-def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, str]:
+def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
     try:  # before any rank writes anything, so that a bad path fails cleanly on every rank
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        return _TAKEN, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
+        return _TAKEN, 0, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
     if (run_dir / "summary.json").exists():
-        return _TAKEN, 0, f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir"
+        return (
+            _TAKEN,
+            0,
+            0,
+            f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir",
+        )
     root = checkpoint_root(run_dir)
     if cfg.checkpoint.resume and root.is_dir():
         for stray in checkpoint.clean_temporaries(root):
             log.warning("removed a partial checkpoint file left by a killed writer: %s", stray)
         try:
-            step = checkpoint.find_resumable(root, dist.world_size(), run_hash(cfg))
+            step = checkpoint.find_resumable(
+                root, dist.world_size(), run_hash(cfg), allow_other_world_size=cfg.checkpoint.remap
+            )
         except checkpoint.CheckpointMismatch as err:
-            return _MISMATCH, 0, f"checkpoint: {err}"
+            return _MISMATCH, 0, 0, f"checkpoint: {err} (or set checkpoint.remap=true for another world size)"
         if step is not None:
-            return _RESUME, step, ""
+            return _RESUME, step, checkpoint.saved_world_size(root, step), ""
     if (run_dir / "tb").exists():
         return (
             _TAKEN,
+            0,
             0,
             (
                 f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
                 f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
             ),
         )
-    return _FRESH, 0, ""
+    return _FRESH, 0, dist.world_size(), ""
 
 
 def _rng_states() -> dict:
@@ -130,9 +153,24 @@ def save(cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, bat
         checkpoint.prune(root, cfg.checkpoint.keep)
 
 
-def restore(run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
-    state = checkpoint.load_replica(checkpoint_root(run_dir), step, dist.rank())
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
-    batches.load_state_dict(state["data"])
-    _set_rng_states(state["rng"])
+def restore(run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
+    """Load this replica's state at `start`; with checkpoint.remap, see CheckpointConfig.remap."""
+    root = checkpoint_root(run_dir)
+    if start.saved_world_size == dist.world_size():
+        state = checkpoint.load_replica(root, start.step, dist.rank())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        batches.load_state_dict(state["data"])
+        _set_rng_states(state["rng"])
+    elif dist.rank() < start.saved_world_size:
+        state = checkpoint.load_replica(root, start.step, dist.rank())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        saved = [checkpoint.load_replica(root, start.step, r)["model"] for r in range(start.saved_world_size)]
+        model.load_state_dict(
+            {
+                name: torch.stack([s[name] for s in saved]).mean(0) if value.is_floating_point() else value
+                for name, value in saved[0].items()
+            }
+        )

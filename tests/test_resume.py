@@ -199,3 +199,34 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0 and f"step-{step:08d}" in out, out[-3000:]
     _assert_same_final_weights(run_dir, reference_run)
+
+
+# ---- checkpoint.remap: resuming with another number of replicas, on request
+
+
+def _resume_remapped(rank: int, world_size: int, run_dir: str) -> None:
+    from replica_dist import run_state
+
+    original = run_state.restore
+
+    def keep_restored(run_dir_, start, model, optimizer, batches):
+        original(run_dir_, start, model, optimizer, batches)
+        torch.save(model.state_dict(), Path(run_dir_) / f"restored.rank{rank}.pt")
+
+    run_state.restore = keep_restored
+    cfg, _ = load_config(OVERRIDES + ["checkpoint.remap=true", f"hydra.run.dir={run_dir}"])
+    loop.train(cfg, Path(run_dir), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("world_size", [3, 1])
+def test_remap_continues_saved_replicas_and_starts_new_ones_from_their_mean(tmp_path, world_size):
+    _crash_at_step_13(tmp_path)
+    folder = tmp_path / "checkpoints" / "step-00000010"
+    saved = [torch.load(folder / f"replica-{r}.pt", weights_only=True)["model"] for r in range(2)]
+    run_world(_resume_remapped, world_size, str(tmp_path))
+    for rank in range(world_size):
+        restored = torch.load(tmp_path / f"restored.rank{rank}.pt")
+        for name, value in restored.items():
+            expected = saved[rank][name] if rank < 2 else (saved[0][name] + saved[1][name]) / 2
+            assert torch.equal(value, expected), (rank, name)
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == world_size
