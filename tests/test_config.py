@@ -98,7 +98,49 @@ BAD_OVERRIDES = [
     (["checkpoint.keep=0"], r"checkpoint\.keep"),
     (["flatness.sigmas=[0.1,-1]"], r"flatness\.sigmas"),
     (["optim.nesterov=true", "optim.momentum=0"], r"optim\.nesterov"),
+    # the rest of the keys, each with a wrong value or a wrong type
+    (["model.bias=maybe"], r"model\.bias"),
+    (["model.batch_norm=true"], r"model\.batch_norm"),
+    (["model.init_std=-1"], r"model\.init_std"),
+    (["data.path=[1,2]"], r"data\.path"),
+    (["data.num_samples=0"], r"data\.num_samples"),
+    (["data.input_dim=0"], r"data\.input_dim"),
+    (["data=teacher", "data.num_outputs=1"], r"data\.num_outputs"),
+    (["data.library_size=0"], r"data\.library_size"),
+    (["data.fixed_batch=0"], r"data\.fixed_batch"),
+    (["coupling.name=mean"], r"coupling\.name"),
+    (["coupling.eta_growth=-0.1"], r"coupling\.eta_growth"),
+    (["optim.name=lbfgs"], r"optim\.name"),
+    (["optim.momentum=1"], r"optim\.momentum"),
+    (["optim.weight_decay=-1"], r"optim\.weight_decay"),
+    (["optim.betas=[0.9]"], r"optim\.betas"),
+    (["train.dtype=float16"], r"train\.dtype"),
+    (["dist.device=tpu"], r"dist\.device"),
+    (["checkpoint.resume=sometimes"], r"checkpoint\.resume"),
+    (["checkpoint.remap=perhaps"], r"checkpoint\.remap"),
+    (["seed=-1"], r"\bseed\b"),
+    (["seed=abc"], r"\bseed\b"),
 ]
+
+
+def _leaf_keys(schema, prefix: str = "") -> set[str]:
+    import dataclasses
+
+    keys = set()
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys |= _leaf_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def test_every_config_key_has_a_bad_value_in_the_table():
+    from replica_dist.config import Config
+
+    covered = {o.split("=")[0] for overrides, _ in BAD_OVERRIDES for o in overrides}
+    assert _leaf_keys(Config) - covered == set()
 
 
 @pytest.mark.parametrize(("overrides", "pattern"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
