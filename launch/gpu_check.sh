@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU path on a machine with at least one GPU, in a few minutes:
 #   1. NCCL, one rank: the default job on cuda:0;
-#   2. gloo with CUDA tensors, two ranks sharing the GPU: tanh coupling and DDP.
+#   2. gloo with CUDA tensors, two ranks sharing the GPU: tanh coupling and DDP;
+#   3. a run stopped by SIGTERM and resumed, against an uninterrupted one.
 # Each run's summary.json is printed; OUT (default runs/gpu_check) keeps the run directories.
 set -euo pipefail
 OUT="${OUT:-runs/gpu_check}"
@@ -19,3 +20,6 @@ run() {  # name nproc overrides...
 run nccl_world1_default 1 dist.backend=nccl
 run gloo_cuda_world2_tanh 2 dist.backend=gloo dist.device=cuda train.steps=300
 run gloo_cuda_world2_ddp 2 dist.backend=gloo dist.device=cuda coupling=ddp train.steps=300
+
+echo "== preempted_and_resumed (nccl)"
+OUT="$OUT/resume" launch/resume_check.sh dist.backend=nccl
