@@ -121,8 +121,9 @@ class CouplingConfig:
     """Couple on every k-th step (steps counted from 1)."""
     via_optimizer: bool = False
     """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
-    of the coupling potential), so momentum and weight decay see it. Default: added to
-    the weights directly after the optimizer step."""
+    of the coupling potential), so momentum and weight decay see it (with SGD a parameter
+    then moves by lr*pull; floating buffers, which no optimizer steps, still take the pull
+    directly). Default: added to the weights directly after the optimizer step."""
 
     def __post_init__(self) -> None:
         _one_of("coupling.name", self.name, COUPLING_FORMS)
@@ -211,12 +212,19 @@ class EvalConfig:
 @dataclass
 class GuardConfig:
     nonfinite: str = "stop"
-    """When a replica's loss or a gradient is NaN or inf: `stop` (every rank stops with one
-    error naming the replica and the step) or `skip` (every rank skips that step, counted in
-    guard/skipped_steps). Either way no non-finite update is ever applied; see guard.py."""
+    """When a replica's loss, a gradient or a BatchNorm statistic is NaN or inf: `stop` (every
+    rank stops with one error naming the replica and the step) or `skip` (that step is skipped
+    by every replica when it communicates before its update, else by the replica that saw it;
+    counted in guard/skipped_steps). Either way no non-finite update is applied; see guard.py."""
+    max_consecutive_skips: int = 20
+    """skip: stop anyway after this many communicating steps in a row with a non-finite value."""
 
     def __post_init__(self) -> None:
         _one_of("guard.nonfinite", self.nonfinite, ("stop", "skip"))
+        _check(
+            self.max_consecutive_skips >= 1,
+            f"guard.max_consecutive_skips must be >= 1; got {self.max_consecutive_skips}",
+        )
 
 
 @dataclass
@@ -295,6 +303,10 @@ class Config:
     def __post_init__(self) -> None:
         _one_of("init", self.init, ("independent", "same"))
         _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+        _check(
+            not (self.checkpoint.remap and self.coupling.name == "ddp"),
+            "checkpoint.remap is not available for coupling.name=ddp (its replicas must stay identical)",
+        )
 
 
 def register_configs() -> None:

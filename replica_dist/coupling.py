@@ -14,6 +14,8 @@ do not). `none` never couples and `ddp` averages gradients instead (DistributedD
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from replica_dist.config import CouplingConfig
@@ -38,7 +40,9 @@ def pull(
 def eta_at(cfg: CouplingConfig, step: int) -> float:
     """Coupling strength at `step` (counted from 1): eta_0 * (1 + g)^(step - 1), capped at
     eta_max. With g > 0 the replicas are drawn together ever harder ("scoping")."""
-    return min(cfg.eta_max, cfg.eta * (1.0 + cfg.eta_growth) ** (step - 1))
+    # In log space: (1 + g)^t overflows a float long before long runs end; the cap does not.
+    log_eta = math.log(cfg.eta) + (step - 1) * math.log1p(cfg.eta_growth)
+    return min(cfg.eta_max, math.exp(min(log_eta, math.log(cfg.eta_max))))
 
 
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-from replica_dist.config import DistConfig
+from replica_dist.config import ConfigError, DistConfig
 
 
 def init(cfg: DistConfig) -> torch.device:
@@ -23,10 +23,10 @@ def init(cfg: DistConfig) -> torch.device:
     started without torchrun) and return this rank's device."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("dist.device=cuda but CUDA is not available; use dist.device=cpu or auto")
+        raise ConfigError("dist.device=cuda but CUDA is not available; use dist.device=cpu or auto")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
-        raise ValueError("dist.backend=nccl needs CUDA; use dist.backend=gloo or auto")
+        raise ConfigError("dist.backend=nccl needs CUDA; use dist.backend=gloo or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # More ranks than GPUs share them round-robin (gloo only: NCCL refuses two ranks per GPU).
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
@@ -113,7 +113,9 @@ def replica_mean(flat: torch.Tensor) -> torch.Tensor:
     return total.div_(world_size())
 
 
-def replica_mean_and_rows(flat: torch.Tensor, row: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def replica_mean_and_rows(
+    flat: torch.Tensor, row: list[float], what: str = "replica mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean over replicas of `flat` (left untouched), and a (world_size, len(row)) table
     whose row r holds rank r's `row` (small integers, exact in any float type): one all_reduce
     of one buffer, each rank filling its own row of the table behind the weights."""
@@ -121,7 +123,7 @@ def replica_mean_and_rows(flat: torch.Tensor, row: list[float]) -> tuple[torch.T
     buffer = torch.zeros(flat.numel() + n * k, dtype=flat.dtype, device=flat.device)
     buffer[: flat.numel()] = flat
     buffer[flat.numel() + rank() * k : flat.numel() + (rank() + 1) * k] = torch.tensor(row, dtype=flat.dtype)
-    with _collective("all_reduce (replica mean)"):
+    with _collective(f"all_reduce ({what})"):
         tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
     return buffer[: flat.numel()].div_(n), buffer[flat.numel() :].view(n, k).cpu()
 
@@ -147,10 +149,9 @@ def barrier() -> None:
 
 
 def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
-    """A (world_size, len(values)) table whose row r holds rank r's `values`: one all_reduce
-    of a zero table in which each rank fills its own row (a NaN stays in its row)."""
-    table = torch.zeros(world_size(), len(values), dtype=torch.float64, device=device)
-    table[rank()] = torch.tensor(values, dtype=torch.float64, device=device)
-    with _collective("all_reduce (per-replica metrics)"):
-        tdist.all_reduce(table, op=tdist.ReduceOp.SUM)
-    return table.cpu()
+    """A (world_size, len(values)) float64 table whose row r holds rank r's `values` (a NaN
+    stays in its row): one all_reduce."""
+    _, table = replica_mean_and_rows(
+        torch.empty(0, dtype=torch.float64, device=device), values, "per-rank values"
+    )
+    return table

@@ -23,6 +23,10 @@ class FlatState:
         self.buffer = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
         self._views = self.views(self.buffer)
 
+    @property
+    def floating_buffers(self) -> list[torch.Tensor]:
+        return self.tensors[self.num_params :]
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-tensor views into a flat vector laid out like this state (no copy)."""
         views, offset = [], 0

@@ -33,8 +33,12 @@ class StopRequested(Exception):
 
 
 class Guard:
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, max_consecutive_skips: int = 20):
         self.policy = policy
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive_skips = 0
+        """Communicating steps in a row at which some replica was non-finite (the same on all ranks)."""
+        self._last_bad_step = 0
         self.unreported_bad_step = 0
         """The step of this replica's first non-finite value not yet shared (0: none)."""
         self.stop_requested = False
@@ -54,9 +58,12 @@ class Guard:
         signal.signal(signal.SIGINT, request_stop)
 
     @torch.no_grad()
-    def inspect(self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> bool:
-        """Whether this replica's loss and every gradient of this step are finite."""
-        values = [loss.detach()] + [p.grad for p in params if p.grad is not None]
+    def inspect(
+        self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], buffers: list[torch.Tensor]
+    ) -> bool:
+        """Whether this replica's loss, every gradient, and every floating buffer the forward
+        pass updated (BatchNorm's running statistics) are finite."""
+        values = [loss.detach(), *buffers] + [p.grad for p in params if p.grad is not None]
         finite = bool(torch.stack([v.isfinite().all() for v in values]).all())
         if not finite and not self.unreported_bad_step:
             self.unreported_bad_step = step
@@ -73,7 +80,30 @@ class Guard:
         self.unreported_bad_step = 0
         self.stop_agreed = self.stop_agreed or bool(words[:, 1].sum() > 0)
         bad = {replica: s for replica, s in enumerate(bad_steps) if s}
+        where = ", ".join(f"replica {replica} at step {s}" for replica, s in bad.items())
         if bad and self.policy == "stop":
-            where = ", ".join(f"replica {replica} at step {s}" for replica, s in bad.items())
-            raise FloatingPointError(f"non-finite loss or gradient: {where} (guard.nonfinite=stop)")
+            raise FloatingPointError(f"non-finite loss, gradient or buffer: {where} (guard.nonfinite=stop)")
+        if bad and step != self._last_bad_step:
+            self.consecutive_skips += 1
+            self._last_bad_step = step
+        elif not bad and step != self._last_bad_step:  # a second word exchange in a bad step
+            self.consecutive_skips = 0
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            # A replica that fails again and again (a fixed batch) would freeze the run silently.
+            raise FloatingPointError(
+                f"non-finite values at {self.consecutive_skips} communicating steps in a row, lately "
+                f"{where} (guard.max_consecutive_skips={self.max_consecutive_skips})"
+            )
         return step not in bad.values()
+
+    def state_dict(self) -> dict:
+        return {
+            "unreported_bad_step": self.unreported_bad_step,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unreported_bad_step = state["unreported_bad_step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = state["consecutive_skips"]

@@ -46,7 +46,7 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
 def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None = None) -> dict:
     """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
-    guard = guard or Guard(cfg.guard.nonfinite)
+    guard = guard or Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
     rank, world_size = dist.rank(), dist.world_size()
     form = cfg.coupling.name
     dtype = getattr(torch, cfg.train.dtype)
@@ -83,7 +83,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
     )
     optimizer = build_optimizer(cfg.optim, model.parameters())
     if start.step > 0:
-        run_state.restore(run_dir, start, model, optimizer, batches)
+        run_state.restore(run_dir, start, model, optimizer, batches, guard)
     # The center is a scratch copy of the network that holds the mean weights.
     diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device, first_step=start.step + 1)
     if rank == 0 and start.step == 0:
@@ -98,17 +98,21 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps
             eta = eta_at(cfg.coupling, step)
 
+            checkpoint_step = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
+
             # 1. The weights *before* the step: the coupling pulls toward their mean.
-            talks = (coupled and form in ELASTIC_FORMS) or logging_step
+            talks = (coupled and form in ELASTIC_FORMS) or logging_step or checkpoint_step
             if talks:
                 w_before = state.pack().clone()
+            buffers_before = [b.clone() for b in state.floating_buffers]  # the forward pass moves them
 
             # 2. The replica's own gradient on its own minibatch.
             x, y = batches.next()
             loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            apply = guard.inspect(step, loss, model.parameters())  # never a non-finite update
+            # Never a non-finite update: checked here, decided together below.
+            apply = guard.inspect(step, loss, model.parameters(), state.floating_buffers)
 
             # 3. One all_reduce of one flat buffer: the mean of the pre-step weights, and every
             #    rank's guard word, so that all ranks skip or stop together.
@@ -123,6 +127,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
                 optimizer.step()
             else:
                 guard.skipped_steps += 1
+                for buffer, saved in zip(state.floating_buffers, buffers_before):
+                    buffer.copy_(saved)
             if logging_step:
                 w_after_optimizer = state.pack().clone()
 
@@ -165,10 +171,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
                 )
 
             # 6. A checkpoint of every replica (the last step ends with the final results instead).
-            if step < cfg.train.steps and (
-                guard.stop_agreed or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            ):
-                run_state.save(cfg, run_dir, step, model, optimizer, batches)
+            if step < cfg.train.steps and (guard.stop_agreed or checkpoint_step):
+                run_state.save(cfg, run_dir, step, model, optimizer, batches, guard)
                 if guard.stop_agreed:
                     raise StopRequested(step)
         wall_seconds = time.perf_counter() - started

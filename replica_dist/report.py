@@ -143,7 +143,7 @@ def _save(fig, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
-TRAIN_ACCURACY = ("train_set/accuracy", "train/accuracy")
+TRAIN_ACCURACY = ("train_set/accuracy",)
 """Tags of the accuracy on training data, whichever the run logged."""
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from replica_dist import checkpoint, dist
 from replica_dist.config import Config, ConfigError
 from replica_dist.data import ReplicaBatches
+from replica_dist.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def decide_start(cfg: Config, run_dir: Path) -> Start:
     )
     if status in (_TAKEN, _MISMATCH):
         raise ConfigError(message)
+    if status == _RESUME and step >= cfg.train.steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} ends before the checkpoint to resume from (step {step}); "
+            f"raise train.steps to continue the run"
+        )
     if status == _RESUME:
         log.info("resuming from %s", checkpoint.step_dir(checkpoint_root(run_dir), step))
         if saved_world_size != dist.world_size():
@@ -61,13 +67,6 @@ def decide_start(cfg: Config, run_dir: Path) -> Start:
 
 
 def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
-    try:  # before any rank writes anything, so that a bad path fails cleanly on every rank
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        return _TAKEN, 0, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
     if (run_dir / "summary.json").exists():
         return (
             _TAKEN,
@@ -75,6 +74,13 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
             0,
             f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir",
         )
+    try:  # before any rank writes anything, so that a bad path fails cleanly on every rank
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return _TAKEN, 0, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
     root = checkpoint_root(run_dir)
     if cfg.checkpoint.resume and root.is_dir():
         for stray in checkpoint.clean_temporaries(root):
@@ -84,7 +90,8 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
                 root, dist.world_size(), run_hash(cfg), allow_other_world_size=cfg.checkpoint.remap
             )
         except checkpoint.CheckpointMismatch as err:
-            return _MISMATCH, 0, 0, f"checkpoint: {err} (or set checkpoint.remap=true for another world size)"
+            hint = " (or set checkpoint.remap=true)" if "replicas, this run has" in str(err) else ""
+            return _MISMATCH, 0, 0, f"checkpoint: {err}{hint}"
         if step is not None:
             return _RESUME, step, checkpoint.saved_world_size(root, step), ""
     if (run_dir / "tb").exists():
@@ -136,7 +143,9 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save(cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
+def save(
+    cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches, guard: Guard
+) -> None:
     """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes."""
     root = checkpoint_root(run_dir)
     state = {
@@ -144,6 +153,7 @@ def save(cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, bat
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "data": batches.state_dict(),
+        "guard": guard.state_dict(),
         "rng": _rng_states(),
     }
     checkpoint.save_replica(root, step, dist.rank(), state)
@@ -153,7 +163,9 @@ def save(cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, bat
         checkpoint.prune(root, cfg.checkpoint.keep)
 
 
-def restore(run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches) -> None:
+def restore(
+    run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches, guard: Guard
+) -> None:
     """Load this replica's state at `start`; with checkpoint.remap, see CheckpointConfig.remap."""
     root = checkpoint_root(run_dir)
     if start.saved_world_size == dist.world_size():
@@ -161,6 +173,7 @@ def restore(run_dir: Path, start: Start, model: nn.Module, optimizer, batches: R
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
         batches.load_state_dict(state["data"])
+        guard.load_state_dict(state["guard"])
         _set_rng_states(state["rng"])
     elif dist.rank() < start.saved_world_size:
         state = checkpoint.load_replica(root, start.step, dist.rank())

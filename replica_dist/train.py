@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg, run_dir = load_config(argv)
         setup_logging(rank)
-        guard = Guard(cfg.guard.nonfinite)
+        guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         guard.install_signal_handlers()
         device = dist.init(cfg.dist)
         try:

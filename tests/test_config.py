@@ -120,6 +120,8 @@ BAD_OVERRIDES = [
     (["checkpoint.remap=perhaps"], r"checkpoint\.remap"),
     (["seed=-1"], r"\bseed\b"),
     (["seed=abc"], r"\bseed\b"),
+    (["guard.max_consecutive_skips=0"], r"guard\.max_consecutive_skips"),
+    (["coupling=ddp", "checkpoint.remap=true"], r"checkpoint\.remap"),
 ]
 
 

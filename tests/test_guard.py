@@ -36,13 +36,42 @@ def test_inspect_reports_the_first_non_finite_step_until_shared():
     guard = Guard("skip")
     layer = torch.nn.Linear(2, 1)
     layer(torch.ones(1, 2)).sum().backward()
-    assert guard.inspect(3, torch.tensor(1.0), layer.parameters())
+    assert guard.inspect(3, torch.tensor(1.0), layer.parameters(), [])
     layer.weight.grad[0, 0] = float("inf")
-    assert not guard.inspect(4, torch.tensor(1.0), layer.parameters())
-    assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters())
+    assert not guard.inspect(4, torch.tensor(1.0), layer.parameters(), [])
+    assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters(), [])
     assert guard.word() == [4.0, 0.0]
     guard.decide(6, torch.tensor([guard.word()]))
     assert guard.word() == [0.0, 0.0]
+
+
+def test_inspect_sees_a_non_finite_batchnorm_statistic():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    running_var = torch.tensor([1.0, float("inf")])
+    assert not guard.inspect(7, torch.tensor(1.0), layer.parameters(), [running_var])
+    assert guard.word() == [7.0, 0.0]
+
+
+def test_skip_gives_up_after_too_many_bad_steps_in_a_row():
+    guard = Guard("skip", max_consecutive_skips=3)
+    bad = torch.tensor([[0.0, 0], [1, 0]])
+    assert guard.decide(1, bad) is False
+    assert guard.decide(1, torch.tensor([[0.0, 0], [0, 0]])) is True  # a second exchange in step 1
+    guard.decide(2, torch.tensor([[0.0, 0], [0, 0]]))  # a good step resets the count
+    guard.decide(3, torch.tensor([[0.0, 0], [3, 0]]))
+    guard.decide(4, torch.tensor([[0.0, 0], [4, 0]]))
+    with pytest.raises(FloatingPointError, match=r"3 communicating steps in a row.*replica 1 at step 5"):
+        guard.decide(5, torch.tensor([[0.0, 0], [5, 0]]))
+
+
+def test_guard_state_survives_a_checkpoint():
+    guard = Guard("skip")
+    guard.unreported_bad_step, guard.skipped_steps, guard.consecutive_skips = 9, 2, 1
+    restored = Guard("skip")
+    restored.load_state_dict(guard.state_dict())
+    assert restored.state_dict() == {"unreported_bad_step": 9, "skipped_steps": 2, "consecutive_skips": 1}
 
 
 # ---- a NaN injected into replica 1's batch at step 5, in a real 2-process world
@@ -114,18 +143,20 @@ def test_skip_every_rank_skips_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_independent_replicas_decide_at_the_next_logging_step(tmp_path, policy):
+def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, policy):
+    # coupling=none talks only on logging (every 4) and checkpoint (every 2) steps: step 6 here.
     run_world(
         _train_with_nan, 2, str(tmp_path), ["coupling=none", f"guard.nonfinite={policy}", "log.every=4"]
     )
     if policy == "stop":
         errors = _errors(tmp_path)
-        assert errors[0] == errors[1] and errors[0]["step"] == 8
+        assert errors[0] == errors[1] and errors[0]["step"] == 6
         assert "replica 1 at step 5" in errors[0]["message"]
+        assert _checkpoints_finite(tmp_path) == [2, 4]
     else:
         skipped = [
             {e.step: e.value for e in events(tmp_path / "tb" / f"replica_{r}").Scalars("guard/skipped_steps")}
             for r in range(2)
         ]
         assert skipped[0][12] == 0 and skipped[1][12] == 1  # only replica 1 skipped its own step 5
-    assert _checkpoints_finite(tmp_path)[:3] == [2, 4, 6]
+        assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]

@@ -101,6 +101,17 @@ def test_resuming_with_another_world_size_is_refused(tmp_path):
         run_world(_train, 3, str(tmp_path))
 
 
+def _train_fewer_steps(rank: int, world_size: int, run_dir: str) -> None:
+    cfg, _ = load_config(OVERRIDES + ["train.steps=10", f"hydra.run.dir={run_dir}"])
+    loop.train(cfg, Path(run_dir), torch.device("cpu"))
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    _crash_at_step_13(tmp_path)
+    with pytest.raises(ProcessRaisedException, match=r"train\.steps=10 ends before the checkpoint"):
+        run_world(_train_fewer_steps, 2, str(tmp_path))
+
+
 def test_a_finished_run_is_not_overwritten(uninterrupted):
     before = (uninterrupted / "summary.json").read_text()
     with pytest.raises(ProcessRaisedException, match="already holds a finished run"):
@@ -209,8 +220,8 @@ def _resume_remapped(rank: int, world_size: int, run_dir: str) -> None:
 
     original = run_state.restore
 
-    def keep_restored(run_dir_, start, model, optimizer, batches):
-        original(run_dir_, start, model, optimizer, batches)
+    def keep_restored(run_dir_, start, model, optimizer, batches, guard):
+        original(run_dir_, start, model, optimizer, batches, guard)
         torch.save(model.state_dict(), Path(run_dir_) / f"restored.rank{rank}.pt")
 
     run_state.restore = keep_restored
