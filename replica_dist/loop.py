@@ -101,8 +101,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
             checkpoint_step = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
 
             # 1. The weights *before* the step: the coupling pulls toward their mean.
-            talks = (coupled and form in ELASTIC_FORMS) or logging_step or checkpoint_step
-            if talks:
+            needs_mean = (coupled and form in ELASTIC_FORMS) or logging_step
+            if needs_mean:
                 w_before = state.pack().clone()
             buffers_before = [b.clone() for b in state.floating_buffers]  # the forward pass moves them
 
@@ -115,10 +115,13 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
             apply = guard.inspect(step, loss, model.parameters(), state.floating_buffers)
 
             # 3. One all_reduce of one flat buffer: the mean of the pre-step weights, and every
-            #    rank's guard word, so that all ranks skip or stop together.
-            if talks:
+            #    rank's guard word, so that all ranks skip or stop together. Checkpoint steps
+            #    exchange the words alone, so that a stop is agreed before anything is saved.
+            if needs_mean:
                 mean_before, words = dist.replica_mean_and_rows(w_before, guard.word())
                 apply = guard.decide(step, words) and apply
+            elif checkpoint_step:
+                apply = guard.decide(step, dist.gather_rows(guard.word(), device)) and apply
             if apply:
                 if coupled and form in ELASTIC_FORMS and cfg.coupling.via_optimizer:
                     state.pull_through_optimizer(
