@@ -39,6 +39,8 @@ class Guard:
         self.consecutive_skips = 0
         """Communicating steps in a row at which some replica was non-finite (the same on all ranks)."""
         self._last_bad_step = 0
+        self.all_clean = True
+        """Whether no replica saw a non-finite value in the step of the latest exchange of words."""
         self.unreported_bad_step = 0
         """The step of this replica's first non-finite value not yet shared (0: none)."""
         self.stop_requested = False
@@ -61,9 +63,10 @@ class Guard:
     def inspect(
         self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], buffers: list[torch.Tensor]
     ) -> bool:
-        """Whether this replica's loss, every gradient, and every floating buffer the forward
-        pass updated (BatchNorm's running statistics) are finite."""
-        values = [loss.detach(), *buffers] + [p.grad for p in params if p.grad is not None]
+        """Whether this replica's loss, its weights and their gradients, and every floating
+        buffer the forward pass updated (BatchNorm's running statistics) are finite."""
+        params = list(params)
+        values = [loss.detach(), *buffers, *params] + [p.grad for p in params if p.grad is not None]
         finite = bool(torch.stack([v.isfinite().all() for v in values]).all())
         if not finite and not self.unreported_bad_step:
             self.unreported_bad_step = step
@@ -80,6 +83,7 @@ class Guard:
         self.unreported_bad_step = 0
         self.stop_agreed = self.stop_agreed or bool(words[:, 1].sum() > 0)
         bad = {replica: s for replica, s in enumerate(bad_steps) if s}
+        self.all_clean = step not in bad.values()
         where = ", ".join(f"replica {replica} at step {s}" for replica, s in bad.items())
         if bad and self.policy == "stop":
             raise FloatingPointError(f"non-finite loss, gradient or buffer: {where} (guard.nonfinite=stop)")

@@ -175,7 +175,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
 
             # 6. A checkpoint of every replica (the last step ends with the final results instead).
             if step < cfg.train.steps and (guard.stop_agreed or checkpoint_step):
-                run_state.save(cfg, run_dir, step, model, optimizer, batches, guard)
+                if guard.all_clean:  # never a checkpoint of a step that saw a non-finite value
+                    run_state.save(cfg, run_dir, step, model, optimizer, batches, guard)
                 if guard.stop_agreed:
                     raise StopRequested(step)
         wall_seconds = time.perf_counter() - started

@@ -160,3 +160,16 @@ def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, po
         ]
         assert skipped[0][12] == 0 and skipped[1][12] == 1  # only replica 1 skipped its own step 5
         assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+
+
+def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path):
+    # The NaN reaches replica 1 at its 5th batch; with checkpoint.every=5 that step is skipped
+    # everywhere and its checkpoint is not written, while the ones around it are.
+    run_world(
+        _train_with_nan,
+        2,
+        str(tmp_path),
+        ["coupling=tanh", "guard.nonfinite=skip", "checkpoint.every=5", "log.every=100"],
+    )
+    assert _checkpoints_finite(tmp_path) == [10]
+    assert not (tmp_path / "checkpoints" / "step-00000005").exists()
