@@ -17,6 +17,7 @@ from replica_dist import dist
 from replica_dist.evaluate import evaluate_models
 from replica_dist.flat import FlatState
 from replica_dist.metrics import (
+    MetricLogger,
     NullLogger,
     TensorBoardLogger,
     center_layer_stats,
@@ -44,11 +45,11 @@ class Diagnostics:
         self.device = device
         # On a resumed run, TensorBoard hides what the interrupted run logged from first_step on.
         purge_step = first_step if first_step > 1 else None
-        self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}", purge_step)
-        self.center_log = (
+        self.replica_log: MetricLogger = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}", purge_step)
+        self.center_log: MetricLogger = (
             TensorBoardLogger(run_dir / "tb" / "center", purge_step) if rank == 0 else NullLogger()
         )
-        self.ensemble_log = (
+        self.ensemble_log: MetricLogger = (
             TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step) if rank == 0 else NullLogger()
         )
         self.center_accuracy = math.nan

@@ -72,7 +72,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init_replica))
     model = model.to(device=device, dtype=dtype)
     state = FlatState(model)
-    if cfg.init == "same":
+    if cfg.init == "same":  # the same seed already agrees; the broadcast makes rank 0's weights the law
         dist.broadcast_(state.pack())
         state.load(state.buffer)
     # DDP broadcasts rank 0's weights itself, so `ddp` replicas start (and stay) identical.
