@@ -64,14 +64,21 @@ def replica_layer_stats(
     inside the optimizer's part); dist_to_center: |w - center| after the step."""
     stats = {}
     for name, w0, w_opt, w1, c in zip(names, before, after_optimizer, after, center):
-        delta = w1 - w0
-        stats[f"rate/{name}"] = delta.mean().abs()
-        stats[f"update_ratio/{name}"] = delta.norm() / w0.norm().clamp_min(torch.finfo(w0.dtype).tiny)
+        stats |= _step_stats(name, w0, w1)
         stats[f"grad_step/{name}"] = (w_opt - w0).norm()
         stats[f"coupling_step/{name}"] = (w1 - w_opt).norm()
         stats[f"dist_to_center/{name}"] = (w1 - c).norm()
-        stats[f"weight_norm/{name}"] = w1.norm()
     return _as_floats(stats)
+
+
+def _step_stats(name: str, w0: torch.Tensor, w1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """rate, update_ratio and weight_norm of one tensor moving from w0 to w1."""
+    delta = w1 - w0
+    return {
+        f"rate/{name}": delta.mean().abs(),
+        f"update_ratio/{name}": delta.norm() / w0.norm().clamp_min(torch.finfo(w0.dtype).tiny),
+        f"weight_norm/{name}": w1.norm(),
+    }
 
 
 @torch.no_grad()
@@ -81,10 +88,7 @@ def center_layer_stats(
     """The center's (mean weights') per-layer rate, update ratio and norm over a step."""
     stats = {}
     for name, c0, c1 in zip(names, before, after):
-        delta = c1 - c0
-        stats[f"rate/{name}"] = delta.mean().abs()
-        stats[f"update_ratio/{name}"] = delta.norm() / c0.norm().clamp_min(torch.finfo(c0.dtype).tiny)
-        stats[f"weight_norm/{name}"] = c1.norm()
+        stats |= _step_stats(name, c0, c1)
     return _as_floats(stats)
 
 
