@@ -181,7 +181,8 @@ class TrainConfig:
     steps: int = 1500
     """Optimizer steps taken by every replica."""
     batch_size: int = 32
-    """Minibatch size of each replica (a shard smaller than this is used whole)."""
+    """Minibatch size of each rank: of each replica, or with parallel.dp=D of each of its D
+    ranks (a shard smaller than this is used whole)."""
     dtype: str = "float32"
     """Floating-point type of weights and data: float32 or float64."""
 
@@ -271,6 +272,16 @@ class DistConfig:
     """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
     timeout_s: float = 300.0
     """Seconds a collective may wait for the other ranks before failing."""
+    overlap: bool = True
+    """Start the coupling all_reduce of the pre-step weights before the forward pass and wait
+    for it only when the pull is applied, so communication runs behind forward and backward.
+    Same weights as false (synchronous: all_reduce after backward); what differs is when a
+    non-finite value is agreed on: one step later, so with guard.nonfinite=skip only the
+    replica that saw it skips that step (see guard.py). Forms that never pull (average,
+    none, ddp) are unaffected."""
+    bucket_mb: float = 25.0
+    """The coupling buffer is reduced in buckets of at most this many MiB, each its own
+    all_reduce, all in flight together (25 is DDP's default bucket size)."""
 
     def __post_init__(self) -> None:
         _one_of("dist.backend", self.backend, ("auto", "gloo", "nccl"))
@@ -279,6 +290,22 @@ class DistConfig:
             math.isfinite(self.timeout_s) and self.timeout_s > 0,
             f"dist.timeout_s must be > 0; got {self.timeout_s}",
         )
+        _check(
+            math.isfinite(self.bucket_mb) and self.bucket_mb > 0,
+            f"dist.bucket_mb must be > 0; got {self.bucket_mb}",
+        )
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    """Ranks per replica. The world is a replicas x dp mesh (world size = replicas * dp, rank
+    = replica * dp + dp index): each replica is data parallel (DDP) over its dp ranks, each
+    with its own part of the replica's shard and its own train.batch_size minibatch; the
+    coupling all_reduce runs across replicas, among the ranks with the same dp index."""
+
+    def __post_init__(self) -> None:
+        _check(self.dp >= 1, f"parallel.dp must be >= 1; got {self.dp}")
 
 
 @dataclass
@@ -291,6 +318,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -306,6 +334,14 @@ class Config:
         _check(
             not (self.checkpoint.remap and self.coupling.name == "ddp"),
             "checkpoint.remap is not available for coupling.name=ddp (its replicas must stay identical)",
+        )
+        _check(
+            self.parallel.dp == 1 or self.coupling.name != "ddp",
+            "parallel.dp must be 1 for coupling.name=ddp (ddp is data parallel over the whole world already)",
+        )
+        _check(
+            self.parallel.dp == 1 or not self.checkpoint.remap,
+            "checkpoint.remap is not available with parallel.dp > 1",
         )
 
 

@@ -28,12 +28,20 @@ def pull(
     form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
 ) -> torch.Tensor:
     """The coupling's move of weights `w` toward the replicas' `mean` (same shape)."""
+    return pull_from_gap_(form, mean - w, eta, temperature)
+
+
+def pull_from_gap_(form: str, gap: torch.Tensor, eta: float, temperature: float = 1.0) -> torch.Tensor:
+    """`pull`, computed in place from gap = mean - w and returned: the loop turns its
+    exchange buffer into the pull this way, with no new full-size tensor per step."""
     if form == "tanh":
-        return eta * torch.tanh((mean - w) / temperature)
+        if temperature != 1.0:  # x / 1 == x exactly: skipping it changes no bit
+            gap.div_(temperature)
+        return gap.tanh_().mul_(eta)
     if form == "linear":
-        return eta * (mean - w)
+        return gap.mul_(eta)
     if form == "average":
-        return mean - w
+        return gap
     raise ValueError(f"no pull for coupling form {form!r}")
 
 

@@ -32,7 +32,8 @@ class Diagnostics:
     def __init__(
         self,
         run_dir: Path,
-        rank: int,
+        replica: int,
+        writes: bool,
         state: FlatState,
         center: nn.Module,
         device: torch.device,
@@ -45,12 +46,19 @@ class Diagnostics:
         self.device = device
         # On a resumed run, TensorBoard hides what the interrupted run logged from first_step on.
         purge_step = first_step if first_step > 1 else None
-        self.replica_log: MetricLogger = TensorBoardLogger(run_dir / "tb" / f"replica_{rank}", purge_step)
+        # With parallel.dp > 1 the ranks of one replica are identical: its first one writes.
+        self.replica_log: MetricLogger = (
+            TensorBoardLogger(run_dir / "tb" / f"replica_{replica}", purge_step) if writes else NullLogger()
+        )
         self.center_log: MetricLogger = (
-            TensorBoardLogger(run_dir / "tb" / "center", purge_step) if rank == 0 else NullLogger()
+            TensorBoardLogger(run_dir / "tb" / "center", purge_step)
+            if writes and replica == 0
+            else NullLogger()
         )
         self.ensemble_log: MetricLogger = (
-            TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step) if rank == 0 else NullLogger()
+            TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step)
+            if writes and replica == 0
+            else NullLogger()
         )
         self.center_accuracy = math.nan
         """The center's test accuracy at the latest evaluation, for the progress line."""

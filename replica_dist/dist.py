@@ -3,6 +3,11 @@
 All ranks must call these in the same order on every code path; a rank that skips one
 leaves the others waiting until `dist.timeout_s`. The replica mean is SUM then divide,
 because gloo gained ReduceOp.AVG only recently.
+
+With parallel.dp = D > 1 the world is a (replicas, D) DeviceMesh: "replica" collectives run
+within this rank's column of the mesh (the ranks with its dp index, one per replica), DDP
+within its row (the D ranks of its replica). With D = 1 both are the whole world and no
+group is created.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
 
 from replica_dist.config import ConfigError, DistConfig
 
@@ -82,6 +88,45 @@ def world_size() -> int:
     return tdist.get_world_size()
 
 
+_replica_group: tdist.ProcessGroup | None = None
+"""This rank's column of the mesh: the ranks with its dp index, one per replica (None: world)."""
+_dp_group: tdist.ProcessGroup | None = None
+"""This rank's row of the mesh: the ranks of its own replica (None: this rank alone)."""
+_dp = 1
+
+
+def init_mesh(dp: int, device: torch.device) -> None:
+    """Arrange the world as (replicas, dp) ranks; every rank calls this once before training."""
+    global _replica_group, _dp_group, _dp
+    if world_size() % dp:
+        raise ConfigError(f"parallel.dp={dp} must divide the world size {world_size()}")
+    _dp = dp
+    if dp == 1:
+        _replica_group = _dp_group = None
+        return
+    mesh = init_device_mesh(device.type, (world_size() // dp, dp), mesh_dim_names=("replica", "dp"))
+    _replica_group, _dp_group = mesh.get_group("replica"), mesh.get_group("dp")
+
+
+def replica() -> int:
+    """The replica this rank trains."""
+    return rank() // _dp
+
+
+def num_replicas() -> int:
+    return world_size() // _dp
+
+
+def dp_rank() -> int:
+    """This rank's place among the ranks of its replica (0 writes the replica's files)."""
+    return rank() % _dp
+
+
+def dp_group() -> tdist.ProcessGroup | None:
+    """The process group of this rank's replica, for DDP inside the replica."""
+    return _dp_group
+
+
 class CollectiveError(RuntimeError):
     """A collective that failed or timed out (a peer died, or stopped calling collectives)."""
 
@@ -109,23 +154,60 @@ def replica_mean(flat: torch.Tensor) -> torch.Tensor:
     """The mean over replicas of `flat` (left untouched), in a new tensor: one all_reduce."""
     total = flat.clone()
     with _collective("all_reduce (replica mean)"):
-        tdist.all_reduce(total, op=tdist.ReduceOp.SUM)
-    return total.div_(world_size())
+        tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=_replica_group)
+    return total.div_(num_replicas())
 
 
-def replica_mean_and_rows(
-    flat: torch.Tensor, row: list[float], what: str = "replica mean"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean over replicas of `flat` (left untouched), and a (world_size, len(row)) table
-    whose row r holds rank r's `row` (small integers, exact in any float type): one all_reduce
-    of one buffer, each rank filling its own row of the table behind the weights."""
-    n, k = world_size(), len(row)
-    buffer = torch.zeros(flat.numel() + n * k, dtype=flat.dtype, device=flat.device)
-    buffer[: flat.numel()] = flat
-    buffer[flat.numel() + rank() * k : flat.numel() + (rank() + 1) * k] = torch.tensor(row, dtype=flat.dtype)
-    with _collective(f"all_reduce ({what})"):
-        tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
-    return buffer[: flat.numel()].div_(n), buffer[flat.numel() :].view(n, k).cpu()
+class ReplicaExchange:
+    """The coupling's all_reduce, on one buffer allocated once: `flat` (the weights, filled by
+    the caller) followed by a (replicas, row_len) table in which each replica fills its own
+    row (the guard's word: small integers, exact in any float type). The buffer is reduced in
+    buckets of at most `bucket_bytes`, each an all_reduce of a slice of it (no copies), all in
+    flight together; `start` returns at once, `wait` gives the mean and the table. On CUDA
+    the weights never leave the GPU; only the small table is copied to the host."""
+
+    def __init__(
+        self, numel: int, row_len: int, dtype: torch.dtype, device: torch.device, bucket_bytes: float
+    ):
+        n = num_replicas()
+        self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
+        self.flat = self.buffer[:numel]
+        self.table = self.buffer[numel:].view(n, row_len)
+        self._own_row = self.table[replica()]
+        per_bucket = max(1, int(bucket_bytes // self.buffer.element_size()))
+        self.buckets = list(self.buffer.split(per_bucket))
+        self._works: list[tdist.Work] = []
+
+    def start(self, row: list[float]) -> None:
+        """Put `row` into this replica's row of the table and start reducing the buffer (its
+        `flat` part must hold this replica's weights). Touch nothing in it until `wait`."""
+        self.table.zero_()
+        self._own_row.copy_(torch.tensor(row, dtype=self.buffer.dtype))
+        with _collective("all_reduce (replica mean)"):
+            self._works = [
+                tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=_replica_group, async_op=True)
+                for bucket in self.buckets
+            ]
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replicas' mean (in `flat`, overwritten) and every replica's row (on the host,
+        the same on every rank; with parallel.dp > 1 the largest over the replica's ranks)."""
+        with _collective("all_reduce (replica mean)"):
+            for work in self._works:
+                work.wait()
+        self._works = []
+        return self.flat.div_(num_replicas()), _agree_within_replica(self.table.to("cpu", copy=True))
+
+
+def _agree_within_replica(table: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of `table` over the ranks of this rank's replica: with dp > 1 a rank
+    sees only the rows of its own mesh column, and a stop or a non-finite value seen by one
+    rank must reach all of them (one tiny all_reduce, only when dp > 1)."""
+    if _dp_group is None:
+        return table
+    with _collective("all_reduce (guard words across dp)"):
+        tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=_dp_group)
+    return table
 
 
 def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
@@ -149,9 +231,16 @@ def barrier() -> None:
 
 
 def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
-    """A (world_size, len(values)) float64 table whose row r holds rank r's `values` (a NaN
-    stays in its row): one all_reduce."""
-    _, table = replica_mean_and_rows(
-        torch.empty(0, dtype=torch.float64, device=device), values, "per-rank values"
-    )
-    return table
+    """A (replicas, len(values)) float64 host table whose row r holds replica r's `values` (a
+    NaN stays in its row): one all_reduce."""
+    n, k = num_replicas(), len(values)
+    table = torch.zeros(n, k, dtype=torch.float64, device=device)
+    table[replica()] = torch.tensor(values, dtype=torch.float64)
+    with _collective("all_reduce (per-replica values)"):
+        tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=_replica_group)
+    return table.cpu()
+
+
+def share_words(word: list[float], device: torch.device) -> torch.Tensor:
+    """Every replica's guard word, as `ReplicaExchange.wait` gives them, without the weights."""
+    return _agree_within_replica(gather_rows(word, device))

@@ -1,7 +1,9 @@
-"""One flat buffer that mirrors every parameter and floating-point buffer of a model.
+"""One flat vector that mirrors every parameter and floating-point buffer of a model.
 
-The coupling exchanges the whole replica with one all_reduce on this buffer instead of one
+The coupling exchanges the whole replica with one all_reduce of such a vector instead of one
 call per tensor. Integer buffers (BatchNorm's step counter) are not weights and stay local.
+The vectors live elsewhere (the coupling's exchange buffer, or a copy on logging steps), so
+training holds no full-size copy of the model beyond the one it communicates.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ class FlatState:
         self.tensors = [t for _, t in params + buffers]
         self.num_params = len(params)
         """The first `num_params` entries are parameters, the rest floating buffers."""
-        sizes = [t.numel() for t in self.tensors]
+        self.numel = sum(t.numel() for t in self.tensors)
         first = self.tensors[0]
-        self.buffer = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-        self._views = self.views(self.buffer)
+        self.dtype, self.device = first.dtype, first.device
+        # The floating buffers as they were before the forward pass moved them (small: BatchNorm).
+        self._saved_buffers = [b.clone() for b in self.floating_buffers]
 
     @property
     def floating_buffers(self) -> list[torch.Tensor]:
@@ -35,11 +38,13 @@ class FlatState:
             offset += t.numel()
         return views
 
-    def pack(self) -> torch.Tensor:
-        """Copy the model's current weights into the (reused) flat buffer and return it."""
+    def pack(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's current weights as one flat vector: copied into `out`, else a new one."""
+        if out is None:
+            out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            torch._foreach_copy_(self._views, self.tensors)
-        return self.buffer
+            torch._foreach_copy_(self.views(out), self.tensors)
+        return out
 
     def load(self, flat: torch.Tensor) -> None:
         """Overwrite the model's weights with the values in `flat`."""
@@ -50,6 +55,24 @@ class FlatState:
         """Add `flat` to the model's weights."""
         with torch.no_grad():
             torch._foreach_add_(self.tensors, self.views(flat))
+
+    def save_buffers(self) -> None:
+        """Remember the floating buffers, which the forward pass is about to move."""
+        if self._saved_buffers:
+            torch._foreach_copy_(self._saved_buffers, self.floating_buffers)
+
+    def restore_buffers(self) -> None:
+        """Put back the floating buffers remembered by `save_buffers` (a skipped step)."""
+        if self._saved_buffers:
+            torch._foreach_copy_(self.floating_buffers, self._saved_buffers)
+
+    def subtract_from(self, flat: torch.Tensor) -> torch.Tensor:
+        """`flat` minus the weights from before this step, in place (the gap to the mean).
+        Valid between the forward pass and the optimizer step: the parameters have not moved
+        yet, and the floating buffers' earlier values were kept by `save_buffers`."""
+        with torch.no_grad():
+            torch._foreach_sub_(self.views(flat), self.tensors[: self.num_params] + self._saved_buffers)
+        return flat
 
     def pull_through_optimizer(self, pull: torch.Tensor) -> None:
         """Enter `pull` into the gradients as the term -pull (the gradient of the coupling

@@ -8,7 +8,9 @@ What the *other* replicas do is decided together, at the next step that communic
 a coupling step (every step with coupling.every=1), or a logging step. There each rank's
 "word" (the step of its first unreported non-finite value, and whether it was asked to stop)
 rides in the step's one all_reduce, so every rank takes the same decision in the same step
-at no extra collective:
+at no extra collective. With dist.overlap=true that all_reduce starts before the step's
+gradient is known, so its word tells of the steps before; this step's value is agreed on at
+the next exchange (checkpoint steps exchange the words once more, before saving):
   - guard.nonfinite=stop: every rank raises one error naming the replica(s) and the step;
   - guard.nonfinite=skip: when the non-finite value is in this very step, every rank skips
     it (counted in guard/skipped_steps); an earlier one was already skipped by its replica.
@@ -33,6 +35,9 @@ class StopRequested(Exception):
 
 
 class Guard:
+    WORD_LENGTH = 2
+    """Numbers in a word: see `word`."""
+
     def __init__(self, policy: str, max_consecutive_skips: int = 20):
         self.policy = policy
         self.max_consecutive_skips = max_consecutive_skips
@@ -41,6 +46,7 @@ class Guard:
         self._last_bad_step = 0
         self.all_clean = True
         """Whether no replica saw a non-finite value in the step of the latest exchange of words."""
+        self._decided_step = 0
         self.unreported_bad_step = 0
         """The step of this replica's first non-finite value not yet shared (0: none)."""
         self.stop_requested = False
@@ -73,17 +79,24 @@ class Guard:
         return finite
 
     def word(self) -> list[float]:
-        """What this rank tells the others at the next communicating step."""
-        return [float(self.unreported_bad_step), float(self.stop_requested)]
+        """What this rank tells the others in the exchange about to start: the step of its
+        first non-finite value since the last word (0: none), and whether it was asked to
+        stop. The non-finite value counts as reported from here on."""
+        word = [float(self.unreported_bad_step), float(self.stop_requested)]
+        self.unreported_bad_step = 0
+        return word
 
     def decide(self, step: int, words: torch.Tensor) -> bool:
         """From every rank's word (a (world_size, 2) table, the same on every rank): whether
         to apply this step. Raises under the stop policy; notes an agreed stop request."""
         bad_steps = [int(s) for s in words[:, 0].tolist()]
-        self.unreported_bad_step = 0
         self.stop_agreed = self.stop_agreed or bool(words[:, 1].sum() > 0)
         bad = {replica: s for replica, s in enumerate(bad_steps) if s}
-        self.all_clean = step not in bad.values()
+        # A step can exchange words twice (average's second exchange, a checkpoint's own):
+        # a non-finite value reported by either makes the step unclean.
+        already_unclean = self._decided_step == step and not self.all_clean
+        self.all_clean = step not in bad.values() and not already_unclean
+        self._decided_step = step
         where = ", ".join(f"replica {replica} at step {s}" for replica, s in bad.items())
         if bad and self.policy == "stop":
             raise FloatingPointError(f"non-finite loss, gradient or buffer: {where} (guard.nonfinite=stop)")

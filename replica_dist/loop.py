@@ -19,13 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from replica_dist import dist, flatness, run_state
 from replica_dist.config import Config, OptimConfig
-from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull
+from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull_from_gap_
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
 from replica_dist.guard import Guard, StopRequested
 from replica_dist.model import build_model
+from replica_dist.timing import NO_TIMER, StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +44,34 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     )
 
 
-def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None = None) -> dict:
+def train(
+    cfg: Config,
+    run_dir: Path,
+    device: torch.device,
+    guard: Guard | None = None,
+    timer: StepTimer = NO_TIMER,
+) -> dict:
     """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
     guard = guard or Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
-    rank, world_size = dist.rank(), dist.world_size()
+    dist.init_mesh(cfg.parallel.dp, device)
+    replica, num_replicas = dist.replica(), dist.num_replicas()
     form = cfg.coupling.name
     dtype = getattr(torch, cfg.train.dtype)
 
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
 
-    # ---- data: the shared test set, and this replica's own training data
+    # ---- data: the shared test set, and this rank's part of its replica's training data
     data = load_dataset(cfg.data, cfg.seed, dtype)
-    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, rank, world_size)
+    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, replica, num_replicas)
+    mine = mine[dist.dp_rank() :: cfg.parallel.dp]
     batches = ReplicaBatches(
-        data.x_train[mine].to(device), data.y_train[mine].to(device), cfg.train.batch_size, cfg.seed, rank
+        data.x_train[mine].to(device),
+        data.y_train[mine].to(device),
+        cfg.train.batch_size,
+        cfg.seed,
+        dist.rank(),
     )
     # Evaluation covers the whole training set (all shards) and the shared test set.
     splits = {
@@ -68,43 +81,65 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
     loss_fn = LOSSES[data.loss]
 
     # ---- this replica's network
-    init_replica = rank if cfg.init == "independent" else 0
+    init_replica = replica if cfg.init == "independent" else 0
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init_replica))
     model = model.to(device=device, dtype=dtype)
     state = FlatState(model)
     if cfg.init == "same":  # the same seed already agrees; the broadcast makes rank 0's weights the law
-        dist.broadcast_(state.pack())
-        state.load(state.buffer)
-    # DDP broadcasts rank 0's weights itself, so `ddp` replicas start (and stay) identical.
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if form == "ddp"
-        else model
-    )
+        initial = state.pack()
+        dist.broadcast_(initial)
+        state.load(initial)
+    # DDP broadcasts the first rank's weights itself: `ddp` replicas start (and stay) identical,
+    # and so do the ranks of one replica with parallel.dp > 1.
+    device_ids = [device.index] if device.type == "cuda" else None
+    if form == "ddp":
+        net = DistributedDataParallel(model, device_ids=device_ids)
+    elif cfg.parallel.dp > 1:
+        net = DistributedDataParallel(model, device_ids=device_ids, process_group=dist.dp_group())
+    else:
+        net = model
     optimizer = build_optimizer(cfg.optim, model.parameters())
     if start.step > 0:
         run_state.restore(run_dir, start, model, optimizer, batches, guard)
     # The center is a scratch copy of the network that holds the mean weights.
-    diagnostics = Diagnostics(run_dir, rank, state, copy.deepcopy(model), device, first_step=start.step + 1)
-    if rank == 0 and start.step == 0:
+    diagnostics = Diagnostics(
+        run_dir, replica, dist.dp_rank() == 0, state, copy.deepcopy(model), device, first_step=start.step + 1
+    )
+    if dist.rank() == 0 and start.step == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    def new_exchange() -> dist.ReplicaExchange:
+        return dist.ReplicaExchange(state.numel, Guard.WORD_LENGTH, dtype, device, cfg.dist.bucket_mb * 2**20)
+
+    # Allocated once: the weights sent, the mean received, then the pull, all in this buffer.
+    # Uncoupled runs communicate only to log, into a buffer of the moment.
+    exchange = new_exchange() if form in (*ELASTIC_FORMS, "average") else None
+    overlap = cfg.dist.overlap
 
     started = time.perf_counter()
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
+            timer.start_step()
             dist.set_step(step)
             coupled = is_coupling_step(cfg.coupling, step)
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps
             eta = eta_at(cfg.coupling, step)
-
             checkpoint_step = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
 
-            # 1. The weights *before* the step: the coupling pulls toward their mean.
+            # 1. The weights *before* the step: the coupling pulls toward their mean. Overlapped,
+            #    their all_reduce runs while this replica computes its gradient (its guard word
+            #    then tells of the steps before; this step's goes with the next exchange).
             needs_mean = (coupled and form in ELASTIC_FORMS) or logging_step
             if needs_mean:
-                w_before = state.pack().clone()
-            buffers_before = [b.clone() for b in state.floating_buffers]  # the forward pass moves them
+                step_exchange = exchange or new_exchange()
+                state.pack(out=step_exchange.flat)
+                if logging_step:
+                    w_before = step_exchange.flat.clone()
+                if overlap:
+                    step_exchange.start(guard.word())
+            state.save_buffers()  # the forward pass moves them
+            timer.lap("update")
 
             # 2. The replica's own gradient on its own minibatch.
             x, y = batches.next()
@@ -113,39 +148,51 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
             loss.backward()
             # Never a non-finite update: checked here, decided together below.
             apply = guard.inspect(step, loss, model.parameters(), state.floating_buffers)
+            timer.lap("compute")
 
-            # 3. One all_reduce of one flat buffer: the mean of the pre-step weights, and every
-            #    rank's guard word, so that all ranks skip or stop together. Checkpoint steps
-            #    exchange the words alone, so that a stop is agreed before anything is saved.
+            # 3. The mean of the pre-step weights, and every rank's guard word, from one
+            #    all_reduce of one buffer, so that all ranks skip or stop together. Checkpoint
+            #    steps make sure of this step's words before anything is saved.
             if needs_mean:
-                mean_before, words = dist.replica_mean_and_rows(w_before, guard.word())
+                if not overlap:
+                    step_exchange.start(guard.word())
+                mean_before, words = step_exchange.wait()
                 apply = guard.decide(step, words) and apply
-            elif checkpoint_step:
-                apply = guard.decide(step, dist.gather_rows(guard.word(), device)) and apply
+                if logging_step:
+                    mean_before = mean_before.clone()  # the buffer turns into the pull below
+            if checkpoint_step and (overlap or not needs_mean):
+                apply = guard.decide(step, dist.share_words(guard.word(), device)) and apply
+            timer.lap("communication")
             if apply:
-                if coupled and form in ELASTIC_FORMS and cfg.coupling.via_optimizer:
-                    state.pull_through_optimizer(
-                        pull(form, w_before, mean_before, eta, cfg.coupling.temperature)
-                    )
+                if coupled and form in ELASTIC_FORMS:
+                    # Before the optimizer step, while the parameters still hold w_before.
+                    gap = state.subtract_from(step_exchange.flat)  # mean - w_before, in place
+                    step_pull = pull_from_gap_(form, gap, eta, cfg.coupling.temperature)
+                    if cfg.coupling.via_optimizer:
+                        state.pull_through_optimizer(step_pull)
                 optimizer.step()
             else:
                 guard.skipped_steps += 1
-                for buffer, saved in zip(state.floating_buffers, buffers_before):
-                    buffer.copy_(saved)
+                state.restore_buffers()
             if logging_step:
-                w_after_optimizer = state.pack().clone()
+                w_after_optimizer = state.pack()
 
             # 4. The coupling: every replica moves at once, from the same mean.
             if coupled and form == "average":
-                mean_after_step, words = dist.replica_mean_and_rows(state.pack(), guard.word())
+                state.pack(out=exchange.flat)
+                timer.lap("update")
+                exchange.start(guard.word())
+                mean_after_step, words = exchange.wait()
                 guard.decide(step, words)
+                timer.lap("communication")
                 state.load(mean_after_step)
             elif coupled and apply and not cfg.coupling.via_optimizer:
-                state.add(pull(form, w_before, mean_before, eta, cfg.coupling.temperature))
+                state.add(step_pull)
+            timer.end_step("update")
 
             # 5. Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:
-                w_after = state.pack().clone()
+                w_after = state.pack()
                 mean_after = dist.replica_mean(w_after)
             if logging_step:
                 losses = diagnostics.log_step(
@@ -168,7 +215,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
                     step,
                     cfg.train.steps,
                     losses.nanmean().item(),
-                    world_size,
+                    num_replicas,
                     diagnostics.center_accuracy,
                     elapsed / (step - start.step) * (cfg.train.steps - step),
                 )
@@ -184,9 +231,10 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
         summary = _summary(cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device)
         # Plain state_dicts: they load into the model class with no replica_dist code around.
         (run_dir / "weights").mkdir(exist_ok=True)
-        torch.save(model.state_dict(), run_dir / "weights" / f"replica_{rank}.pt")
+        if dist.dp_rank() == 0:
+            torch.save(model.state_dict(), run_dir / "weights" / f"replica_{replica}.pt")
         dist.barrier()  # summary.json marks a finished run: every replica's weights come first
-        if rank == 0:
+        if dist.rank() == 0:
             torch.save(diagnostics.center.state_dict(), run_dir / "weights" / "center.pt")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if cfg.flatness.sigmas:
@@ -202,7 +250,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, guard: Guard | None 
 def _summary(
     cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device
 ) -> dict:
-    """The run's final numbers; every replica's own are gathered with one all_reduce."""
+    """The run's final numbers; every replica's own are gathered with one all_reduce (with
+    parallel.dp > 1, own_data_loss is on the data of each replica's rank in this mesh column)."""
     own_data_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
     keys = sorted(evaluation["replica"])
     rows = dist.gather_rows([own_data_loss] + [evaluation["replica"][k] for k in keys], device).tolist()
@@ -214,6 +263,7 @@ def _summary(
         "steps": cfg.train.steps,
         "wall_seconds": wall_seconds,
         "world_size": len(rows),
+        "dp": cfg.parallel.dp,
         "coupling": cfg.coupling.name,
         "task": task,
         "replicas": [

@@ -18,7 +18,11 @@ from replica_dist.model import build_model
 
 
 def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tensor]]:
-    """Final state_dicts of every replica after cfg.train.steps steps."""
+    """Final state_dicts of every replica after cfg.train.steps steps, for a world of
+    `world_size` ranks: world_size / parallel.dp replicas, each stepping on the mean gradient
+    of its dp ranks' minibatches."""
+    dp = cfg.parallel.dp
+    world_size //= dp
     dtype = getattr(torch, cfg.train.dtype)
     data = load_dataset(cfg.data, cfg.seed, dtype)
     loss_fn = LOSSES[data.loss]
@@ -32,7 +36,12 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         optimizers.append(build_optimizer(cfg.optim, model.parameters()))
         mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, r, world_size)
         batches.append(
-            ReplicaBatches(data.x_train[mine], data.y_train[mine], cfg.train.batch_size, cfg.seed, r)
+            [
+                ReplicaBatches(
+                    data.x_train[part], data.y_train[part], cfg.train.batch_size, cfg.seed, r * dp + d
+                )
+                for d, part in ((d, mine[d::dp]) for d in range(dp))
+            ]
         )
 
     c = cfg.coupling
@@ -47,10 +56,15 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                 return eta * torch.tanh((m - w) / c.temperature)
             return eta * (m - w)
 
-        for model, batch in zip(models, batches):
-            x, y = batch.next()
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+        for model, replica_batches in zip(models, batches):
+            grads = []
+            for batch in replica_batches:
+                x, y = batch.next()
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                grads.append([p.grad for p in model.parameters()])
+            for p, g in zip(model.parameters(), zip(*grads)):
+                p.grad = torch.stack(g).mean(0)
         if c.name == "ddp":
             for params in zip(*(m.parameters() for m in models)):
                 mean_grad = torch.stack([p.grad for p in params]).mean(0)

@@ -122,6 +122,12 @@ BAD_OVERRIDES = [
     (["seed=abc"], r"\bseed\b"),
     (["guard.max_consecutive_skips=0"], r"guard\.max_consecutive_skips"),
     (["coupling=ddp", "checkpoint.remap=true"], r"checkpoint\.remap"),
+    (["dist.overlap=sometimes"], r"dist\.overlap"),
+    (["dist.bucket_mb=0"], r"dist\.bucket_mb"),
+    (["dist.bucket_mb=nan"], r"dist\.bucket_mb"),
+    (["parallel.dp=0"], r"parallel\.dp"),
+    (["parallel.dp=2", "coupling=ddp"], r"parallel\.dp"),
+    (["parallel.dp=2", "checkpoint.remap=true"], r"checkpoint\.remap"),
 ]
 
 

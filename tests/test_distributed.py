@@ -125,6 +125,88 @@ def test_summary_and_center_weights(trained):
         torch.testing.assert_close(center[name], torch.stack([w[name] for w in weights]).mean(0))
 
 
+# ---- overlapped communication changes when the all_reduce runs, not what it computes
+
+COMM_MODES = {
+    "sync": ["dist.overlap=false"],
+    "overlap": ["dist.overlap=true"],
+    "overlap_small_buckets": ["dist.overlap=true", "dist.bucket_mb=0.001"],  # 1 KiB: 10 buckets here
+}
+OVERLAPPED_CASES = ("tanh", "tanh_scoped_T", "tanh_cnn_batchnorm", "linear_via_optimizer", "average")
+
+
+def _train_each_comm_mode(rank: int, world_size: int, root: str) -> None:
+    for case in OVERLAPPED_CASES:
+        for mode, overrides in COMM_MODES.items():
+            run_dir = Path(root) / case / mode
+            cfg, _ = load_config(COMMON + CASES[case] + overrides + [f"hydra.run.dir={run_dir}"])
+            loop.train(cfg, run_dir, torch.device("cpu"))
+
+
+def test_overlapped_and_bucketed_equal_synchronous_bit_for_bit(tmp_path):
+    run_world(_train_each_comm_mode, 2, str(tmp_path))
+    for case in OVERLAPPED_CASES:
+        synchronous = replica_weights(tmp_path / case / "sync", 2)
+        for mode in ("overlap", "overlap_small_buckets"):
+            for r, weights in enumerate(replica_weights(tmp_path / case / mode, 2)):
+                for name, value in weights.items():
+                    assert torch.equal(value, synchronous[r][name]), (case, mode, r, name)
+            for run in ("replica_1", "center"):  # every logged number too
+                logged, expected = (events(tmp_path / case / m / "tb" / run) for m in (mode, "sync"))
+                tags = expected.Tags()["scalars"]
+                assert logged.Tags()["scalars"] == tags and len(tags) > 10
+                for tag in tags:
+                    assert [e.value for e in logged.Scalars(tag)] == [e.value for e in expected.Scalars(tag)]
+
+
+# ---- replicas x data parallel: a (2, 2) mesh of 4 processes
+
+MESH_CASES = {
+    "tanh": ["coupling=tanh", "coupling.eta=0.1"],
+    "linear_sync": ["coupling=linear", "coupling.eta=0.2", "dist.overlap=false"],
+    "average": ["coupling=average", "coupling.every=4"],
+}
+
+
+def _train_on_a_mesh(rank: int, world_size: int, root: str) -> None:
+    for case, overrides in MESH_CASES.items():
+        run_dir = Path(root) / case
+        cfg, _ = load_config(
+            COMMON + overrides + ["parallel.dp=2", "checkpoint.every=10", f"hydra.run.dir={run_dir}"]
+        )
+        loop.train(cfg, run_dir, torch.device("cpu"))
+
+
+def test_replicas_times_data_parallel_ranks_of_a_replica_stay_identical_and_replicas_couple(tmp_path):
+    run_world(_train_on_a_mesh, 4, str(tmp_path))
+    for case, overrides in MESH_CASES.items():
+        run_dir = tmp_path / case
+        # Every rank's own state at step 10: ranks 0, 1 train replica 0; ranks 2, 3 replica 1.
+        at_10 = [
+            torch.load(run_dir / "checkpoints" / "step-00000010" / f"replica-{rank}.pt")["model"]
+            for rank in range(4)
+        ]
+        for name in at_10[0]:
+            assert torch.equal(at_10[0][name], at_10[1][name]), (case, name)
+            assert torch.equal(at_10[2][name], at_10[3][name]), (case, name)
+        assert not torch.equal(at_10[0]["fc1.weight"], at_10[2]["fc1.weight"])  # step 10: no average
+        # Each replica is the reference's: the mean gradient of its two ranks, coupled across.
+        cfg, _ = load_config(COMMON + overrides + ["parallel.dp=2", f"hydra.run.dir={run_dir}"])
+        expected = reference_weights(cfg, 4)
+        actual = replica_weights(run_dir, 2)
+        for r in range(2):
+            for name in expected[r]:
+                torch.testing.assert_close(actual[r][name], expected[r][name], atol=1e-6, rtol=0)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["dp"] == 2
+        assert sorted(p.name for p in (run_dir / "tb").iterdir()) == [
+            "center",
+            "ensemble",
+            "replica_0",
+            "replica_1",
+        ]
+
+
 # ---- the replicas' spread step by step, read back from TensorBoard
 
 
@@ -179,6 +261,9 @@ COLLECTIVES = (
 )
 COUNTED_CASES = {
     "tanh": ["coupling=tanh", "coupling.every=2"],
+    "tanh_sync": ["coupling=tanh", "coupling.every=2", "dist.overlap=false"],
+    # 2410 weights + a 2x2 table of guard words, 1000 floats a bucket: 3 all_reduces a step.
+    "linear_3_buckets": ["coupling=linear", f"dist.bucket_mb={4000 / 2**20}"],
     "linear": ["coupling=linear"],
     "average": ["coupling=average", "coupling.every=3"],
     "none": ["coupling=none"],
@@ -228,7 +313,8 @@ def test_one_collective_per_coupling_step_and_none_for_independent_replicas(tmp_
             }
             # Steps 1 and 12 log and evaluate; steps 2..11 only train.
             per_step = [calls.get(step, 0) for step in range(2, 12)]
-            expected = [int(is_coupling_step(cfg.coupling, step)) for step in range(2, 12)]
+            buckets = 3 if case == "linear_3_buckets" else 1
+            expected = [buckets * int(is_coupling_step(cfg.coupling, step)) for step in range(2, 12)]
             assert per_step == expected, (case, rank, per_step)
             assert calls[1] > 0 and calls[12] > 0  # diagnostics do communicate
     assert (

@@ -48,8 +48,8 @@ def test_names_parameters_then_floating_buffers():
     assert all(n in dict(model.named_parameters()) for n in state.names[: state.num_params])
     assert all(n in dict(model.named_buffers()) for n in state.names[state.num_params :])
     numel = 3 * 4 + 4 + 4 + 4 + 4 * 2 + 4 + 4
-    assert state.buffer.numel() == numel
-    assert state.buffer.dtype == torch.float32
+    assert state.numel == numel
+    assert state.pack().dtype == torch.float32
 
 
 def test_pack_concatenates_all_tensors():
@@ -124,12 +124,29 @@ def test_views_share_storage_with_flat():
     assert flat[15].item() == 0.0 and flat[20].item() == 0.0
 
 
-def test_pack_reuses_its_buffer():
+def test_pack_into_a_given_buffer_allocates_nothing_new():
     model = _model()
     state = FlatState(model)
-    first = state.pack()
-    second = state.pack()
-    assert first.data_ptr() == second.data_ptr() == state.buffer.data_ptr()
+    out = torch.full((40,), float("nan"))
+    assert state.pack(out=out) is out
+    assert torch.equal(out, _reference_flat(model))
+    assert state.pack().data_ptr() != state.pack().data_ptr()  # without `out`, a new vector each time
+
+
+def test_subtract_from_uses_the_buffers_saved_before_the_forward_pass():
+    model = _model()
+    model.train()
+    state = FlatState(model)
+    before = _reference_flat(model).clone()
+    state.save_buffers()
+    model(torch.randn(6, 3, generator=torch.Generator().manual_seed(6)))  # moves the running statistics
+    assert not torch.equal(_reference_flat(model)[32:], before[32:])
+    mean = torch.randn(40, generator=torch.Generator().manual_seed(7))
+    gap = mean.clone()
+    assert state.subtract_from(gap) is gap
+    assert torch.equal(gap, mean - before)
+    state.restore_buffers()
+    assert torch.equal(_reference_flat(model), before)
 
 
 @pytest.mark.parametrize("train_mode", [True, False])

@@ -40,9 +40,12 @@ def test_inspect_reports_the_first_non_finite_step_until_shared():
     layer.weight.grad[0, 0] = float("inf")
     assert not guard.inspect(4, torch.tensor(1.0), layer.parameters(), [])
     assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters(), [])
-    assert guard.word() == [4.0, 0.0]
-    guard.decide(6, torch.tensor([guard.word()]))
-    assert guard.word() == [0.0, 0.0]
+    word = guard.word()
+    assert word == [4.0, 0.0]
+    assert guard.word() == [0.0, 0.0]  # reported once: the exchange that carries it decides
+    assert not guard.inspect(6, torch.tensor(float("nan")), layer.parameters(), [])
+    guard.decide(6, torch.tensor([word]))  # the decision on step 4 keeps step 6 for the next word
+    assert guard.word() == [6.0, 0.0]
 
 
 def test_inspect_sees_a_non_finite_batchnorm_statistic():
@@ -120,23 +123,48 @@ def _checkpoints_finite(run_dir: Path) -> list[int]:
     return steps
 
 
-def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path):
-    run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=stop"])
+SYNC, OVERLAP = "dist.overlap=false", "dist.overlap=true"
+
+
+# Overlapped, step 5's all_reduce started before its NaN existed: step 6's carries the news.
+@pytest.mark.parametrize(("mode", "stop_step"), [(SYNC, 5), (OVERLAP, 6)])
+def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path, mode, stop_step):
+    run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=stop", mode])
     errors = _errors(tmp_path)
     assert errors[0] == errors[1]
-    assert errors[0]["step"] == 5 and "replica 1 at step 5" in errors[0]["message"]
+    assert errors[0]["step"] == stop_step and "replica 1 at step 5" in errors[0]["message"]
     assert _checkpoints_finite(tmp_path) == [2, 4]
     assert not (tmp_path / "summary.json").exists()
 
 
+def _skipped_and_rates(run_dir: Path, replica: int) -> tuple[list[float], dict[int, float]]:
+    tb = events(run_dir / "tb" / f"replica_{replica}")
+    skipped = {e.step: e.value for e in tb.Scalars("guard/skipped_steps")}
+    return [skipped[s] for s in range(1, 13)], {e.step: e.value for e in tb.Scalars("rate/fc1.weight")}
+
+
 def test_skip_every_rank_skips_the_same_step(tmp_path):
-    run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=skip", "log.every=1"])
+    run_world(
+        _train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=skip", "log.every=1", SYNC]
+    )
     for r in range(2):
-        tb = events(tmp_path / "tb" / f"replica_{r}")
-        skipped = {e.step: e.value for e in tb.Scalars("guard/skipped_steps")}
-        assert [skipped[s] for s in range(1, 13)] == [0] * 4 + [1] * 8
-        rate = {e.step: e.value for e in tb.Scalars("rate/fc1.weight")}
+        skipped, rate = _skipped_and_rates(tmp_path, r)
+        assert skipped == [0] * 4 + [1] * 8
         assert rate[5] == 0.0 and rate[4] > 0 and rate[6] > 0  # no update of any kind at step 5
+    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+    for weights in replica_weights(tmp_path, 2):
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_overlapped_skip_only_the_replica_that_saw_it_skips(tmp_path):
+    run_world(
+        _train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=skip", "log.every=1", OVERLAP]
+    )
+    skipped, rate = _skipped_and_rates(tmp_path, 1)
+    assert skipped == [0] * 4 + [1] * 8
+    assert rate[5] == 0.0 and rate[4] > 0 and rate[6] > 0
+    skipped, rate = _skipped_and_rates(tmp_path, 0)
+    assert skipped == [0] * 12 and rate[5] > 0  # replica 0 had applied step 5 before it knew
     assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
     for weights in replica_weights(tmp_path, 2):
         assert all(torch.isfinite(t).all() for t in weights.values())
@@ -162,14 +190,15 @@ def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, po
         assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
 
 
-def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path):
+@pytest.mark.parametrize("mode", [SYNC, OVERLAP])
+def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path, mode):
     # The NaN reaches replica 1 at its 5th batch; with checkpoint.every=5 that step is skipped
     # everywhere and its checkpoint is not written, while the ones around it are.
     run_world(
         _train_with_nan,
         2,
         str(tmp_path),
-        ["coupling=tanh", "guard.nonfinite=skip", "checkpoint.every=5", "log.every=100"],
+        ["coupling=tanh", "guard.nonfinite=skip", "checkpoint.every=5", "log.every=100", mode],
     )
     assert _checkpoints_finite(tmp_path) == [10]
     assert not (tmp_path / "checkpoints" / "step-00000005").exists()
