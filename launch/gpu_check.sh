@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GPU path on a machine with at least one GPU, in a few minutes:
+# The GPU path on a machine with at least one GPU, in under 8 minutes:
 #   1. NCCL, one rank: the default job on cuda:0;
 #   2. gloo with CUDA tensors, two ranks sharing the GPU: tanh coupling and DDP;
-#   3. a run stopped by SIGTERM and resumed, against an uninterrupted one.
-# Each run's summary.json is printed; OUT (default runs/gpu_check) keeps the run directories.
+#   3. a run stopped by SIGTERM and resumed, against an uninterrupted one;
+#   4. the benchmark (launch/bench.sh): NCCL with one rank (with the copies between host and
+#      GPU of coupled steps), and gloo with CUDA tensors on two ranks sharing the GPU.
+# Each run's summary.json is printed; OUT (default runs/gpu_check) keeps the run directories
+# and the benchmark reports (bench_*.md).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -23,3 +27,13 @@ run gloo_cuda_world2_ddp 2 dist.backend=gloo dist.device=cuda coupling=ddp train
 
 echo "== preempted_and_resumed (nccl)"
 OUT="$OUT/resume" launch/resume_check.sh dist.backend=nccl
+
+bench() {  # name nproc args...
+    local name=$1 nproc=$2; shift 2
+    echo "== benchmark: $name"
+    NPROC="$nproc" /usr/bin/time -f "benchmark $name wall %e s" timeout 300 launch/bench.sh \
+        --work "$OUT/bench_runs" --report "$OUT/bench_$name.md" --json "$OUT/bench_$name.json" \
+        dist.timeout_s=60 "$@" 2>&1 | grep -v "^W[0-9]\|OMP_NUM_THREADS\|^\*\*\*"
+}
+bench nccl_world1 1 dist.backend=nccl
+bench gloo_cuda_world2 2 dist.backend=gloo dist.device=cuda

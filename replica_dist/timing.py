@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -17,12 +18,15 @@ SECTIONS = ("compute", "communication", "update")
 
 
 class StepTimer:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, peak_memory: Callable[[], int] | None = None):
         # Timing GPU work needs its stream drained at each cut; the current stream only, so
         # that an all_reduce in flight on NCCL's own stream keeps running behind compute.
         self._sync = torch.cuda.current_stream(device).synchronize if device.type == "cuda" else None
         self.steps: list[dict[str, float]] = []
         """Seconds per section of every step so far, in order."""
+        self._peak_memory = peak_memory
+        self.peak_bytes: list[int] = []
+        """`peak_memory()` at the end of every step: the step's peak, if it resets on reading."""
         self._step: dict[str, float] = defaultdict(float)
         self._last = 0.0
 
@@ -43,6 +47,8 @@ class StepTimer:
     def end_step(self, section: str) -> None:
         self.lap(section)
         self.steps.append(dict(self._step))
+        if self._peak_memory:
+            self.peak_bytes.append(self._peak_memory())
 
 
 class _NoTimer(StepTimer):

@@ -48,6 +48,20 @@ def test_inspect_reports_the_first_non_finite_step_until_shared():
     assert guard.word() == [6.0, 0.0]
 
 
+def test_inspect_is_exact_when_a_sum_of_finite_values_overflows():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    large = torch.full((4,), 3e38)  # each finite; their float32 sum is inf
+    assert guard.inspect(8, torch.tensor(1.0), layer.parameters(), [large])
+    large[2] = float("-inf")
+    assert not guard.inspect(9, torch.tensor(1.0), layer.parameters(), [large])
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+    assert not guard.inspect(10, torch.tensor(1.0), layer.parameters(), [])
+    assert guard.word() == [9.0, 0.0]
+
+
 def test_inspect_sees_a_non_finite_batchnorm_statistic():
     guard = Guard("skip")
     layer = torch.nn.Linear(2, 1)

@@ -1,0 +1,389 @@
+"""Step time, communication and memory of every way to couple replicas, side by side.
+
+    torchrun --standalone --nproc_per_node=2 -m replica_dist.bench [--steps 320] [--warmup 30]
+        [--hidden 1024,1024] [--batch 64] [--report FILE.md] [--json FILE.json] [overrides...]
+    launch/bench.sh                 # the same, with the settings behind docs/benchmark.md
+
+Trains the same model on the same batches once per variant, one after another in this one
+torchrun job, through the trainer itself (`loop.train`, with a StepTimer cutting each step
+into compute / communication / update):
+
+    independent          coupling=none: no communication at all
+    coupled sync         coupling=tanh dist.overlap=false: all_reduce after backward
+    coupled overlapped   coupling=tanh: all_reduce in flight during forward and backward
+    coupled every 4, 16  coupling=tanh coupling.every=k (overlapped)
+    average every 4      coupling=average coupling.every=4 (local SGD)
+    ddp                  coupling=ddp (DistributedDataParallel, gradients bucketed and overlapped)
+    PyTorch averager     torch's PeriodicModelAverager(period=4) after each optimizer step,
+                         in a plain loop (it is not part of the trainer)
+
+then times a raw all_reduce of a flat buffer as large as the coupling's next to the
+coupling's own exchange (`dist.ReplicaExchange`: buckets, guard words, the division),
+alternating the two, and prints one table. Step times are rank 0's, after `--warmup` steps.
+Peak memory: on CUDA torch's allocator peak; on CPU the process's peak resident set, reset
+every step (/proc/self/clear_refs), with large allocations served by mmap so that freed
+memory leaves the resident set. Overhead is a variant's peak minus `independent`'s.
+Extra arguments are trainer overrides applied to every variant (e.g. dist.backend=nccl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from replica_dist import dist
+from replica_dist.config import Config
+from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.evaluate import LOSSES
+from replica_dist.flat import FlatState
+from replica_dist.guard import Guard
+from replica_dist.loop import build_optimizer, replica_seed, train
+from replica_dist.model import build_model
+from replica_dist.timing import SECTIONS, StepTimer
+from replica_dist.train import load_config
+
+VARIANTS = {
+    "independent": ["coupling=none"],
+    "coupled sync": ["coupling=tanh", "dist.overlap=false"],
+    "coupled overlapped": ["coupling=tanh", "dist.overlap=true"],
+    "coupled every 4": ["coupling=tanh", "coupling.every=4"],
+    "coupled every 16": ["coupling=tanh", "coupling.every=16"],
+    "average every 4": ["coupling=average", "coupling.every=4"],
+    "ddp": ["coupling=ddp"],
+}
+AVERAGER = "PyTorch averager every 4"
+AVERAGER_PERIOD = 4
+HOST_COPY_STEPS = 10
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _cpu_peak_since_last_call() -> int:
+    peak = _status_bytes("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the current size
+    return peak
+
+
+def _memory_probe(device: torch.device):
+    if device.type == "cuda":
+
+        def cuda_peak_since_last_call() -> int:
+            peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return peak
+
+        return cuda_peak_since_last_call
+    # glibc keeps freed blocks below its (moving) mmap threshold in the heap, where they count as
+    # resident forever; a fixed 64 KiB threshold returns every tensor of note to the system.
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 64 * 1024)
+    return _cpu_peak_since_last_call
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_stats(timer: StepTimer, warmup: int, samples_per_step: int) -> dict:
+    steps = timer.steps[warmup:]
+    totals = [sum(s.values()) for s in steps]
+    ms = sorted(t * 1e3 for t in totals)
+    return {
+        "p50_ms": statistics.median(ms),
+        "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+        "mean_ms": statistics.fmean(ms),
+        "samples_per_s": samples_per_step / statistics.fmean(totals),
+        **{f"{s}_ms": statistics.fmean(step.get(s, 0.0) for step in steps) * 1e3 for s in SECTIONS},
+        "peak_bytes": max(timer.peak_bytes[warmup:]),
+    }
+
+
+def _run_trainer(cfg: Config, run_dir: Path, device: torch.device, timer: StepTimer) -> None:
+    train(cfg, run_dir, device, Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips), timer)
+
+
+def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
+    """The plain loop PyTorch's model-averaging docs show, on the trainer's data and model."""
+    data = load_dataset(cfg.data, cfg.seed, torch.float32)
+    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, dist.rank(), dist.world_size())
+    batches = ReplicaBatches(
+        data.x_train[mine].to(device),
+        data.y_train[mine].to(device),
+        cfg.train.batch_size,
+        cfg.seed,
+        dist.rank(),
+    )
+    model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, dist.rank()))
+    model = model.to(device)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    averager = PeriodicModelAverager(period=AVERAGER_PERIOD, warmup_steps=0)
+    loss_fn = LOSSES[data.loss]
+    for _ in range(cfg.train.steps):
+        timer.start_step()
+        x, y = batches.next()
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        timer.lap("compute")
+        optimizer.step()
+        timer.lap("update")
+        averager.average_parameters(model.parameters())
+        timer.end_step("communication")
+
+
+class _HostCopyCounter(StepTimer):
+    """Records every copy between host and GPU that the training steps make (op and bytes),
+    through a dispatch mode active from the start to the end of each step."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        copies = self.copies = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor)]
+                scalar_read = func is torch.ops.aten._local_scalar_dense.default and args[0].is_cuda
+                if scalar_read or len({t.device.type for t in tensors}) > 1:
+                    moved = min(tensors, key=lambda t: t.numel())
+                    copies.append((str(func.overloadpacket), moved.numel() * moved.element_size()))
+                return out
+
+        self._mode = Mode()
+
+    def start_step(self) -> None:
+        super().start_step()
+        self._mode.__enter__()
+
+    def end_step(self, section: str) -> None:
+        self._mode.__exit__(None, None, None)
+        super().end_step(section)
+
+
+def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iterations: int) -> dict:
+    """Seconds per all_reduce (median) of a raw flat buffer and of the coupling's exchange of
+    the same bytes, alternated so that both see the same machine."""
+    exchange = dist.ReplicaExchange(numel, Guard.WORD_LENGTH, torch.float32, device, bucket_bytes)
+    raw = torch.zeros_like(exchange.buffer)
+    times = {"raw all_reduce": [], "coupling exchange": []}
+
+    def raw_all_reduce():
+        tdist.all_reduce(raw)
+
+    def coupling_exchange():
+        exchange.start([0.0, 0.0])
+        exchange.wait()
+
+    for i in range(iterations + 5):
+        for name, fn in (("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)):
+            _sync(device)
+            began = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= 5:
+                times[name].append(time.perf_counter() - began)
+    n = dist.world_size()
+    nbytes = exchange.buffer.numel() * exchange.buffer.element_size()
+    result = {}
+    for name, seconds in times.items():
+        t = statistics.median(seconds)
+        algbw = nbytes / t  # busbw / algbw = 2(n-1)/n, the share of the bytes each rank must move
+        result[name] = {"ms": t * 1e3, "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9}
+    result["bytes"] = nbytes
+    return result
+
+
+def _machine(device: torch.device, backend: str) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        what = f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
+    return (
+        f"{what}; {platform.system()} {platform.release()}; torch {torch.__version__}; "
+        f"backend {backend}; {dist.world_size()} ranks; threads per rank {torch.get_num_threads()}"
+    )
+
+
+def _table(results: dict, param_bytes: int) -> list[str]:
+    lines = [
+        "| variant | p50 ms | p90 ms | mean ms | samples/s | compute ms | comm ms | update ms "
+        "| peak MiB | overhead / param bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = results["independent"]["peak_bytes"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['mean_ms']:.2f} | {r['samples_per_s']:.0f} "
+            f"| {r['compute_ms']:.2f} | {r['communication_ms']:.2f} | {r['update_ms']:.2f} "
+            f"| {r['peak_bytes'] / 2**20:.1f} | {(r['peak_bytes'] - base) / param_bytes:.2f} |"
+        )
+    return lines
+
+
+def _ratios(results: dict, bandwidth: dict, param_bytes: int) -> dict[str, tuple[float, str]]:
+    mean = {name: r["mean_ms"] for name, r in results.items()}
+    base_peak = results["independent"]["peak_bytes"]
+    return {
+        "overlapped / ddp step time": (mean["coupled overlapped"] / mean["ddp"], "<= 1.0"),
+        "every 16 / independent step time": (mean["coupled every 16"] / mean["independent"], "<= 1.10"),
+        "coupling / raw all_reduce bus bandwidth": (  # = the algbw ratio, also for one rank
+            bandwidth["coupling exchange"]["algbw_GBps"] / bandwidth["raw all_reduce"]["algbw_GBps"],
+            ">= 0.9",
+        ),
+        "overlapped memory overhead / param bytes": (
+            (results["coupled overlapped"]["peak_bytes"] - base_peak) / param_bytes,
+            "<= 2",
+        ),
+    }
+
+
+def report(
+    args, machine: str, results: dict, bandwidth: dict, param_bytes: int, numel: int, host_copies: list
+) -> str:
+    lines = [
+        f"Machine: {machine}.",
+        f"Model: mlp {args.hidden} on digits, {numel:,} weights ({param_bytes / 2**20:.2f} MiB float32); "
+        f"batch {args.batch} per rank; {args.steps} steps per variant, the first {args.warmup} not counted.",
+        "",
+        *_table(results, param_bytes),
+        "",
+        f"All_reduce of {bandwidth['bytes'] / 2**20:.2f} MiB, median of {args.bandwidth_iterations}, alternated:",
+        "",
+        "| all_reduce | ms | algbw GB/s | busbw GB/s |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {b['ms']:.3f} | {b['algbw_GBps']:.3f} | {b['busbw_GBps']:.3f} |"
+            for name, b in bandwidth.items()
+            if name != "bytes"
+        ),
+        "",
+        "| ratio | measured | target |",
+        "|---|---:|---|",
+        *(
+            f"| {name} | {value:.3f} | {target} |"
+            for name, (value, target) in _ratios(results, bandwidth, param_bytes).items()
+        ),
+    ]
+    if host_copies:
+        per_step = {}
+        for op, nbytes in host_copies:
+            per_step[(op, nbytes)] = per_step.get((op, nbytes), 0) + 1
+        lines += [
+            "",
+            f"Copies between host and GPU in {HOST_COPY_STEPS} overlapped coupled steps (op, bytes: count):",
+            "",
+            *(f"- `{op}`, {nbytes} bytes: {count}" for (op, nbytes), count in sorted(per_step.items())),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _parse(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="replica_dist.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=320)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
+    parser.add_argument("--batch", type=int, default=64, help="minibatch per rank")
+    parser.add_argument("--bandwidth-iterations", type=int, default=50)
+    parser.add_argument("--variants", default=",".join([*VARIANTS, AVERAGER]), help="comma-separated")
+    parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
+    parser.add_argument("--json", type=Path, help="also write every number (JSON) here")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scratch run directories")
+    args, overrides = parser.parse_known_args(argv)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    unknown = set(args.variants.split(",")) - {*VARIANTS, AVERAGER}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {[*VARIANTS, AVERAGER]}")
+    return args, overrides
+
+
+@record
+def main(argv: list[str]) -> int:
+    args, overrides = _parse(argv)
+    logging.getLogger("replica_dist").setLevel(logging.WARNING)  # the trainer's progress lines
+    common = [
+        f"model.hidden=[{args.hidden}]",
+        f"train.batch_size={args.batch}",
+        "log.every=1000000",
+        "eval.every=1000000",
+        "checkpoint.every=0",
+        *overrides,
+    ]
+    base_cfg, _ = load_config(common)
+    common.append(f"train.steps={args.steps}")
+    device = dist.init(base_cfg.dist)
+    try:
+        peak_memory = _memory_probe(device)
+        work = args.work / os.environ.get("TORCHELASTIC_RUN_ID", "local")
+        results = {}
+        for name in args.variants.split(","):
+            cfg, _ = load_config(common + VARIANTS.get(name, []))
+            timer = StepTimer(device, peak_memory)
+            if name == AVERAGER:
+                _run_averager(cfg, device, timer)
+            else:
+                _run_trainer(cfg, work / name.replace(" ", "_"), device, timer)
+            results[name] = _step_stats(timer, args.warmup, args.batch * dist.world_size())
+            if dist.rank() == 0:
+                print(f"{name}: {results[name]['mean_ms']:.2f} ms/step", file=sys.stderr, flush=True)
+        data = load_dataset(base_cfg.data, base_cfg.seed, torch.float32)
+        model = build_model(base_cfg.model, data.input_shape, data.num_outputs, 0)
+        numel = FlatState(model).numel
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        bandwidth = _bandwidths(numel, device, base_cfg.dist.bucket_mb * 2**20, args.bandwidth_iterations)
+        host_copies = []
+        if device.type == "cuda":  # the weights must never leave the GPU
+            steps = [f"train.steps={HOST_COPY_STEPS}"]
+            cfg, _ = load_config(common[:-1] + steps + VARIANTS["coupled overlapped"])
+            counter = _HostCopyCounter(device)
+            _run_trainer(cfg, work / "host_copies", device, counter)
+            host_copies = counter.copies
+        dist.barrier()
+        if dist.rank() == 0:
+            machine = _machine(device, tdist.get_backend())
+            text = report(args, machine, results, bandwidth, param_bytes, numel, host_copies)
+            print(text, end="")
+            if args.report:
+                args.report.write_text(text)
+            if args.json:
+                args.json.write_text(
+                    json.dumps({"machine": machine, "steps": results, "all_reduce": bandwidth}, indent=2)
+                    + "\n"
+                )
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        dist.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
