@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU path on a machine with at least one GPU, in under 8 minutes:
 #   1. NCCL, one rank: the default job on cuda:0;
-#   2. gloo with CUDA tensors, two ranks sharing the GPU: tanh coupling and DDP;
+#   2. gloo with CUDA tensors, ranks sharing the GPU: tanh coupling and DDP on two ranks, and
+#      2 replicas x 2 data-parallel ranks (parallel.dp=2) on four;
 #   3. a run stopped by SIGTERM and resumed, against an uninterrupted one;
 #   4. the benchmark (launch/bench.sh): NCCL with one rank (with the copies between host and
 #      GPU of coupled steps), and gloo with CUDA tensors on two ranks sharing the GPU.
@@ -24,6 +25,7 @@ run() {  # name nproc overrides...
 run nccl_world1_default 1 dist.backend=nccl
 run gloo_cuda_world2_tanh 2 dist.backend=gloo dist.device=cuda train.steps=300
 run gloo_cuda_world2_ddp 2 dist.backend=gloo dist.device=cuda coupling=ddp train.steps=300
+run gloo_cuda_world4_dp2 4 dist.backend=gloo dist.device=cuda parallel.dp=2 train.steps=300
 
 echo "== preempted_and_resumed (nccl)"
 OUT="$OUT/resume" launch/resume_check.sh dist.backend=nccl
