@@ -106,8 +106,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_stats(timer: StepTimer, warmup: int, samples_per_step: int) -> dict:
-    steps = timer.steps[warmup:]
+def _step_stats(steps: list[dict[str, float]], peak_bytes: list[int], samples_per_step: int) -> dict:
+    """Statistics of the measured steps (warm-up already left out) of one variant."""
     totals = [sum(s.values()) for s in steps]
     ms = sorted(t * 1e3 for t in totals)
     return {
@@ -116,7 +116,7 @@ def _step_stats(timer: StepTimer, warmup: int, samples_per_step: int) -> dict:
         "mean_ms": statistics.fmean(ms),
         "samples_per_s": samples_per_step / statistics.fmean(totals),
         **{f"{s}_ms": statistics.fmean(step.get(s, 0.0) for step in steps) * 1e3 for s in SECTIONS},
-        "peak_bytes": max(timer.peak_bytes[warmup:]),
+        "peak_bytes": max(peak_bytes),
     }
 
 
@@ -272,7 +272,8 @@ def report(
     lines = [
         f"Machine: {machine}.",
         f"Model: mlp {args.hidden} on digits, {numel:,} weights ({param_bytes / 2**20:.2f} MiB float32); "
-        f"batch {args.batch} per rank; {args.steps} steps per variant, the first {args.warmup} not counted.",
+        f"batch {args.batch} per rank; {args.rounds} rounds of {args.steps} steps per variant, "
+        f"the first {args.warmup} of each not counted.",
         "",
         *_table(results, param_bytes),
         "",
@@ -312,6 +313,7 @@ def _parse(argv: list[str]):
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
     parser.add_argument("--batch", type=int, default=64, help="minibatch per rank")
+    parser.add_argument("--rounds", type=int, default=2, help="passes through all variants")
     parser.add_argument("--bandwidth-iterations", type=int, default=50)
     parser.add_argument("--variants", default=",".join([*VARIANTS, AVERAGER]), help="comma-separated")
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
@@ -344,17 +346,27 @@ def main(argv: list[str]) -> int:
     try:
         peak_memory = _memory_probe(device)
         work = args.work / os.environ.get("TORCHELASTIC_RUN_ID", "local")
-        results = {}
-        for name in args.variants.split(","):
-            cfg, _ = load_config(common + VARIANTS.get(name, []))
-            timer = StepTimer(device, peak_memory)
-            if name == AVERAGER:
-                _run_averager(cfg, device, timer)
-            else:
-                _run_trainer(cfg, work / name.replace(" ", "_"), device, timer)
-            results[name] = _step_stats(timer, args.warmup, args.batch * dist.world_size())
-            if dist.rank() == 0:
-                print(f"{name}: {results[name]['mean_ms']:.2f} ms/step", file=sys.stderr, flush=True)
+        names = args.variants.split(",")
+        steps, peaks = {name: [] for name in names}, {name: [] for name in names}
+        # Rounds, each through every variant: a slow spell of the machine or a cold first run
+        # spreads over all variants instead of landing on one.
+        for round_ in range(args.rounds):
+            for name in names:
+                cfg, _ = load_config(common + VARIANTS.get(name, []))
+                timer = StepTimer(device, peak_memory)
+                if name == AVERAGER:
+                    _run_averager(cfg, device, timer)
+                else:
+                    _run_trainer(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer)
+                steps[name] += timer.steps[args.warmup :]
+                peaks[name] += timer.peak_bytes[args.warmup :]
+                if dist.rank() == 0:
+                    mean_ms = sum(map(sum, (s.values() for s in timer.steps[args.warmup :])))
+                    mean_ms *= 1e3 / (args.steps - args.warmup)
+                    print(f"round {round_ + 1}, {name}: {mean_ms:.2f} ms/step", file=sys.stderr, flush=True)
+        results = {
+            name: _step_stats(steps[name], peaks[name], args.batch * dist.world_size()) for name in names
+        }
         data = load_dataset(base_cfg.data, base_cfg.seed, torch.float32)
         model = build_model(base_cfg.model, data.input_shape, data.num_outputs, 0)
         numel = FlatState(model).numel

@@ -173,7 +173,7 @@ class ReplicaExchange:
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
         self.flat = self.buffer[:numel]
         self.table = self.buffer[numel:].view(n, row_len)
-        self._own_row = self.table[replica()]
+        self._own_row = list(self.table[replica()])  # one view per number: filled without a host copy
         per_bucket = max(1, int(bucket_bytes // self.buffer.element_size()))
         self.buckets = list(self.buffer.split(per_bucket))
         self._works: list[tdist.Work] = []
@@ -182,7 +182,8 @@ class ReplicaExchange:
         """Put `row` into this replica's row of the table and start reducing the buffer (its
         `flat` part must hold this replica's weights). Touch nothing in it until `wait`."""
         self.table.zero_()
-        self._own_row.copy_(torch.tensor(row, dtype=self.buffer.dtype))
+        for entry, value in zip(self._own_row, row):
+            entry.fill_(value)
         with _collective("all_reduce (replica mean)"):
             self._works = [
                 tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=_replica_group, async_op=True)
@@ -196,7 +197,10 @@ class ReplicaExchange:
             for work in self._works:
                 work.wait()
         self._works = []
-        return self.flat.div_(num_replicas()), _agree_within_replica(self.table.to("cpu", copy=True))
+        table = self.table.to(
+            "cpu", copy=True
+        )  # the host waits here for the all_reduce, not for the division
+        return self.flat.div_(num_replicas()), _agree_within_replica(table)
 
 
 def _agree_within_replica(table: torch.Tensor) -> torch.Tensor:

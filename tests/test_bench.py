@@ -7,34 +7,28 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.bench import AVERAGER, VARIANTS, _step_stats
-from replica_dist.timing import StepTimer
 from runs import REPO
 
 
 def test_step_stats_from_known_step_times():
-    timer = StepTimer(torch.device("cpu"), peak_memory=None)
-    for i in range(1, 11):  # totals 3, 6, ..., 30 ms after a 1-step warm-up of 1 s
-        timer.steps.append({"compute": i * 1e-3, "communication": i * 2e-3} if i > 1 else {"compute": 1.0})
-        timer.peak_bytes.append(100 + i)
-    timer.steps[0], timer.peak_bytes[0] = {"compute": 1.0}, 10**9
-    stats = _step_stats(timer, warmup=1, samples_per_step=8)
+    steps = [{"compute": i * 1e-3, "communication": i * 2e-3} for i in range(2, 11)]  # 6, 9, ..., 30 ms
+    stats = _step_stats(steps, [100 + i for i in range(2, 11)], samples_per_step=8)
     assert stats["p50_ms"] == pytest.approx(18.0)  # median of 6, 9, ..., 30
     assert stats["p90_ms"] == pytest.approx(27.0)  # the 8th of 9, rounding the rank down
     assert stats["mean_ms"] == pytest.approx(18.0)
     assert stats["samples_per_s"] == pytest.approx(8 / 0.018)
     assert stats["compute_ms"] == pytest.approx(6.0) and stats["communication_ms"] == pytest.approx(12.0)
     assert stats["update_ms"] == 0.0
-    assert stats["peak_bytes"] == 110  # the warm-up's peak is not counted
+    assert stats["peak_bytes"] == 110
 
 
 def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "replica_dist.bench", "--steps=12", "--warmup=2", "--hidden=32",
+        "-m", "replica_dist.bench", "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1",
         "--bandwidth-iterations=3", f"--work={tmp_path / 'work'}",
         f"--report={tmp_path / 'report.md'}", f"--json={tmp_path / 'bench.json'}",
         f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
