@@ -4,7 +4,7 @@
         [--hidden 1024,1024] [--batch 64] [--report FILE.md] [--json FILE.json] [overrides...]
     launch/bench.sh                 # the same, with the settings behind docs/benchmark.md
 
-Trains the same model on the same batches once per variant, one after another in this one
+Trains the same model on the same batches once per variant and round, one after another in this one
 torchrun job, through the trainer itself (`loop.train`, with a StepTimer cutting each step
 into compute / communication / update):
 
@@ -20,7 +20,8 @@ into compute / communication / update):
 
 then times a raw all_reduce of a flat buffer as large as the coupling's next to the
 coupling's own exchange (`dist.ReplicaExchange`: buckets, guard words, the division),
-alternating the two, and prints one table. Step times are rank 0's, after `--warmup` steps.
+alternating the two after a barrier each, and prints one table. Step times are rank 0's,
+leaving out the first `--warmup` steps and the last (it logs and evaluates).
 Peak memory: on CUDA torch's allocator peak; on CPU the process's peak resident set, reset
 every step (/proc/self/clear_refs), with large allocations served by mmap so that freed
 memory leaves the resident set. Overhead is a variant's peak minus `independent`'s.
@@ -200,9 +201,11 @@ def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iteration
         exchange.start([0.0, 0.0])
         exchange.wait()
 
+    pair = [("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)]
     for i in range(iterations + 5):
-        for name, fn in (("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)):
+        for name, fn in pair if i % 2 else pair[::-1]:  # neither always goes first
             _sync(device)
+            tdist.barrier()  # a rank that arrives late would charge its lateness to the other's timing
             began = time.perf_counter()
             fn()
             _sync(device)
@@ -281,7 +284,7 @@ def report(
         f"Machine: {machine}.",
         f"Model: mlp {args.hidden} on digits, {numel:,} weights ({param_bytes / 2**20:.2f} MiB float32); "
         f"batch {args.batch} per rank; {args.rounds} rounds of {args.steps} steps per variant, "
-        f"the first {args.warmup} of each not counted.",
+        f"the first {args.warmup} and the last (it logs) of each not counted.",
         "",
         *_table(results, param_bytes),
         "",
@@ -331,8 +334,8 @@ def _parse(argv: list[str]):
     parser.add_argument("--json", type=Path, help="also write every number (JSON) here")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scratch run directories")
     args, overrides = parser.parse_known_args(argv)
-    if args.warmup >= args.steps:
-        parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    if args.warmup >= args.steps - 1:
+        parser.error(f"--warmup ({args.warmup}) must be below --steps - 1 ({args.steps - 1})")
     unknown = set(args.variants.split(",")) - {*VARIANTS, AVERAGER}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; choose from {[*VARIANTS, AVERAGER]}")
@@ -369,11 +372,12 @@ def main(argv: list[str]) -> int:
                     _run_averager(cfg, device, timer)
                 else:
                     _run_trainer(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer)
-                steps[name] += timer.steps[args.warmup :]
-                peaks[name] += timer.peak_bytes[args.warmup :]
+                # The last step logs and evaluates (full-size copies of the weights): not counted.
+                steps[name] += timer.steps[args.warmup : -1]
+                peaks[name] += timer.peak_bytes[args.warmup : -1]
                 if dist.rank() == 0:
-                    mean_ms = sum(map(sum, (s.values() for s in timer.steps[args.warmup :])))
-                    mean_ms *= 1e3 / (args.steps - args.warmup)
+                    mean_ms = sum(map(sum, (s.values() for s in timer.steps[args.warmup : -1])))
+                    mean_ms *= 1e3 / (args.steps - args.warmup - 1)
                     print(f"round {round_ + 1}, {name}: {mean_ms:.2f} ms/step", file=sys.stderr, flush=True)
         results = {
             name: _step_stats(steps[name], peaks[name], args.batch * dist.world_size()) for name in names
