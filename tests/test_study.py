@@ -1,0 +1,174 @@
+"""The study pipeline (`launch/study.sh --quick`) end to end: its files, tables and plots agree
+with what the runs themselves wrote. The numbers are not judged: --quick trains a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from replica_dist import study
+from runs import REPO, events
+
+PNGS = ("study_main.png", "study_sweep.png", "study_deep.png")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The --quick study, trained once into a temporary directory (its page and PNGs too)."""
+    runs_dir = tmp_path_factory.mktemp("study") / "runs"
+    done = subprocess.run(
+        [str(REPO / "launch" / "study.sh"), "--quick", "--runs", str(runs_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return runs_dir
+
+
+def block(page: str, name: str) -> str:
+    match = re.search(rf"<!-- study:{name} -->\n(.*?)<!-- /study:{name} -->", page, re.DOTALL)
+    assert match, f"no {name} block"
+    return match.group(1)
+
+
+def row(table: str, first_cell: str) -> list[str]:
+    """The cells of the table row that starts with `first_cell`."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in\n{table}")
+
+
+def summaries(runs_dir, part: str, slug: str) -> list[dict]:
+    seeds = sorted((runs_dir / part / slug).glob("seed_*"))
+    assert seeds, f"no runs of {part}/{slug}"
+    return [json.loads((d / "summary.json").read_text()) for d in seeds]
+
+
+def expected_cell(values: list[float], scale: float = 100.0) -> str:
+    return f"{np.mean(values) * scale:.2f} ± {np.std(values, ddof=1) * scale:.2f}"
+
+
+@pytest.mark.e2e
+def test_every_planned_run_finished_and_is_in_commands_sh(quick):
+    runs = study.plan(quick=True)
+    lines = [
+        line for line in (quick / "commands.sh").read_text().splitlines() if "torch.distributed.run" in line
+    ]
+    assert len(lines) == len(runs)
+    for run, line in zip(runs, lines):
+        assert f'hydra.run.dir="$DIR/{run.name}"' in line and f"--nproc_per_node={run.nproc}" in line
+        assert (quick / run.name / "summary.json").is_file()
+    assert set(json.loads((quick / "walls.json").read_text())) == {run.name for run in runs}
+    for name in PNGS:
+        assert (quick / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.e2e
+def test_main_table_is_mean_and_std_of_the_runs_summaries(quick):
+    page = (quick / "study.md").read_text()
+    table = block(page, "main")
+    aggregates = json.loads((quick / "study.json").read_text())["aggregates"]["main"]
+    for setting in study.main_settings():
+        runs = summaries(quick, "main", setting.slug)
+        assert len(runs) == 2
+        center = [s["center"]["test_accuracy"] for s in runs]
+        replicas = [np.mean([r["test_accuracy"] for r in s["replicas"]]) for s in runs]
+        ensemble = [s["ensemble"]["test_accuracy"] for s in runs]
+        stats = aggregates[setting.label]
+        assert stats["test_accuracy/center"]["mean"] == pytest.approx(np.mean(center), abs=1e-12)
+        assert stats["test_accuracy/center"]["std"] == pytest.approx(np.std(center, ddof=1), abs=1e-12)
+        cells = row(table, setting.label)
+        assert cells[1:5] == ["2", expected_cell(center), expected_cell(replicas), expected_cell(ensemble)]
+
+
+@pytest.mark.e2e
+def test_energy_table_is_the_runs_flatness_json(quick):
+    table = block((quick / "study.md").read_text(), "energy")
+    for setting in study.main_settings():
+        flats = [
+            json.loads((d / "flatness.json").read_text())
+            for d in sorted((quick / "main" / setting.slug).iterdir())
+        ]
+        assert all(f["sigmas"] == list(study.SIGMAS) for f in flats)
+        center = [[f["center"][k]["local_energy"] for f in flats] for k in range(len(study.SIGMAS))]
+        replicas = [
+            [np.mean([r[k]["local_energy"] for r in f["replicas"]]) for f in flats]
+            for k in range(len(study.SIGMAS))
+        ]
+        rows = [line for line in table.splitlines() if line.startswith(f"| {setting.label} |")]
+        assert [c.strip() for c in rows[0].strip("|").split("|")][2:] == [expected_cell(v) for v in center]
+        assert [c.strip() for c in rows[1].strip("|").split("|")][2:] == [expected_cell(v) for v in replicas]
+
+
+@pytest.mark.e2e
+def test_deep_medians_are_the_first_and_last_layers_events(quick):
+    deep = [run for run in study.plan(quick=True) if run.part == "deep"]
+    records = {r["name"]: r["metrics"] for r in json.loads((quick / "study.json").read_text())["runs"]}
+    for run in deep:
+        tb = quick / run.name / "tb"
+        world_size = json.loads((quick / run.name / "summary.json").read_text())["world_size"]
+        for position, layer in (("first", "fc1.weight"), ("last", "fc8.weight")):
+            values = np.concatenate(
+                [
+                    [e.value for e in events(tb / f"replica_{r}").Scalars(f"update_ratio/{layer}")]
+                    for r in range(world_size)
+                ]
+            )
+            assert records[run.name][f"update_ratio/{position}"] == pytest.approx(np.median(values), rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_plot_only_regenerates_the_same_tables_and_keeps_the_prose(quick, tmp_path):
+    before = (quick / "study_tables.md").read_text()
+    page = tmp_path / "study.md"
+    page.write_text(
+        "# Mine\n\nProse before.\n\n<!-- study:main -->\nstale\n<!-- /study:main -->\n\nProse after.\n"
+    )
+    assert study.main(["--runs", str(quick), "--quick", "--plot-only", "--docs", str(tmp_path)]) == 0
+    assert (quick / "study_tables.md").read_text() == before
+    text = page.read_text()
+    assert text.startswith("# Mine\n\nProse before.\n") and "\nProse after.\n" in text and "stale" not in text
+    assert block(text, "main") == study.main_table(
+        json.loads((quick / "study.json").read_text())["aggregates"]
+    )
+    assert "<!-- study:deep -->" in text  # a block the page lacked is appended
+    for name in PNGS:
+        assert (tmp_path / name).is_file()
+
+
+def test_main_forms_share_steps_optimizer_model_and_seeds():
+    main = [run for run in study.plan(quick=False) if run.part == "main"]
+    by_setting: dict[str, list] = {}
+    for run in main:
+        by_setting.setdefault(run.setting.label, []).append(run)
+    assert list(by_setting) == ["none", "ddp", "tanh", "linear", "average"]
+    assert all(sorted(r.seed for r in runs) == list(study.MAIN_SEEDS) for runs in by_setting.values())
+    assert len(study.MAIN_SEEDS) >= 5
+    common = {tuple(o for o in run.overrides if not o.startswith(("coupling", "seed="))) for run in main}
+    assert len(common) == 1  # everything but the coupling and the seed is the same
+    assert any(o.startswith("train.steps=") for o in common.pop())
+    linear = next(r for r in main if r.setting.label == "linear")
+    assert "coupling.eta_growth=0" not in linear.overrides  # replicated SGD: scoped
+
+
+def test_no_run_is_a_hydra_multirun():
+    assert not any("--multirun" in run.overrides or "-m" in run.overrides for run in study.plan(quick=False))
+
+
+def test_a_single_seed_has_no_std_and_plot_only_needs_runs(capsys, monkeypatch):
+    monkeypatch.delenv("STUDY_RUNS_DIR", raising=False)
+    assert study.cell(study.mean_std([0.5])) == "0.50"
+    assert study.cell(study.mean_std([0.5, 0.7]), 100) == "60.00 ± 14.14"
+    assert study.main(["--plot-only"]) == 2
+    assert "--plot-only needs --runs" in capsys.readouterr().err
