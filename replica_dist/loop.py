@@ -131,11 +131,15 @@ def train(
             #    their all_reduce runs while this replica computes its gradient (its guard word
             #    then tells of the steps before; this step's goes with the next exchange).
             needs_mean = (coupled and form in ELASTIC_FORMS) or logging_step
+            # Full-size copies for this step's diagnostics only: rebound every step, so that none
+            # outlives its step (nor does an uncoupled run's exchange buffer).
+            snapshot: dict[str, torch.Tensor] = {}
+            step_exchange = exchange
             if needs_mean:
                 step_exchange = exchange or new_exchange()
                 state.pack(out=step_exchange.flat)
                 if logging_step:
-                    w_before = step_exchange.flat.clone()
+                    snapshot["before"] = step_exchange.flat.clone()
                 if overlap:
                     step_exchange.start(guard.word())
             state.save_buffers()  # the forward pass moves them
@@ -159,7 +163,7 @@ def train(
                 mean_before, words = step_exchange.wait()
                 apply = guard.decide(step, words) and apply
                 if logging_step:
-                    mean_before = mean_before.clone()  # the buffer turns into the pull below
+                    snapshot["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
             if checkpoint_step and (overlap or not needs_mean):
                 apply = guard.decide(step, dist.share_words(guard.word(), device)) and apply
             timer.lap("communication")
@@ -175,7 +179,7 @@ def train(
                 guard.skipped_steps += 1
                 state.restore_buffers()
             if logging_step:
-                w_after_optimizer = state.pack()
+                snapshot["after_optimizer"] = state.pack()
 
             # 4. The coupling: every replica moves at once, from the same mean.
             if coupled and form == "average":
@@ -192,22 +196,24 @@ def train(
 
             # 5. Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:
-                w_after = state.pack()
-                mean_after = dist.replica_mean(w_after)
+                snapshot["after"] = state.pack()
+                snapshot["mean_after"] = dist.replica_mean(snapshot["after"])
             if logging_step:
                 losses = diagnostics.log_step(
                     step,
                     loss.item(),
                     eta,
-                    w_before,
-                    w_after_optimizer,
-                    w_after,
-                    mean_before,
-                    mean_after,
+                    snapshot["before"],
+                    snapshot["after_optimizer"],
+                    snapshot["after"],
+                    snapshot["mean_before"],
+                    snapshot["mean_after"],
                     guard.skipped_steps,
                 )
             if eval_step:
-                evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
+                evaluation = diagnostics.evaluate(
+                    step, model, snapshot["mean_after"], splits, data.task, data.loss
+                )
             if logging_step:
                 elapsed = time.perf_counter() - started
                 log.info(
