@@ -207,6 +207,37 @@ def test_replicas_times_data_parallel_ranks_of_a_replica_stay_identical_and_repl
         ]
 
 
+def _stop_requested_on_one_rank_of_a_mesh(rank: int, world_size: int, root: str) -> None:
+    from replica_dist.data import ReplicaBatches
+    from replica_dist.guard import Guard, StopRequested
+
+    guard = Guard("stop")
+    if rank == 3:  # replica 1's second rank alone, as if SIGTERM reached only it before its 5th batch
+        original, calls = ReplicaBatches.next, [0]
+
+        def next_then_ask_to_stop(self):
+            calls[0] += 1
+            if calls[0] == 5:
+                guard.stop_requested = True
+            return original(self)
+
+        ReplicaBatches.next = next_then_ask_to_stop
+    cfg, _ = load_config(COMMON + ["coupling=tanh", "parallel.dp=2", f"hydra.run.dir={root}"])
+    try:
+        loop.train(cfg, Path(root), torch.device("cpu"), guard)
+    except StopRequested as stop:
+        (Path(root) / f"stopped.rank{rank}").write_text(str(stop.step))
+
+
+def test_a_stop_seen_by_one_rank_of_a_mesh_stops_every_rank_at_the_same_step(tmp_path):
+    # Rank 3 shares its mesh column with rank 1 only; its word reaches ranks 0 and 2 through
+    # the max over each replica's ranks. Overlapped, the word leaves with step 6's all_reduce.
+    run_world(_stop_requested_on_one_rank_of_a_mesh, 4, str(tmp_path))
+    assert [(tmp_path / f"stopped.rank{r}").read_text() for r in range(4)] == ["6"] * 4
+    saved = sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000006").glob("replica-*.pt"))
+    assert saved == [f"replica-{r}.pt" for r in range(4)]
+
+
 # ---- the replicas' spread step by step, read back from TensorBoard
 
 
