@@ -49,11 +49,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
 from replica_dist.config import Config
-from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.data import load_dataset
 from replica_dist.evaluate import LOSSES
 from replica_dist.flat import FlatState
 from replica_dist.guard import Guard
-from replica_dist.loop import build_optimizer, replica_seed, train
+from replica_dist.loop import build_optimizer, rank_batches, replica_seed, train
 from replica_dist.model import build_model
 from replica_dist.timing import SECTIONS, StepTimer
 from replica_dist.train import load_config
@@ -129,15 +129,9 @@ def _run_trainer(cfg: Config, run_dir: Path, device: torch.device, timer: StepTi
 
 def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
     """The plain loop PyTorch's model-averaging docs show, on the trainer's data and model."""
+    dist.init_mesh(1, device)
     data = load_dataset(cfg.data, cfg.seed, torch.float32)
-    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, dist.rank(), dist.world_size())
-    batches = ReplicaBatches(
-        data.x_train[mine].to(device),
-        data.y_train[mine].to(device),
-        cfg.train.batch_size,
-        cfg.seed,
-        dist.rank(),
-    )
+    batches = rank_batches(cfg, data, device)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, dist.rank()))
     model = model.to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters())

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from replica_dist import dist, flatness, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull_from_gap_
-from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_indices
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
@@ -44,6 +44,14 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     )
 
 
+def rank_batches(cfg: Config, data: Dataset, device: torch.device) -> ReplicaBatches:
+    """This rank's minibatches: its replica's shard, split among the replica's dp ranks."""
+    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, dist.replica(), dist.num_replicas())
+    mine = mine[dist.dp_rank() :: cfg.parallel.dp]
+    x, y = data.x_train[mine].to(device), data.y_train[mine].to(device)
+    return ReplicaBatches(x, y, cfg.train.batch_size, cfg.seed, dist.rank())
+
+
 def train(
     cfg: Config,
     run_dir: Path,
@@ -64,15 +72,7 @@ def train(
 
     # ---- data: the shared test set, and this rank's part of its replica's training data
     data = load_dataset(cfg.data, cfg.seed, dtype)
-    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, replica, num_replicas)
-    mine = mine[dist.dp_rank() :: cfg.parallel.dp]
-    batches = ReplicaBatches(
-        data.x_train[mine].to(device),
-        data.y_train[mine].to(device),
-        cfg.train.batch_size,
-        cfg.seed,
-        dist.rank(),
-    )
+    batches = rank_batches(cfg, data, device)
     # Evaluation covers the whole training set (all shards) and the shared test set.
     splits = {
         "train_set": (data.x_train.to(device), data.y_train.to(device)),
