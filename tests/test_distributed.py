@@ -159,6 +159,70 @@ def test_overlapped_and_bucketed_equal_synchronous_bit_for_bit(tmp_path):
                     assert [e.value for e in logged.Scalars(tag)] == [e.value for e in expected.Scalars(tag)]
 
 
+# ---- memory: no full-size tensor is made on a training step that does not log
+
+
+def _largest_new_tensor_per_step(rank: int, world_size: int, root: str) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from replica_dist.timing import StepTimer
+
+    largest = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            fresh = [  # outputs that do not share memory with an input: new allocations
+                t.numel()
+                for t in outs
+                if isinstance(t, torch.Tensor)
+                and not any(
+                    isinstance(a, torch.Tensor)
+                    and a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                    for a in args
+                )
+            ]
+            largest[-1] = max([largest[-1], *fresh])
+            return out
+
+    class Watch(StepTimer):
+        def start_step(self):
+            largest.append(0)
+            self.mode = Largest()
+            self.mode.__enter__()
+
+        def lap(self, section):
+            pass
+
+        def end_step(self, section):
+            self.mode.__exit__(None, None, None)
+
+    for case in ("tanh", "linear_sync", "average"):
+        overrides = {"tanh": ["coupling=tanh"], "linear_sync": ["coupling=linear", "dist.overlap=false"]}
+        overrides["average"] = ["coupling=average", "coupling.every=2"]
+        run_dir = Path(root) / case
+        cfg, _ = load_config(
+            COMMON
+            + overrides[case]
+            + ["train.steps=8", "log.every=1000", "eval.every=1000", f"hydra.run.dir={run_dir}"]
+        )
+        largest.clear()
+        loop.train(cfg, run_dir, torch.device("cpu"), timer=Watch(torch.device("cpu")))
+        (run_dir / f"largest.rank{rank}.json").write_text(json.dumps(largest))
+
+
+def test_training_steps_that_do_not_log_allocate_nothing_model_sized(tmp_path):
+    run_world(_largest_new_tensor_per_step, 2, str(tmp_path))
+    numel = 64 * 32 + 32 + 32 * 10 + 10  # the mlp of COMMON on digits
+    largest_parameter = 64 * 32
+    for case in ("tanh", "linear_sync", "average"):
+        for rank in range(2):
+            largest = json.loads((tmp_path / case / f"largest.rank{rank}.json").read_text())
+            assert largest[0] >= numel  # step 1 logs: it copies the weights (the probe sees them)
+            assert max(largest[1:-1]) <= largest_parameter, (case, rank, largest)  # a gradient at most
+
+
 # ---- replicas x data parallel: a (2, 2) mesh of 4 processes
 
 MESH_CASES = {
