@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 
-from replica_dist.note_figure import pooled_median
 from replica_dist.report import ReportError, layers, load_run, positive, pyplot, replicas
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,10 +300,25 @@ def run_metrics(run_dir: Path, part: str) -> dict[str, float]:
     if part == "deep":
         events = load_run(run_dir)
         first, last = first_last(events)
+        early = early_steps(summary["steps"])
         for group in ("update_ratio", "grad_step", "coupling_step"):
-            metrics[f"{group}/first"] = pooled_median(events, f"{group}/{first}")
-            metrics[f"{group}/last"] = pooled_median(events, f"{group}/{last}")
+            for position, layer in (("first", first), ("last", last)):
+                metrics[f"{group}/{position}_early"] = early_median(events, f"{group}/{layer}", early)
     return metrics
+
+
+def early_steps(steps: int) -> int:
+    """The end of the learning phase the deep table looks at: the first sixth of training
+    (250 of 1500 steps), before the uncoupled replicas have fit their shards and every
+    update shrinks."""
+    return steps // 6
+
+
+def early_median(events, tag: str, last_step: int) -> float:
+    """Median of a tag over every replica's logged steps up to `last_step`."""
+    series = (scalars[tag] for scalars in replicas(events).values())
+    values = [vals[steps <= last_step] for steps, vals in series]
+    return float(np.median(np.concatenate(values)))
 
 
 def first_last(events) -> tuple[str, str]:
@@ -353,7 +367,35 @@ def collect(runs_dir: Path, runs: list[Run]) -> dict:
         "total_process_wall_seconds": sum(walls.get(run.name, 0.0) for run in runs),
         "runs": records,
         "aggregates": aggregates,
+        "paired": paired(records),
     }
+
+
+PAIRS = (
+    ("center − ddp", "ddp", "test_accuracy/center"),
+    ("center − ensemble of none", "none", "test_accuracy/ensemble"),
+    ("center − mean of none's replicas", "none", "test_accuracy/replicas"),
+)
+"""Paired comparisons of the main table: (column, reference form, reference metric)."""
+
+
+def paired(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per main form, its center's test accuracy minus a reference's on the same seed (the same
+    data split and test set), as mean and std over seeds: the seed-to-seed spread of the
+    split, which the main table's std carries, cancels."""
+    main = {(r["setting"], r["seed"]): r["metrics"] for r in records if r["part"] == "main"}
+    forms = list(dict.fromkeys(setting for setting, _ in main))
+    table = {}
+    for form in forms:
+        seeds = [seed for setting, seed in main if setting == form]
+        table[form] = {
+            column: mean_std(
+                [main[form, seed]["test_accuracy/center"] - main[reference, seed][metric] for seed in seeds]
+            )
+            for column, reference, metric in PAIRS
+            if reference != form and all((reference, seed) in main for seed in seeds)
+        }
+    return table
 
 
 # ---- tables
@@ -403,6 +445,11 @@ def main_table(aggregates: dict) -> str:
     return stats_table("form", aggregates["main"], [*ACCURACY, TRAINING_WALL, process])
 
 
+def paired_table(pairs: dict) -> str:
+    columns: list[Column] = [(f"{column}, points", column, 100, 2) for column, _, _ in PAIRS]
+    return stats_table("form", {form: stats for form, stats in pairs.items() if stats}, columns)
+
+
 def energy_table(aggregates: dict) -> str:
     rows = []
     for form, s in aggregates["main"].items():
@@ -421,20 +468,39 @@ def sweep_table(aggregates: dict) -> str:
 
 def deep_table(aggregates: dict) -> str:
     per_layer: list[Column] = [
-        (f"{group} ×1e3, {position} layer", f"{group}/{position}", 1e3, 2)
+        (f"{group} ×1e3, {position} layer", f"{group}/{position}_early", 1e3, 2)
         for group in ("update_ratio", "grad_step", "coupling_step")
         for position in ("first", "last")
     ]
     return stats_table("setting", aggregates["deep"], [*ACCURACY, *per_layer])
 
 
-def settings_list(runs: list[Run], part: str) -> str:
-    """Each setting of a part and the overrides that make it, beyond the common ones."""
-    seen: dict[str, tuple[str, ...]] = {}
-    for run in runs:
-        if run.part == part:
-            seen.setdefault(run.setting.label, run.setting.overrides)
-    return "".join(f"- {label}: `{' '.join(overrides)}`\n" for label, overrides in seen.items())
+def _shared(overrides: list[tuple[str, ...]]) -> list[str]:
+    """The overrides every one of `overrides` holds, in the order of the first."""
+    return [o for o in overrides[0] if all(o in other for other in overrides[1:])]
+
+
+def settings_text(runs: list[Run]) -> str:
+    """What every run shares, what each part adds, and each setting's own overrides."""
+    common = _shared([run.overrides for run in runs])
+    lines = [
+        f"Every run, {runs[0].nproc} replicas: `{' '.join(common)}`; then its part's and its setting's "
+        "overrides, and `seed=`. Where a key comes twice the later wins (the deep runs' `model.*`).",
+        "",
+    ]
+    for part, title in (("main", "Main table"), ("sweep", "Sweep"), ("deep", "Deep experiment")):
+        own = [run for run in runs if run.part == part]
+        extra = [
+            o
+            for o in _shared([tuple(o for o in r.overrides if o not in r.setting.overrides) for r in own])
+            if o not in common
+        ]
+        seeds = sorted({run.seed for run in own})
+        lines += [f"{title}, seeds {', '.join(map(str, seeds))}, also `{' '.join(extra)}`:", ""]
+        settings = {run.setting.label: run.setting.overrides for run in own}
+        lines += [f"- {label}: `{' '.join(overrides)}`" for label, overrides in settings.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def blocks(study: dict, runs: list[Run], runs_dir: Path, quick: bool) -> dict[str, str]:
@@ -445,18 +511,11 @@ def blocks(study: dict, runs: list[Run], runs_dir: Path, quick: bool) -> dict[st
     commands = "\n".join(command_line(run) for run in runs)
     return {
         "main": main_table(aggregates),
+        "paired": paired_table(study["paired"]),
         "energy": energy_table(aggregates),
         "sweep": sweep_table(aggregates),
         "deep": deep_table(aggregates),
-        "settings": (
-            f"Common to every run: `{' '.join(BASE)}`, {runs[0].nproc} replicas, `train.steps` as listed "
-            "in the commands.\n\nMain table:\n\n"
-            + settings_list(runs, "main")
-            + "\nSweep:\n\n"
-            + settings_list(runs, "sweep")
-            + "\nDeep experiment:\n\n"
-            + settings_list(runs, "deep")
-        ),
+        "settings": settings_text(runs),
         "commands": (
             "```\n"
             f"launch/study.sh{flags} --runs runs/study    # trains every run, then writes the tables and plots\n"
@@ -495,7 +554,7 @@ def fill_page(text: str, generated: dict[str, str]) -> str:
 def skeleton() -> str:
     """A page for a study without one (e.g. --quick): its blocks under plain headings."""
     parts = ["# Does coupling help? (generated page; no conclusions written)\n"]
-    for name in ("commands", "settings", "main", "energy", "sweep", "deep"):
+    for name in ("commands", "settings", "main", "paired", "energy", "sweep", "deep"):
         parts.append(f"\n## {name}\n\n<!-- study:{name} -->\n<!-- /study:{name} -->\n")
     parts.append("\n![main](study_main.png)\n\n![sweep](study_sweep.png)\n\n![deep](study_deep.png)\n")
     return "".join(parts)
@@ -533,10 +592,11 @@ def main_figure(aggregates: dict, nproc: int, path: Path) -> None:
         _errorbar(
             ax, x + offset, stats, 100, fmt=marker, label=model if model != "replicas" else "mean of replicas"
         )
-        shown += [100 * s["mean"] for s in stats]
-    # The center of independent replicas (none) is an average of unrelated networks: far
-    # below the rest; the axis shows the rest and says where that point is.
-    floor = min(v for v in shown if v >= 80.0) - 2 if any(v >= 80 for v in shown) else min(shown) - 2
+        shown += [(100 * s["mean"], 100 * (s["mean"] - np.nan_to_num(s["std"]))) for s in stats]
+    # The center of independent replicas (none) can be an average of unrelated networks, far
+    # below the rest (at chance in a deep net): the axis shows the rest and says where it is.
+    kept = [low for mean, low in shown if mean >= 80.0] or [low for _, low in shown]
+    floor = min(kept) - 1
     ax.set_ylim(floor, 100.2)
     for i, form in enumerate(forms):
         value = 100 * main[form]["test_accuracy/center"]["mean"]
@@ -597,8 +657,8 @@ def main_figure(aggregates: dict, nproc: int, path: Path) -> None:
 
 
 def sweep_figure(aggregates: dict, path: Path) -> None:
-    """Per sweep setting: the center's and the ensemble's test accuracy, and the wall time of
-    the training loop."""
+    """Per sweep setting: the test accuracy of the center and the mean of the replicas, and the
+    wall time of the training loop."""
     plt = pyplot()
     sweep = aggregates["sweep"]
     labels = list(sweep)
@@ -606,16 +666,18 @@ def sweep_figure(aggregates: dict, path: Path) -> None:
         1, 2, figsize=(13, 0.4 * len(labels) + 1.8), sharey=True, gridspec_kw={"width_ratios": [2, 1]}
     )
     y = np.arange(len(labels))[::-1]
-    for offset, (model, marker) in zip((0.12, -0.12), (("center", "o"), ("ensemble", "^"))):
+    for offset, (model, marker) in zip((0.12, -0.12), (("center", "o"), ("replicas", "s"))):
         stats = [sweep[label][f"test_accuracy/{model}"] for label in labels]
-        _errorbar(axes[0], y + offset, stats, 100, horizontal=True, fmt=marker, label=model)
-    _errorbar(axes[1], y, [sweep[label]["wall_seconds/train"] for label in labels], horizontal=True, fmt="s")
+        name = "center" if model == "center" else "mean of replicas"
+        _errorbar(axes[0], y + offset, stats, 100, horizontal=True, fmt=marker, label=name)
+    walls = [sweep[label]["wall_seconds/train"] for label in labels]
+    _errorbar(axes[1], y, walls, horizontal=True, fmt="s")
     axes[0].set_yticks(y, labels)
     axes[0].set_xlabel("test accuracy % (mean ± std over seeds)")
     axes[0].set_title(f"sweep of tanh and linear coupling, {_seeds(sweep[labels[0]])} seeds each")
     axes[0].legend(fontsize="small")
     axes[1].set_xlabel("seconds")
-    axes[1].set_xlim(0, 1.1 * max(sweep[label]["wall_seconds/train"]["mean"] for label in labels))
+    axes[1].set_xlim(0, 1.1 * max(w["mean"] + np.nan_to_num(w["std"]) for w in walls))
     axes[1].set_title("wall time of the training loop")
     for ax in axes:
         ax.grid(True, alpha=0.3)
@@ -648,10 +710,16 @@ def deep_figure(runs_dir: Path, runs: list[Run], path: Path) -> None:
     loaded = {run: load_run(runs_dir / run.name) for run in runs if run.part == "deep"}
     settings = list(dict.fromkeys(run.setting.label for run in loaded))
     first, last = first_last(next(iter(loaded.values())))
+    some_replica = next(iter(replicas(next(iter(loaded.values()))).values()))
+    early = early_steps(int(some_replica["train/loss"][0][-1]))
     panels = [
         (f"first layer ({first}): update ratio ‖Δw‖/‖w‖", True, [(f"update_ratio/{first}", "-")]),
         (f"last layer ({last}): update ratio ‖Δw‖/‖w‖", True, [(f"update_ratio/{last}", "-")]),
-        ("test accuracy of the center", False, [("test/accuracy", "-")]),
+        (
+            "test accuracy: center (solid), mean of replicas (dashed)",
+            False,
+            [("center:test/accuracy", "-"), ("test/accuracy", "--")],
+        ),
         (
             "first layer: grad_step (solid), coupling_step (dashed)",
             True,
@@ -669,9 +737,8 @@ def deep_figure(runs_dir: Path, runs: list[Run], path: Path) -> None:
     for ax, (title, log, series) in zip(axes.flat, panels):
         for setting, color in zip(settings, colors):
             for tag, style in series:
-                steps, values = _series(
-                    loaded, setting, "center" if tag.startswith("test/") else "replicas", tag
-                )
+                source, _, name = tag.rpartition(":")
+                steps, values = _series(loaded, setting, source or "replicas", name)
                 if log and not (values > 0).any():
                     continue  # no coupling: coupling_step is 0 throughout
                 show = positive if log else np.asarray
@@ -680,6 +747,7 @@ def deep_figure(runs_dir: Path, runs: list[Run], path: Path) -> None:
                 if len(values) > 1:
                     low, high = show(values.min(axis=0)), show(values.max(axis=0))
                     ax.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
+        ax.axvline(early, color="gray", ls=":", lw=1)
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("step")
         if log:
@@ -688,7 +756,8 @@ def deep_figure(runs_dir: Path, runs: list[Run], path: Path) -> None:
         ax.legend(fontsize="x-small")
     fig.suptitle(
         f"8-layer tanh MLP ({'-'.join(map(str, [64, *DEEP_HIDDEN, 10]))}) on digits, "
-        f"{runs[0].nproc} replicas: mean over replicas and seeds, band = min..max over seeds"
+        f"{runs[0].nproc} replicas: mean over replicas and seeds, band = min..max over seeds; "
+        f"the table's medians are over steps 1-{early} (dotted line)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -703,7 +772,9 @@ def write_outputs(runs_dir: Path, docs: Path, runs: list[Run], quick: bool) -> s
     study = collect(runs_dir, runs)
     (runs_dir / "study.json").write_text(json.dumps(study, indent=2) + "\n")
     generated = blocks(study, runs, runs_dir, quick)
-    tables = "".join(f"## {name}\n\n{generated[name]}\n" for name in ("main", "energy", "sweep", "deep"))
+    tables = "".join(
+        f"## {name}\n\n{generated[name]}\n" for name in ("main", "paired", "energy", "sweep", "deep")
+    )
     (runs_dir / "study_tables.md").write_text(tables)
     docs.mkdir(parents=True, exist_ok=True)
     main_figure(study["aggregates"], study["nproc"], docs / "study_main.png")
