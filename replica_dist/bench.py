@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -367,6 +368,7 @@ def main(argv: list[str]) -> int:
                 else:
                     _run_trainer(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer)
                 # The last step logs and evaluates (full-size copies of the weights): not counted.
+                gc.collect()  # the variant's DDP reducer and the like, before the next one starts
                 steps[name] += timer.steps[args.warmup : -1]
                 peaks[name] += timer.peak_bytes[args.warmup : -1]
                 if dist.rank() == 0:
