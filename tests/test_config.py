@@ -44,7 +44,7 @@ def test_default_config_loads(tmp_path):
     assert cfg.model.hidden == [128]
     assert cfg.data.name == "digits"
     assert cfg.coupling.name == "tanh"
-    assert cfg.coupling.eta == pytest.approx(0.05)
+    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_growth == pytest.approx(0.004)
     assert cfg.optim.name == "sgd"
     assert cfg.optim.lr == pytest.approx(0.05)
     assert cfg.optim.momentum == pytest.approx(0.9)
@@ -187,7 +187,7 @@ def test_bad_overrides_accepted_at_boundary(tmp_path):
 def test_group_option_coupling_linear(tmp_path):
     cfg, _ = _load(tmp_path, "coupling=linear")
     assert cfg.coupling.name == "linear"
-    assert cfg.coupling.eta == pytest.approx(0.05)
+    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_growth == pytest.approx(0.004)
     assert cfg.coupling.eta_max == pytest.approx(1.0)
     assert cfg.coupling.every == 1
     assert cfg.coupling.via_optimizer is False
