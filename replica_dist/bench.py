@@ -124,10 +124,6 @@ def _step_stats(steps: list[dict[str, float]], peak_bytes: list[int], samples_pe
     }
 
 
-def _run_trainer(cfg: Config, run_dir: Path, device: torch.device, timer: StepTimer) -> None:
-    train(cfg, run_dir, device, Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips), timer)
-
-
 def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
     """The plain loop PyTorch's model-averaging docs show, on the trainer's data and model."""
     dist.init_mesh(1, device)
@@ -366,7 +362,7 @@ def main(argv: list[str]) -> int:
                 if name == AVERAGER:
                     _run_averager(cfg, device, timer)
                 else:
-                    _run_trainer(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer)
+                    train(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer=timer)
                 # The last step logs and evaluates (full-size copies of the weights): not counted.
                 gc.collect()  # the variant's DDP reducer and the like, before the next one starts
                 steps[name] += timer.steps[args.warmup : -1]
@@ -388,7 +384,7 @@ def main(argv: list[str]) -> int:
             steps = [f"train.steps={HOST_COPY_STEPS}"]
             cfg, _ = load_config(common[:-1] + steps + VARIANTS["coupled overlapped"])
             counter = _HostCopyCounter(device)
-            _run_trainer(cfg, work / "host_copies", device, counter)
+            train(cfg, work / "host_copies", device, timer=counter)
             host_copies = counter.copies
         dist.barrier()
         if dist.rank() == 0:

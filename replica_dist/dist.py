@@ -203,9 +203,8 @@ class ReplicaExchange:
             for work in self._works:
                 work.wait()
         self._works = []
-        table = self.table.to(
-            "cpu", copy=True
-        )  # the host waits here for the all_reduce, not for the division
+        # The host waits here for the all_reduce, not for the division below.
+        table = self.table.to("cpu", copy=True)
         return self.flat.div_(num_replicas()), _agree_within_replica(table)
 
 
