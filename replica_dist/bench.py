@@ -49,7 +49,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
-from replica_dist.config import Config
+from replica_dist.config import Config, load_config
 from replica_dist.data import load_dataset
 from replica_dist.evaluate import LOSSES
 from replica_dist.flat import FlatState
@@ -57,7 +57,6 @@ from replica_dist.guard import Guard
 from replica_dist.loop import build_optimizer, rank_batches, replica_seed, train
 from replica_dist.model import build_model
 from replica_dist.timing import SECTIONS, StepTimer
-from replica_dist.train import load_config
 
 VARIANTS = {
     "independent": ["coupling=none"],

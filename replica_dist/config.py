@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -73,8 +78,11 @@ class DataConfig:
     test_fraction: float = 0.2
     """digits, teacher: fraction of the samples held out as the shared test set."""
     path: str = ""
-    """file: path of a .npz holding X_train, y_train, X_test, y_test. Integer y means
-    classification, floating y regression."""
+    """file: path of a .npz holding X_train, y_train, X_test, y_test (see `task`)."""
+    task: str = "auto"
+    """file: classification (integer labels 0..C-1, C >= 2) or regression (floating targets);
+    auto tells them apart by the dtype of y_train and refuses what the dtype cannot settle
+    (integer-valued targets: say data.task=regression)."""
     num_samples: int = 2000
     """teacher: number of samples generated (train and test together)."""
     input_dim: int = 1000
@@ -89,6 +97,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.name", self.name, ("digits", "seed", "teacher", "file"))
         _one_of("data.split", self.split, ("shard", "full"))
+        _one_of("data.task", self.task, ("auto", "classification", "regression"))
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
         _check(self.name != "file" or self.path != "", "data.path must be set for data.name=file")
         for key in ("num_samples", "input_dim", "num_outputs", "library_size", "fixed_batch"):
@@ -119,6 +128,10 @@ class CouplingConfig:
     """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0.
     Default 0.004 (docs/study.md): eta grows from 0.001 to 0.4 at step 1500; for a run of T
     steps about 6/T keeps that shape; 0 gives a constant eta."""
+    eta_final: float | None = None
+    """If set, eta at the last step (train.steps): the growth is derived from the run's
+    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used. The
+    study's shape over any run length is eta=0.001 eta_final=0.4."""
     eta_max: float = 1.0
     """Cap of the scoped eta. For linear, above 1 the pull overshoots the mean."""
     temperature: float = 1.0
@@ -145,6 +158,10 @@ class CouplingConfig:
             self.name != "linear" or self.eta_max <= 1,
             f"coupling.eta_max must be <= 1 for coupling.name=linear (beyond 1 the pull "
             f"overshoots the mean); got {self.eta_max}",
+        )
+        _check(
+            self.eta_final is None or 0 < self.eta_final <= self.eta_max,
+            f"coupling.eta_final must be in (0, coupling.eta_max={self.eta_max}]; got {self.eta_final}",
         )
         _check(self.temperature > 0, f"coupling.temperature must be > 0; got {self.temperature}")
         _check(self.every >= 1, f"coupling.every must be >= 1; got {self.every}")
@@ -357,3 +374,35 @@ def register_configs() -> None:
     """Register the schema under `base_config`; conf/ holds the YAML options of each group,
     which Hydra merges into this typed schema (so a wrong key or type fails there)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages, folded to their informative lines."""
+    lines = []
+    for part in (err, err.__cause__):
+        for line in str(part or "").splitlines():
+            line = line.strip()
+            if line.startswith(("Config search path", "provider=", "reference_type", "object_type")):
+                continue
+            if line and line not in lines:
+                lines.append(line)
+    return " ".join(lines)
+
+
+def load_config(overrides: list[str]) -> tuple[Config, Path]:
+    """The validated config and the run directory, from command-line overrides."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            dict_cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        run_dir = Path(dict_cfg.hydra.run.dir)
+        with open_dict(dict_cfg):
+            del dict_cfg["hydra"]
+        return OmegaConf.to_object(dict_cfg), run_dir
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None

@@ -14,48 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
-from replica_dist.config import Config, ConfigError, register_configs
+from replica_dist.config import CONF_DIR, ConfigError, load_config
 from replica_dist.guard import Guard, StopRequested
 from replica_dist.loop import train
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("replica_dist")
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line messages, folded to their informative lines."""
-    lines = []
-    for part in (err, err.__cause__):
-        for line in str(part or "").splitlines():
-            line = line.strip()
-            if line.startswith(("Config search path", "provider=", "reference_type", "object_type")):
-                continue
-            if line and line not in lines:
-                lines.append(line)
-    return " ".join(lines)
-
-
-def load_config(overrides: list[str]) -> tuple[Config, Path]:
-    """The validated config and the run directory, from command-line overrides."""
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            dict_cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        run_dir = Path(dict_cfg.hydra.run.dir)
-        with open_dict(dict_cfg):
-            del dict_cfg["hydra"]
-        return OmegaConf.to_object(dict_cfg), run_dir
-    except ConfigError:
-        raise
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_one_line(err)) from None
 
 
 def setup_logging(rank: int) -> None:

@@ -18,7 +18,7 @@ from replica_dist.config import (
     OptimConfig,
     TrainConfig,
 )
-from replica_dist.train import load_config
+from replica_dist.config import load_config
 from runs import REPO
 
 
@@ -74,6 +74,8 @@ BAD_OVERRIDES = [
     (["coupling.eta=0.5", "coupling.eta_max=0.1"], r"coupling\.eta_max"),
     (["coupling=linear", "coupling.eta_max=2"], r"coupling\.eta_max"),
     (["coupling.temperature=0"], r"coupling\.temperature"),
+    (["coupling.eta_final=0"], r"coupling\.eta_final"),
+    (["coupling.eta_final=2"], r"coupling\.eta_final"),
     (["coupling=average", "coupling.via_optimizer=true"], r"coupling\.via_optimizer"),
     (["model=foo"], r"model"),
     (["model.name=foo"], r"model\.name"),
@@ -81,6 +83,7 @@ BAD_OVERRIDES = [
     (["model.activation=foo"], r"model\.activation"),
     (["data.name=foo"], r"data\.name"),
     (["data.split=foo"], r"data\.split"),
+    (["data.task=foo"], r"data\.task"),
     (["data.test_fraction=1.5"], r"data\.test_fraction"),
     (["data=file"], r"data\.path"),
     (["train.steps=0"], r"train\.steps"),

@@ -14,7 +14,7 @@ from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop
 from replica_dist.coupling import is_coupling_step
-from replica_dist.train import load_config
+from replica_dist.config import load_config
 from runs import events, replica_weights, scalar
 
 COMMON = [

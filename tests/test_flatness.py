@@ -266,7 +266,7 @@ def test_cli_refuses_a_missing_or_unfinished_run(tmp_path):
 
 def _train_with_flatness(rank: int, world_size: int, run_dir: str) -> None:
     from replica_dist import loop
-    from replica_dist.train import load_config
+    from replica_dist.config import load_config
 
     cfg, _ = load_config(
         [

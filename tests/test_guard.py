@@ -12,7 +12,7 @@ from worlds import COLLECTIVE_TIMEOUT_S, run_world
 from replica_dist import dist, loop
 from replica_dist.data import ReplicaBatches
 from replica_dist.guard import Guard
-from replica_dist.train import load_config
+from replica_dist.config import load_config
 from runs import events, replica_weights
 
 

@@ -17,7 +17,7 @@ from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop
 from replica_dist.data import ReplicaBatches
-from replica_dist.train import load_config
+from replica_dist.config import load_config
 from runs import REPO, events, replica_weights, torchrun_command
 
 OVERRIDES = [
