@@ -1,0 +1,16 @@
+"""Failures that end a run with one line instead of a traceback.
+
+`ConfigError` (replica_dist.config, exit status 2) is a bad setting or input, found before
+anything is written. `RunError` (exit status 1) is a failure during the run that the user can
+act on: a diverged run, a full disk. Every rank raises it together, in the same step, so that
+all stop at once; the entry point prints its message once, from rank 0, as
+`replica_dist: error: <message>`, and exits with `exit_status` on every rank.
+"""
+
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """A run-time failure with a one-line message (what, where, what to try)."""
+
+    exit_status = 1
