@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Train NPROC coupled replicas on this machine (default 4, CPU/gloo or one GPU each).
-#   launch/run.sh                              # the default job: tanh coupling on digits
-#   NPROC=2 launch/run.sh coupling=linear optim.lr=0.1
-#   RUN_DIR=runs/mine launch/run.sh +experiment=note
-# The run directory is decided here, once, so every rank writes into the same one.
+# Train coupled replicas on this machine, one process each (default 4; CPU/gloo or one GPU each).
+#   launch/run.sh                                  # the default job: tanh coupling on digits
+#   launch/run.sh --nproc 2 coupling=linear optim.lr=0.1
+#   launch/run.sh hydra.run.dir=runs/mine +experiment=note
+#   launch/run.sh --help                           # every config group and key
+# Each launch gets its own run directory (runs/<date>_<time>) unless hydra.run.dir (or RUN_DIR)
+# names one; an interrupted run prints the command that resumes it. NPROC and MAX_RESTARTS set
+# the defaults of --nproc and --max-restarts. See replica_dist/launch.py.
 set -euo pipefail
-NPROC="${NPROC:-4}"
-RUN_DIR="${RUN_DIR:-runs/$(date +%Y-%m-%d_%H-%M-%S)}"
-exec torchrun --standalone --nproc_per_node="$NPROC" \
-    -m replica_dist.train hydra.run.dir="$RUN_DIR" "$@"
+export REPLICA_DIST_PROG="${REPLICA_DIST_PROG:-launch/run.sh}"
+exec python -m replica_dist.launch "$@"

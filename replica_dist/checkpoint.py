@@ -456,3 +456,12 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
     if removed:
         _fsync_dir(Path(root))
     return removed
+
+
+def newest_with_manifest(root: str | os.PathLike) -> int | None:
+    """The newest step whose manifest exists, without reading any replica file (a quick
+    answer for messages; find_resumable is the careful one)."""
+    for step, folder in reversed(_steps(Path(root))):
+        if (folder / MANIFEST).is_file():
+            return step
+    return None

@@ -406,3 +406,8 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
         raise
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def help_text() -> str:
+    """Where the config groups and keys are described (placeholder until the key table lands)."""
+    return f"Config groups and options: see {CONF_DIR} and replica_dist/config.py."

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from replica_dist import dist, flatness, run_state
+from replica_dist import dist, flatness, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull_from_gap_
 from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_indices
@@ -69,6 +69,9 @@ def train(
 
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
+    if start.finished:
+        run_lock.release()
+        return run_state.finished_summary(run_dir)
 
     # ---- data: the shared test set, and this rank's part of its replica's training data
     data = load_dataset(cfg.data, cfg.seed, dtype)
@@ -251,6 +254,7 @@ def train(
         return summary
     finally:
         diagnostics.close()
+        run_lock.release()
 
 
 def _summary(

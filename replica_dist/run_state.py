@@ -8,9 +8,10 @@ The coupling's schedule is a function of the step alone, so the step restores it
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from replica_dist import checkpoint, dist
+from replica_dist import checkpoint, dist, run_lock
 from replica_dist.config import Config, ConfigError
 from replica_dist.data import ReplicaBatches
 from replica_dist.guard import Guard
 
 log = logging.getLogger(__name__)
 
-_FRESH, _RESUME, _TAKEN, _MISMATCH = range(4)
+_FRESH, _RESUME, _TAKEN, _MISMATCH, _FINISHED = range(5)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -42,6 +43,9 @@ class Start:
     """The step of the checkpoint resumed from; 0 for a fresh run."""
     saved_world_size: int
     """How many replicas wrote that checkpoint (this run's own count for a fresh run)."""
+    finished: bool = False
+    """This job had already finished the run (torchrun restarted it after summary.json was
+    written): nothing to train, the results are on disk."""
 
 
 def decide_start(cfg: Config, run_dir: Path) -> Start:
@@ -52,6 +56,9 @@ def decide_start(cfg: Config, run_dir: Path) -> Start:
     )
     if status in (_TAKEN, _MISMATCH):
         raise ConfigError(message)
+    if status == _FINISHED:
+        log.info("this job had already finished the run in %s: its results follow", run_dir)
+        return Start(step, saved_world_size, finished=True)
     if status == _RESUME and step >= cfg.train.steps:
         raise ConfigError(
             f"train.steps={cfg.train.steps} ends before the checkpoint to resume from (step {step}); "
@@ -67,20 +74,25 @@ def decide_start(cfg: Config, run_dir: Path) -> Start:
 
 
 def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
-    if (run_dir / "summary.json").exists():
-        return (
-            _TAKEN,
-            0,
-            0,
-            f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir",
-        )
-    try:  # before any rank writes anything, so that a bad path fails cleanly on every rank
+    """Rank 0's look at the run directory, under the directory's lock (see run_lock)."""
+    finished = (run_dir / "summary.json").exists()
+    finished_message = f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir"
+    if finished and not (run_dir / run_lock.LOCK_NAME).exists():
+        return _TAKEN, 0, 0, finished_message  # a finished run is never written into
+    try:  # before anything is written, so that a bad path fails cleanly on every rank
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        last_writer = run_lock.acquire(run_dir)
     except OSError as err:
         return _TAKEN, 0, 0, f"hydra.run.dir={run_dir} cannot be written: {err.strerror or err}"
+    except ConfigError as err:
+        return _TAKEN, 0, 0, str(err)
+    # A worker group that torchrun restarted is the same job as the one that wrote the directory.
+    same_job = bool(run_lock.current_job()) and last_writer.get("job") == run_lock.current_job()
+    if finished:
+        if same_job:
+            return _FINISHED, 0, dist.world_size(), ""
+        run_lock.release()
+        return _TAKEN, 0, 0, finished_message
     root = checkpoint_root(run_dir)
     if cfg.checkpoint.resume and root.is_dir():
         for stray in checkpoint.clean_temporaries(root):
@@ -90,21 +102,33 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
                 root, dist.world_size(), run_hash(cfg), allow_other_world_size=cfg.checkpoint.remap
             )
         except checkpoint.CheckpointMismatch as err:
+            run_lock.release()
             hint = " (or set checkpoint.remap=true)" if "replicas, this run has" in str(err) else ""
             return _MISMATCH, 0, 0, f"checkpoint: {err}{hint}"
         if step is not None:
+            run_lock.record()
             return _RESUME, step, checkpoint.saved_world_size(root, step), ""
     if (run_dir / "tb").exists():
-        return (
-            _TAKEN,
-            0,
-            0,
-            (
-                f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
-                f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
-            ),
-        )
+        if not same_job:
+            run_lock.release()
+            return (
+                _TAKEN,
+                0,
+                0,
+                (
+                    f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
+                    f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+                ),
+            )
+        log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
+        shutil.rmtree(run_dir / "tb")
+    run_lock.record()
     return _FRESH, 0, dist.world_size(), ""
+
+
+def finished_summary(run_dir: Path) -> dict:
+    """The results of a run that had finished (see Start.finished)."""
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _rng_states() -> dict:

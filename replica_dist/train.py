@@ -9,16 +9,23 @@ one line naming the key, and so that `--multirun` cannot start a sweep inside ev
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
-from replica_dist.config import CONF_DIR, ConfigError, load_config
+from replica_dist.config import ConfigError, help_text, load_config
+from replica_dist.errors import RunError
 from replica_dist.guard import Guard, StopRequested
+from replica_dist.launch import LAUNCHER_ENV
 from replica_dist.loop import train
 
 log = logging.getLogger("replica_dist")
@@ -46,23 +53,80 @@ def report(summary: dict, run_dir: Path) -> None:
     log.info("run directory %s | tensorboard --logdir %s", run_dir, run_dir / "tb")
 
 
+def info_flags(argv: list[str], prog: str = "python -m replica_dist.train") -> int | None:
+    """Answer `--help` and `--cfg job` (exit status 0) and refuse `--multirun` (2); None for a
+    command line that asks to train. Shared by this entry point and the launcher."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"usage: {prog} [overrides ...]\n")
+        print(__doc__)
+        print(help_text())
+        return 0
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        raise ConfigError(
+            "--multirun is not supported: run a sweep as one launch per setting "
+            "(see launch/study.sh), each its own torchrun job"
+        )
+    for i, arg in enumerate(argv):
+        if arg in ("--cfg", "-c") or arg.startswith("--cfg="):
+            what = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if what != "job":
+                raise ConfigError(f"--cfg takes 'job' (print the composed config); got {what!r}")
+            rest = [a for j, a in enumerate(argv) if j not in (i, i + 1) and a != arg]
+            cfg, run_dir = load_config(rest)
+            print(f"# hydra.run.dir: {run_dir}")
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+            return 0
+    return None
+
+
+def watch_parent() -> None:
+    """Under torchrun, stop (as on SIGTERM) when the agent that started this worker is gone: a
+    killed agent (OOM killer, a hard stop of the job) must not leave workers training on,
+    writing into a run directory that a resubmission will use. Linux sends SIGTERM the moment
+    the parent dies (PR_SET_PDEATHSIG); elsewhere a thread looks once a second."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="watch-parent", daemon=True).start()
+
+
 @record
 def main(argv: list[str]) -> int:
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        print(f"Config groups and options: see {CONF_DIR} and replica_dist/config.py.")
-        return 0
     rank = int(os.environ.get("RANK", 0))
     try:
+        answered = info_flags(argv)
+        if answered is not None:
+            return answered
         cfg, run_dir = load_config(argv)
         setup_logging(rank)
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         guard.install_signal_handlers()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            watch_parent()
         device = dist.init(cfg.dist)
         try:
             report(train(cfg, run_dir, device, guard), run_dir)
         except StopRequested as stop:
-            log.info("%s: checkpoint saved; run the same command to resume", stop)
+            if os.environ.get(LAUNCHER_ENV):  # the launcher prints the exact command that resumes
+                log.info("%s: checkpoint saved", stop)
+            else:
+                log.info(
+                    "%s: checkpoint saved; resume with the same command and hydra.run.dir=%s", stop, run_dir
+                )
+        except RunError as err:
+            if rank == 0:
+                print(f"replica_dist: error: {err}", file=sys.stderr)
+            return err.exit_status
         finally:
             dist.teardown()
     except ConfigError as err:
