@@ -44,7 +44,8 @@ class ModelConfig:
     name: str = "mlp"
     """Architecture: `mlp` (fully connected) or `cnn` (small convolutional net for images)."""
     hidden: list[int] = field(default_factory=lambda: [128])
-    """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers."""
+    """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers.
+    Refused when the model's weights and gradients alone exceed this machine's memory."""
     activation: str = "relu"
     """Nonlinearity after every hidden layer: relu, tanh, sigmoid or gelu."""
     bias: bool = True
@@ -90,7 +91,9 @@ class DataConfig:
     auto tells them apart by the dtype of y_train and refuses what the dtype cannot settle
     (integer-valued targets: say data.task=regression)."""
     num_samples: int = 2000
-    """teacher: number of samples generated (train and test together)."""
+    """teacher: number of samples generated (train and test together). Refused when the
+    generated data (float64, on every process) exceed this machine's memory; so are
+    input_dim and library_size."""
     input_dim: int = 1000
     """seed, teacher: input dimension."""
     num_outputs: int = 10
@@ -487,7 +490,8 @@ def _check_override_values(parsed: list, schema: dict) -> None:
             raise ConfigError(f"{key} must be true or false; got {override.input_line!r}")
         items = value if declared == "list[int]" and isinstance(value, list) else [value]
         if declared in ("int", "list[int]") and any(isinstance(item, float) for item in items):
-            raise ConfigError(f"{key} must be an integer; got {override.input_line!r}")
+            kind = "hold integers" if declared == "list[int]" else "be an integer"
+            raise ConfigError(f"{key} must {kind}; got {override.input_line!r}")
 
 
 def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
@@ -678,7 +682,7 @@ def help_text() -> str:
     """The config groups with their options (conf/), then every key with its type, default,
     the choices it applies to (APPLIES_TO) and its docstring."""
     lines = ["Config groups (GROUP=OPTION; +experiment=OPTION adds a preset on top):"]
-    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["defaults"]
     chosen = {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
         options = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
