@@ -444,7 +444,7 @@ _GROUPS = ("model", "data", "coupling", "optim")
 """Groups whose option is one choice (experiment is added with +experiment=NAME)."""
 
 
-def _schema(cls: type = None, prefix: str = "") -> dict[str, tuple[str, object, type]]:
+def _schema(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, object, type]]:
     """Every leaf key: (annotation as written, default, the dataclass that declares it)."""
     cls = cls or Config
     leaves = {}
