@@ -6,7 +6,13 @@ these dataclasses (built once with `OmegaConf.to_object`), never a DictConfig.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import functools
 import math
+import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +44,8 @@ class ModelConfig:
     name: str = "mlp"
     """Architecture: `mlp` (fully connected) or `cnn` (small convolutional net for images)."""
     hidden: list[int] = field(default_factory=lambda: [128])
-    """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers."""
+    """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers.
+    Refused when the model's weights and gradients alone exceed this machine's memory."""
     activation: str = "relu"
     """Nonlinearity after every hidden layer: relu, tanh, sigmoid or gelu."""
     bias: bool = True
@@ -84,7 +91,9 @@ class DataConfig:
     auto tells them apart by the dtype of y_train and refuses what the dtype cannot settle
     (integer-valued targets: say data.task=regression)."""
     num_samples: int = 2000
-    """teacher: number of samples generated (train and test together)."""
+    """teacher: number of samples generated (train and test together). Refused when the
+    generated data (float64, on every process) exceed this machine's memory; so are
+    input_dim and library_size."""
     input_dim: int = 1000
     """seed, teacher: input dimension."""
     num_outputs: int = 10
@@ -289,6 +298,10 @@ class FlatnessConfig:
         _check(self.samples >= 2, f"flatness.samples must be >= 2; got {self.samples}")
 
 
+TIMEOUT_MAX_S = 30 * 24 * 3600
+BUCKET_MAX_MB = 2**20
+
+
 @dataclass
 class DistConfig:
     backend: str = "auto"
@@ -296,7 +309,9 @@ class DistConfig:
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
     timeout_s: float = 300.0
-    """Seconds a collective may wait for the other ranks before failing."""
+    """Seconds a collective may wait for the other ranks before failing; at most 2592000
+    (30 days: longer means a hung job, and far larger values overflow the process group's
+    timer)."""
     overlap: bool = True
     """Start the coupling all_reduce of the pre-step weights before the forward pass and wait
     for it only when the pull is applied, so communication runs behind forward and backward.
@@ -306,18 +321,19 @@ class DistConfig:
     none, ddp) are unaffected."""
     bucket_mb: float = 25.0
     """The coupling buffer is reduced in buckets of at most this many MiB, each its own
-    all_reduce, all in flight together (25 is DDP's default bucket size)."""
+    all_reduce, all in flight together (25 is DDP's default bucket size); at most 1048576
+    (1 TiB, more than any coupling buffer: a larger bucket is one bucket all the same)."""
 
     def __post_init__(self) -> None:
         _one_of("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         _one_of("dist.device", self.device, ("auto", "cpu", "cuda"))
         _check(
-            math.isfinite(self.timeout_s) and self.timeout_s > 0,
-            f"dist.timeout_s must be > 0; got {self.timeout_s}",
+            0 < self.timeout_s <= TIMEOUT_MAX_S,
+            f"dist.timeout_s must be in (0, {TIMEOUT_MAX_S}] seconds; got {self.timeout_s}",
         )
         _check(
-            math.isfinite(self.bucket_mb) and self.bucket_mb > 0,
-            f"dist.bucket_mb must be > 0; got {self.bucket_mb}",
+            0 < self.bucket_mb <= BUCKET_MAX_MB,
+            f"dist.bucket_mb must be in (0, {BUCKET_MAX_MB}] MiB; got {self.bucket_mb}",
         )
 
 
@@ -392,22 +408,297 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+# ---- checks that need the overrides as the user wrote them, or the machine
+
+APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model.batch_norm": ("model", ("cnn",)),
+    "data.split": ("data", ("digits", "teacher", "file")),
+    "data.test_fraction": ("data", ("digits", "teacher")),
+    "data.path": ("data", ("file",)),
+    "data.task": ("data", ("file",)),
+    "data.num_samples": ("data", ("teacher",)),
+    "data.input_dim": ("data", ("seed", "teacher")),
+    "data.num_outputs": ("data", ("seed", "teacher")),
+    "data.library_size": ("data", ("seed",)),
+    "data.fixed_batch": ("data", ("seed",)),
+    "coupling.eta": ("coupling", ("tanh", "linear")),
+    "coupling.eta_growth": ("coupling", ("tanh", "linear")),
+    "coupling.eta_final": ("coupling", ("tanh", "linear")),
+    "coupling.eta_max": ("coupling", ("tanh", "linear")),
+    "coupling.temperature": ("coupling", ("tanh",)),
+    "coupling.every": ("coupling", ("tanh", "linear", "average")),
+    "coupling.via_optimizer": ("coupling", ("tanh", "linear")),
+    "optim.momentum": ("optim", ("sgd",)),
+    "optim.nesterov": ("optim", ("sgd",)),
+    "optim.betas": ("optim", ("adam",)),
+    "guard.max_consecutive_skips": ("guard.nonfinite", ("skip",)),
+}
+"""Keys that mean something only for some choices of a group (its `name`) or of another key,
+from the field docstrings. Setting one on the command line for another choice is refused:
+it would be ignored silently (data.path without data=file trains on digits). Values that
+group options or +experiment=note bring along are not checked. dist.overlap is not here:
+with average, none or ddp it is harmless (same result), and tests check exactly that."""
+
+_INT64_MAX = 2**63 - 1
+_GROUPS = ("model", "data", "coupling", "optim")
+"""Groups whose option is one choice (experiment is added with +experiment=NAME)."""
+
+
+def _schema(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, object, type]]:
+    """Every leaf key: (annotation as written, default, the dataclass that declares it)."""
+    cls = cls or Config
+    leaves = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            leaves |= _schema(type(default), f"{prefix}{f.name}.")
+        else:
+            leaves[prefix + f.name] = (str(f.type), default, cls)
+    return leaves
+
+
+def _parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parse of each override; an unparsable one is named in full."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException as err:
+            message = " ".join(line for line in str(err).splitlines() if not line.startswith("See https"))
+            message = message.removeprefix(f"Error parsing override '{text}' ").strip()
+            raise ConfigError(f"cannot parse override {text!r}: {message}") from None
+        if not override.key_or_group:
+            raise ConfigError(f"cannot parse override {text!r}: no key before '='")
+        parsed.append(override)
+    return parsed
+
+
+def _check_override_values(parsed: list, schema: dict) -> None:
+    """What Hydra would convert silently (2 or yes to a bool, a list of options to one group) or
+    refuse in a long message (a float for an integer)."""
+    for override in parsed:
+        if override.is_delete() or override.is_hydra_override() or override.is_sweep_override():
+            continue
+        key, value = override.key_or_group, override.value()
+        if key in _GROUPS and override.package is None and not isinstance(value, str):
+            raise ConfigError(f"{key} takes one option; got {override.input_line!r}")
+        declared = schema.get(key, ("",))[0]
+        is_interpolation = isinstance(value, str) and "${" in value
+        if declared == "bool" and not isinstance(value, bool) and not is_interpolation:
+            raise ConfigError(f"{key} must be true or false; got {override.input_line!r}")
+        items = value if declared == "list[int]" and isinstance(value, list) else [value]
+        if declared in ("int", "list[int]") and any(isinstance(item, float) for item in items):
+            kind = "hold integers" if declared == "list[int]" else "be an integer"
+            raise ConfigError(f"{key} must {kind}; got {override.input_line!r}")
+
+
+def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
+    """The composed config against the schema: a key `+` or `++` added that no dataclass has."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in node.items():
+        key = prefix + str(name)
+        if name not in fields:
+            valid = [prefix + f for f in fields] if prefix else list(_schema()) + list(fields)
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown key {key}{hint}; `python -m replica_dist.train --help` lists them")
+        default = (
+            fields[name].default_factory()
+            if fields[name].default_factory is not dataclasses.MISSING
+            else None
+        )
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            _check_known_keys(value, type(default), key + ".")
+
+
+def _check_numbers(obj: object, prefix: str = "") -> None:
+    """Every float finite and every integer within int64 (torch and numpy count in int64)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float):
+                _check(math.isfinite(item), f"{key} must be finite; got {value}")
+            elif isinstance(item, int) and not isinstance(item, bool):
+                _check(abs(item) <= _INT64_MAX, f"{key} must be at most 2**63-1; got {value}")
+
+
+def _check_applies(cfg: Config, parsed: list) -> None:
+    """A key set on the command line must matter for the chosen option of its group."""
+    for override in parsed:
+        key = override.key_or_group
+        if key not in APPLIES_TO or override.is_delete():
+            continue
+        selector, choices = APPLIES_TO[key]
+        path = selector if "." in selector else f"{selector}.name"
+        chosen = functools.reduce(getattr, path.split("."), cfg)
+        if chosen not in choices:
+            wanted = " or ".join(", ".join(choices).rsplit(", ", 1))
+            raise ConfigError(
+                f"{key} is only used with {selector}={wanted}; got {selector}={chosen} "
+                f"(choose {selector}={choices[0]} or drop {key})"
+            )
+
+
+def _physical_memory_bytes() -> int | None:
+    """This machine's memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
+    """Sample shape and number of outputs the data will have; for a file, whose arrays are read
+    only later, the smallest possible (one input, one output), so estimates stay lower bounds."""
+    d = cfg.data
+    if d.name == "digits":
+        return (1, 8, 8), 10
+    if d.name in ("seed", "teacher"):
+        return (d.input_dim,), d.num_outputs
+    return (1, 1, 1) if cfg.model.name == "cnn" else (1,), 1
+
+
+def parameter_count(cfg: Config) -> int:
+    """Weights (and biases, BatchNorm affine parameters) of the model the config builds,
+    counted as replica_dist.model builds them."""
+    m = cfg.model
+    shape, outputs = _data_shape(cfg)
+    if m.name == "cnn":
+        channels = [shape[0], *m.hidden]
+        count = sum(9 * a * b + b * m.bias + 2 * b * m.batch_norm for a, b in zip(channels, channels[1:]))
+        return count + 4 * channels[-1] * outputs + outputs * m.bias
+    widths = [math.prod(shape), *m.hidden, outputs]
+    return sum(a * b + b * m.bias for a, b in zip(widths, widths[1:]))
+
+
+def generated_data_bytes(cfg: Config) -> int:
+    """Bytes of the float64 arrays replica_dist.data generates (0 for digits and file, which
+    are not generated: digits is 1797 samples of 64 pixels)."""
+    d = cfg.data
+    if d.name == "teacher":
+        hidden = 4 * d.num_outputs
+        return 8 * (d.num_samples * d.input_dim + d.input_dim * hidden + d.num_samples * hidden)
+    if d.name == "seed":
+        return 8 * d.library_size * (d.input_dim + d.num_outputs)
+    return 0
+
+
+def _check_memory(cfg: Config) -> None:
+    """Refuse sizes that cannot fit: every process on this node (torchrun's LOCAL_WORLD_SIZE)
+    generates the whole dataset and holds its model's weights and gradients at least, so
+    either alone above the machine's physical memory would end in an allocation error."""
+    memory = _physical_memory_bytes()
+    if memory is None:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    gib = 2**30
+    where = f"this machine's {memory / gib:.1f} GiB of memory" + (
+        f" shared by {processes} processes" if processes > 1 else ""
+    )
+    data_bytes = generated_data_bytes(cfg)
+    if data_bytes * processes > memory:
+        d = cfg.data
+        sizes = (
+            f"data.num_samples={d.num_samples}, data.input_dim={d.input_dim}"
+            if d.name == "teacher"
+            else f"data.library_size={d.library_size}, data.input_dim={d.input_dim}"
+        )
+        raise ConfigError(
+            f"{sizes} generate {data_bytes / gib:.3g} GiB of data per process (data={d.name}), "
+            f"more than {where}"
+        )
+    itemsize = 8 if cfg.train.dtype == "float64" else 4
+    count = parameter_count(cfg)
+    if 2 * count * itemsize * processes > memory:
+        inputs = "" if cfg.data.name in ("digits", "file") else f", data.input_dim={cfg.data.input_dim}"
+        raise ConfigError(
+            f"model.hidden={list(cfg.model.hidden)}{inputs} gives a {cfg.model.name} of {count:.3g} "
+            f"weights: at least {2 * count * itemsize / gib:.3g} GiB per process for weights and "
+            f"gradients ({cfg.train.dtype}), more than {where}"
+        )
+
+
 def load_config(overrides: list[str]) -> tuple[Config, Path]:
-    """The validated config and the run directory, from command-line overrides."""
+    """The validated config and the run directory, from command-line overrides.
+
+    Beyond Hydra's own checks (types, unknown group options) and each dataclass's
+    `__post_init__` (ranges), every problem below is one ConfigError naming the key or the
+    override: an override that does not parse; a key that `+`/`++` adds outside the schema;
+    a bool given anything but true or false; a non-finite float or an integer beyond int64;
+    a key set for a group option that ignores it (APPLIES_TO); sizes whose dataset or model
+    cannot fit in this machine's memory."""
     register_configs()
+    schema = _schema()
+    parsed = _parse_overrides(overrides)
+    _check_override_values(parsed, schema)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             dict_cfg = compose("config", overrides=overrides, return_hydra_config=True)
         run_dir = Path(dict_cfg.hydra.run.dir)
         with open_dict(dict_cfg):
             del dict_cfg["hydra"]
-        return OmegaConf.to_object(dict_cfg), run_dir
+        _check_known_keys(OmegaConf.to_container(dict_cfg, resolve=False), Config)
+        cfg = OmegaConf.to_object(dict_cfg)
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+    except (ValueError, TypeError) as err:  # Hydra's own, for overrides its grammar lets through
+        raise ConfigError(f"cannot apply overrides {' '.join(overrides)!r}: {_one_line(err)}") from None
+    _check_numbers(cfg)
+    _check_applies(cfg, parsed)
+    _check_memory(cfg)
+    return cfg, run_dir
+
+
+# ---- --help
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """Attribute docstrings (the string literal under a field) of every dataclass here, read
+    from this module's source: class name -> field -> docstring, whitespace folded."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[str, dict[str, str]] = {}
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        body = cls.body
+        for stmt, after in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs.setdefault(cls.name, {})[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def help_text() -> str:
-    """Where the config groups and keys are described (placeholder until the key table lands)."""
-    return f"Config groups and options: see {CONF_DIR} and replica_dist/config.py."
+    """The config groups with their options (conf/), then every key with its type, default,
+    the choices it applies to (APPLIES_TO) and its docstring."""
+    lines = ["Config groups (GROUP=OPTION; +experiment=OPTION adds a preset on top):"]
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["defaults"]
+    chosen = {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        options = ", ".join(sorted(p.stem for p in group.glob("*.yaml")))
+        default = f" (default {chosen[group.name]})" if group.name in chosen else ""
+        lines.append(f"  {group.name}: {options}{default}")
+    lines += ["", "Keys (KEY=VALUE; a group option may set other values than these defaults):"]
+    docs = _field_docs()
+    for key, (annotation, default, cls) in _schema().items():
+        shown = "''" if default == "" else ("null" if default is None else default)
+        if isinstance(shown, bool):
+            shown = str(shown).lower()
+        scope = ""
+        if key in APPLIES_TO:
+            selector, choices = APPLIES_TO[key]
+            scope = f", {selector}={'|'.join(choices)} only"
+        doc = docs.get(cls.__name__, {}).get(key.rsplit(".", 1)[-1], "")
+        text = f"{key} ({annotation}, default {shown}{scope}): {doc}"
+        lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)

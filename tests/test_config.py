@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runs import REPO
 
 from replica_dist.config import (
     Config,
@@ -17,9 +18,8 @@ from replica_dist.config import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    load_config,
 )
-from replica_dist.config import load_config
-from runs import REPO
 
 
 def _load(tmp_path: Path, *overrides: str):
@@ -105,18 +105,18 @@ BAD_OVERRIDES = [
     (["model.bias=maybe"], r"model\.bias"),
     (["model.batch_norm=true"], r"model\.batch_norm"),
     (["model.init_std=-1"], r"model\.init_std"),
-    (["data.path=[1,2]"], r"data\.path"),
-    (["data.num_samples=0"], r"data\.num_samples"),
-    (["data.input_dim=0"], r"data\.input_dim"),
+    (["data=file", "data.path=[1,2]"], r"data\.path"),
+    (["data=teacher", "data.num_samples=0"], r"data\.num_samples must be >= 1"),
+    (["data=teacher", "data.input_dim=0"], r"data\.input_dim must be >= 1"),
     (["data=teacher", "data.num_outputs=1"], r"data\.num_outputs"),
-    (["data.library_size=0"], r"data\.library_size"),
-    (["data.fixed_batch=0"], r"data\.fixed_batch"),
+    (["data=seed", "data.library_size=0"], r"data\.library_size must be >= 1"),
+    (["data=seed", "data.fixed_batch=0"], r"data\.fixed_batch must be >= 1"),
     (["coupling.name=mean"], r"coupling\.name"),
     (["coupling.eta_growth=-0.1"], r"coupling\.eta_growth"),
     (["optim.name=lbfgs"], r"optim\.name"),
     (["optim.momentum=1"], r"optim\.momentum"),
     (["optim.weight_decay=-1"], r"optim\.weight_decay"),
-    (["optim.betas=[0.9]"], r"optim\.betas"),
+    (["optim=adam", "optim.betas=[0.9]"], r"optim\.betas must be two numbers"),
     (["train.dtype=float16"], r"train\.dtype"),
     (["dist.device=tpu"], r"dist\.device"),
     (["checkpoint.resume=sometimes"], r"checkpoint\.resume"),
@@ -131,6 +131,119 @@ BAD_OVERRIDES = [
     (["parallel.dp=0"], r"parallel\.dp"),
     (["parallel.dp=2", "coupling=ddp"], r"parallel\.dp"),
     (["parallel.dp=2", "checkpoint.remap=true"], r"checkpoint\.remap"),
+    # unknown keys added with + or ++ (the composed config against the schema)
+    (["+optim.lrr=0.1"], r"^unknown key optim\.lrr \(did you mean optim\.lr\?\)"),
+    (["+foo=1"], r"^unknown key foo\b"),
+    (["+model.bogus=1"], r"^unknown key model\.bogus\b"),
+    (["++foo=1"], r"^unknown key foo\b"),
+    (["++optim.lrr=0.1"], r"^unknown key optim\.lrr\b"),
+    (["+model.hiden=[3]"], r"^unknown key model\.hiden \(did you mean model\.hidden\?\)"),
+    (["+experiment=note", "+coupling.temp=2"], r"^unknown key coupling\.temp\b"),
+    (["+model@foo=cnn"], r"\bfoo\b"),
+    # booleans: only true or false, not an integer or a YAML 1.1 word
+    (["model.bias=2"], r"^model\.bias must be true or false; got 'model\.bias=2'"),
+    (["optim.nesterov=2"], r"^optim\.nesterov must be true or false"),
+    (["checkpoint.resume=5"], r"^checkpoint\.resume must be true or false"),
+    (["checkpoint.resume=0"], r"^checkpoint\.resume must be true or false"),
+    (["model.bias=yes"], r"^model\.bias must be true or false"),
+    (["dist.overlap=1"], r"^dist\.overlap must be true or false"),
+    (["coupling.via_optimizer=1"], r"^coupling\.via_optimizer must be true or false"),
+    # integers: a float is refused with the key (large ones too), so is anything beyond int64
+    (["data.input_dim=1e12"], r"^data\.input_dim must be an integer; got 'data\.input_dim=1e12'"),
+    (["train.steps=1e400"], r"^train\.steps must be an integer"),
+    (["model.hidden=[1.5]"], r"^model\.hidden must hold integers"),
+    (["seed=100000000000000000000000000"], r"^seed must be at most 2\*\*63-1"),
+    (["train.steps=9223372036854775808"], r"^train\.steps must be at most 2\*\*63-1"),
+    # floats: finite
+    (["optim.lr=inf"], r"^optim\.lr must be finite"),
+    (["coupling.eta_max=inf"], r"^coupling\.eta_max must be finite"),
+    (["optim=adam", "optim.betas=[0.9,nan]"], r"^optim\.betas"),
+    # sizes that cannot be allocated (this table runs with 64 GiB of memory, see _fixed_memory)
+    (["model.hidden=[1000000000]"], r"^model\.hidden=\[1000000000\] gives a mlp of .* weights.* GiB"),
+    (["model=cnn", "model.hidden=[100000,100000]"], r"^model\.hidden=\[100000, 100000\] gives a cnn"),
+    (
+        ["data=teacher", "data.num_samples=1000000000000"],
+        r"^data\.num_samples=1000000000000, data\.input_dim=20",
+    ),
+    (
+        ["data=seed", "data.input_dim=1000000000000"],
+        r"^data\.library_size=640, data\.input_dim=1000000000000",
+    ),
+    (["data=seed", "data.library_size=1000000000000"], r"^data\.library_size=1000000000000"),
+    (
+        ["data=teacher", "data.input_dim=100000", "model.hidden=[100000]"],
+        r"^model\.hidden=\[100000\], data\.input_dim",
+    ),
+    # stated maxima
+    (["dist.timeout_s=1e30"], r"^dist\.timeout_s must be in \(0, 2592000\] seconds; got 1e\+30"),
+    (["dist.timeout_s=inf"], r"^dist\.timeout_s must be in \(0, 2592000\]"),
+    (["dist.bucket_mb=1e308"], r"^dist\.bucket_mb must be in \(0, 1048576\] MiB; got 1e\+308"),
+    # overrides that do not parse: named in full
+    (["optim.lr=["], r"^cannot parse override 'optim\.lr=\[': "),
+    (["model.hidden=[1,"], r"^cannot parse override 'model\.hidden=\[1,': "),
+    (["=0.1"], r"^cannot parse override '=0\.1': no key before '='"),
+    (["optim.lr"], r"^cannot parse override 'optim\.lr': "),
+    (["model=[cnn,mlp]"], r"^model takes one option; got 'model=\[cnn,mlp\]'"),
+    # keys for another option of their group (config.APPLIES_TO), when set on the command line
+    (["data.path=my.npz"], r"^data\.path is only used with data=file; got data=digits"),
+    (["data.task=regression"], r"^data\.task is only used with data=file; got data=digits"),
+    (["data.num_samples=100"], r"^data\.num_samples is only used with data=teacher; got data=digits"),
+    (
+        ["data=seed", "data.num_samples=100"],
+        r"^data\.num_samples is only used with data=teacher; got data=seed",
+    ),
+    (["data.input_dim=10"], r"^data\.input_dim is only used with data=seed or teacher; got data=digits"),
+    (["data.num_outputs=3"], r"^data\.num_outputs is only used with data=seed or teacher"),
+    (
+        ["data=teacher", "data.library_size=10"],
+        r"^data\.library_size is only used with data=seed; got data=teacher",
+    ),
+    (["data.fixed_batch=8"], r"^data\.fixed_batch is only used with data=seed"),
+    (
+        ["data=seed", "data.test_fraction=0.5"],
+        r"^data\.test_fraction is only used with data=digits or teacher",
+    ),
+    (
+        ["+experiment=note", "data.split=full"],
+        r"^data\.split is only used with data=digits, teacher or file; got data=seed",
+    ),
+    (["model.batch_norm=false"], r"^model\.batch_norm is only used with model=cnn; got model=mlp"),
+    (
+        ["coupling=linear", "coupling.temperature=0.1"],
+        r"^coupling\.temperature is only used with coupling=tanh; got coupling=linear",
+    ),
+    (
+        ["coupling=none", "coupling.eta=0.1"],
+        r"^coupling\.eta is only used with coupling=tanh or linear; got coupling=none",
+    ),
+    (
+        ["coupling=ddp", "coupling.eta_growth=0"],
+        r"^coupling\.eta_growth is only used with coupling=tanh or linear",
+    ),
+    (
+        ["coupling=average", "coupling.eta_final=0.4"],
+        r"^coupling\.eta_final is only used with coupling=tanh or linear",
+    ),
+    (
+        ["coupling=none", "coupling.eta_max=0.5"],
+        r"^coupling\.eta_max is only used with coupling=tanh or linear",
+    ),
+    (
+        ["coupling=none", "coupling.every=2"],
+        r"^coupling\.every is only used with coupling=tanh, linear or average; got coupling=none",
+    ),
+    (["coupling=ddp", "coupling.every=2"], r"^coupling\.every is only used with .*; got coupling=ddp"),
+    (
+        ["coupling=none", "coupling.via_optimizer=false"],
+        r"^coupling\.via_optimizer is only used with coupling=tanh or linear",
+    ),
+    (["optim.betas=[0.9,0.99]"], r"^optim\.betas is only used with optim=adam; got optim=sgd"),
+    (["optim=adam", "optim.momentum=0.5"], r"^optim\.momentum is only used with optim=sgd; got optim=adam"),
+    (["optim=adam", "optim.nesterov=false"], r"^optim\.nesterov is only used with optim=sgd; got optim=adam"),
+    (
+        ["guard.max_consecutive_skips=5"],
+        r"^guard\.max_consecutive_skips is only used with guard\.nonfinite=skip; got guard\.nonfinite=stop",
+    ),
 ]
 
 
@@ -154,8 +267,15 @@ def test_every_config_key_has_a_bad_value_in_the_table():
     assert _leaf_keys(Config) - covered == set()
 
 
+@pytest.fixture
+def _fixed_memory(monkeypatch):
+    """64 GiB and one process on this node, so that the size checks do not depend on the machine."""
+    monkeypatch.setattr("replica_dist.config._physical_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
 @pytest.mark.parametrize(("overrides", "pattern"), BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
-def test_bad_override_raises_config_error(tmp_path, overrides, pattern):
+def test_bad_override_raises_config_error(tmp_path, overrides, pattern, _fixed_memory):
     with pytest.raises(ConfigError, match=pattern) as info:
         _load(tmp_path, *overrides)
     # One line, so that the CLI prints a single readable error.
@@ -267,7 +387,15 @@ def test_experiment_note_can_be_overridden(tmp_path):
     assert cfg.coupling.eta == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("override", "key"), [("optim.lr=-1", "optim.lr"), ("model=foo", "model")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("model=foo", "model"),
+        ("optim.lr=[", "cannot parse override 'optim.lr=['"),
+        ("+optim.lrr=0.1", "unknown key optim.lrr"),
+    ],
+)
 def test_cli_bad_override_exits_2_with_one_line(tmp_path, override, key):
     run_dir = tmp_path / "x"
     proc = subprocess.run(
