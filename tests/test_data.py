@@ -203,16 +203,16 @@ def test_file_classification(tmp_path):
         X_train=rng.standard_normal((30, 5)),
         y_train=np.array([0, 1, 2] * 10, dtype=np.int64),
         X_test=rng.standard_normal((6, 5)),
-        y_test=np.array([0, 1, 2, 3, 4, 6], dtype=np.int32),
+        y_test=np.array([2, 1, 0, 0, 2, 2], dtype=np.int32),
     )
     data = load_dataset(DataConfig(name="file", path=path), seed=0, dtype=torch.float32)
     assert data.task == "classification"
     assert data.loss == "cross_entropy"
-    assert data.num_outputs == 7  # max label (in the test set) + 1
+    assert data.num_outputs == 3  # classes 0, 1, 2
     assert data.y_train.dtype == torch.long and data.y_test.dtype == torch.long
     assert data.x_train.shape == (30, 5) and data.x_test.shape == (6, 5)
     assert data.input_shape == (5,)
-    assert data.y_test.tolist() == [0, 1, 2, 3, 4, 6]
+    assert data.y_test.tolist() == [2, 1, 0, 0, 2, 2]
 
 
 def test_file_regression(tmp_path):
