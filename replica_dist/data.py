@@ -92,8 +92,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 MAX_CLASSES = 100_000
 """Largest number of classes (outputs) a file's labels may ask for."""
-# Targets at most sqrt(max)/2^16 in magnitude keep every squared error of a prediction no
-# larger than the target, summed over up to 2^30 entries, finite in the training dtype.
+# Targets within b = sqrt(max)/2^16 keep the sum of 2^30 squared errors, each of a prediction
+# off by up to twice the largest target, finite in the training dtype: (2b)^2 * 2^30 = max.
 _TARGET_HEADROOM = 2.0**16
 
 
@@ -230,7 +230,7 @@ def _check_labels(bad, y_train, y_test) -> None:
     if len(unseen):
         shown = ", ".join(str(label) for label in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
         raise bad(
-            f"y_test holds {len(unseen)} labels that are not classes of y_train ({shown}); "
+            f"y_test holds labels that are not classes of y_train ({shown}); "
             f"y_train has {len(classes)} classes in 0..{classes[-1]}"
         )
 
