@@ -6,13 +6,19 @@ so a single process can rebuild exactly the data every replica of a distributed 
 
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from replica_dist.config import ConfigError, DataConfig
+from replica_dist.config import ConfigError, DataConfig, ModelConfig
+from replica_dist.model import check_input_shape
+
+log = logging.getLogger(__name__)
 
 # Independent random streams per purpose, so that e.g. changing the world size does not
 # change the test split.
@@ -30,10 +36,18 @@ class Dataset:
     loss: str
     """cross_entropy, mse (mean squared error) or sse (summed squared error, as in the note)."""
     num_outputs: int
+    source: str = "the data"
+    """Where the arrays came from, as the user set it: `data.path ...` or `data.name=...`."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse, naming the model and the data, a network that cannot take these inputs."""
+        check_input_shape(
+            cfg, self.input_shape, f"X_train of {self.source} has shape {tuple(self.x_train.shape)}"
+        )
 
 
 def _rng(seed: int, purpose: int, *extra: int) -> np.random.Generator:
@@ -73,89 +87,199 @@ def _seed_library(cfg: DataConfig, seed: int):
     return x, y, x, y, "regression", "sse"
 
 
-def _file(cfg: DataConfig, seed: int):
-    if not os.path.isfile(cfg.path):
-        raise ConfigError(f"data.path does not exist or is not a file: {cfg.path}")
-    try:
-        with np.load(cfg.path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"data.path is not a readable .npz file: {cfg.path} ({err})") from None
-    required = ("X_train", "y_train", "X_test", "y_test")
-    missing = [key for key in required if key not in arrays]
-    if missing:
-        raise ConfigError(f"data.path {cfg.path} lacks arrays {missing}; it needs {list(required)}")
-    x_train, y_train, x_test, y_test = (arrays[key] for key in required)
-    _check_file_arrays(cfg.path, x_train, y_train, x_test, y_test)
-    integer_targets = np.issubdtype(y_train.dtype, np.integer)
-    return (
-        x_train,
-        y_train if integer_targets else y_train.reshape(len(y_train), -1),
-        x_test,
-        y_test if integer_targets else y_test.reshape(len(y_test), -1),
-        "classification" if integer_targets else "regression",
-        "cross_entropy" if integer_targets else "mse",
-    )
+_REQUIRED = ("X_train", "y_train", "X_test", "y_test")
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
+MAX_CLASSES = 100_000
+"""Largest number of classes (outputs) a file's labels may ask for."""
+# Targets within b = sqrt(max)/2^16 keep the sum of 2^30 squared errors, each of a prediction
+# off by up to twice the largest target, finite in the training dtype: (2b)^2 * 2^30 = max.
+_TARGET_HEADROOM = 2.0**16
 
 
-def _check_file_arrays(path: str, x_train, y_train, x_test, y_test) -> None:
-    """One clear error for each way a user's arrays can be unusable."""
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _file(cfg: DataConfig, seed: int, dtype: torch.dtype):
+    arrays = _read_npz(cfg.path)
+    task = _check_file_arrays(cfg.path, cfg.task, dtype, *(arrays[key] for key in _REQUIRED))
+    x_train, y_train, x_test, y_test = (arrays[key] for key in _REQUIRED)
+    if task == "regression":
+        y_train, y_test = y_train.reshape(len(y_train), -1), y_test.reshape(len(y_test), -1)
+    return x_train, y_train, x_test, y_test, task, "cross_entropy" if task == "classification" else "mse"
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The four arrays of a .npz written by numpy.savez, read without ever unpickling."""
 
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"data.path {path}: {problem}")
 
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.path does not exist or is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise bad(f"cannot be read ({_one_line(err)})") from None
+    if not head:
+        raise bad("the file is empty; it needs a .npz archive of arrays " + ", ".join(_REQUIRED))
+    if head.startswith(_NPY_MAGIC):
+        raise bad(
+            "is a single .npy array, not a .npz archive; write one with "
+            "numpy.savez(path, X_train=..., y_train=..., X_test=..., y_test=...)"
+        )
+    if head[:4] not in _ZIP_MAGICS:
+        raise bad("is not a .npz archive (it is not a zip file); write one with numpy.savez")
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+            missing = [key for key in _REQUIRED if f"{key}.npy" not in members]
+            if missing:
+                held = ", ".join(members[:8]) + (", ..." if len(members) > 8 else "") or "nothing"
+                raise bad(f"lacks arrays {missing}; it needs {list(_REQUIRED)} (it holds {held})")
+            for key in _REQUIRED:
+                try:
+                    with archive.open(f"{key}.npy") as member:
+                        arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                except ValueError as err:
+                    if "pickle" in str(err):
+                        # Never unpickled: a user's file must not run code on load.
+                        raise bad(
+                            f"{key} holds Python objects, which are never loaded; store numbers"
+                        ) from None
+                    raise bad(f"{key}.npy is not a readable .npy array ({_one_line(err)})") from None
+    except ConfigError:
+        raise
+    except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
+        raise bad(f"is a damaged or truncated .npz archive ({_one_line(err)})") from None
+    return arrays
+
+
+def _kind(y: np.ndarray) -> str:
+    if np.issubdtype(y.dtype, np.integer):
+        return "int"
+    return "float" if np.issubdtype(y.dtype, np.floating) else ""
+
+
+def _check_file_arrays(path: str, task: str, dtype: torch.dtype, x_train, y_train, x_test, y_test) -> str:
+    """One clear error for each way a user's arrays can be unusable; the task they are for."""
+
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"data.path {path}: {problem}")
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    largest = torch.finfo(dtype).max
     for name, x in (("X_train", x_train), ("X_test", x_test)):
-        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or x.ndim < 2:
+        if _kind(x) == "" or x.ndim < 2:
             raise bad(
                 f"{name} must be a 2-D or higher array of numbers (samples first); got {x.dtype} of shape {x.shape}"
             )
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        if len(x) == 0 or x[0].size == 0:
+            raise bad(f"{name} holds no samples or samples of no values; got shape {x.shape}")
+        if _kind(x) == "float" and not np.isfinite(x).all():
             raise bad(f"{name} holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
+        extreme = max(abs(float(x.min())), abs(float(x.max())))
+        if extreme > largest:
+            raise bad(
+                f"{name} holds values up to {extreme:.3g} in magnitude, beyond the largest "
+                f"{dtype_name} ({largest:.3g}; train.dtype): they would be infinite in training"
+            )
     if x_train.shape[1:] != x_test.shape[1:]:
         raise bad(f"X_train samples have shape {x_train.shape[1:]} but X_test samples {x_test.shape[1:]}")
-    kinds = {
-        name: (
-            "int"
-            if np.issubdtype(y.dtype, np.integer)
-            else "float"
-            if np.issubdtype(y.dtype, np.floating)
-            else ""
-        )
-        for name, y in (("y_train", y_train), ("y_test", y_test))
-    }
+    kinds = {name: _kind(y) for name, y in (("y_train", y_train), ("y_test", y_test))}
     if "" in kinds.values() or kinds["y_train"] != kinds["y_test"]:
         raise bad(
             f"y_train and y_test must both be integer labels or both floating targets; "
             f"got {y_train.dtype} and {y_test.dtype}"
         )
-    for name, y in (("y_train", y_train), ("y_test", y_test)):
-        if kinds[name] == "int" and (y.ndim != 1 or (y < 0).any()):
-            raise bad(
-                f"{name} labels must be a 1-D array of integers >= 0; got shape {y.shape}, min {y.min()}"
-            )
-        if kinds[name] == "float" and (y.ndim > 2 or not np.isfinite(y).all()):
-            raise bad(f"{name} targets must be a finite 1-D or 2-D array; got shape {y.shape}")
-    if (
-        kinds["y_train"] == "float"
-        and y_train.reshape(len(y_train), -1).shape[1] != y_test.reshape(len(y_test), -1).shape[1]
-    ):
-        raise bad(f"y_train and y_test have different target widths: {y_train.shape} and {y_test.shape}")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise bad(
             f"arrays disagree in length: X_train {len(x_train)}, y_train {len(y_train)}, "
             f"X_test {len(x_test)}, y_test {len(y_test)}"
         )
+    if task == "auto":
+        task = "regression" if kinds["y_train"] == "float" else _classes_or_refuse(bad, y_train)
+    if task == "classification":
+        _check_labels(bad, y_train, y_test)
+    else:
+        _check_targets(bad, dtype_name, largest, y_train, y_test)
+    return task
 
 
-_LOADERS = {"digits": _digits, "teacher": _teacher, "seed": _seed_library, "file": _file}
+def _check_labels(bad, y_train, y_test) -> None:
+    if _kind(y_train) != "int":
+        raise bad(f"data.task=classification needs integer labels; y_train is {y_train.dtype}")
+    for name, y in (("y_train", y_train), ("y_test", y_test)):
+        if y.ndim != 1 or (y < 0).any():
+            raise bad(
+                f"{name} labels must be a 1-D array of integers >= 0; got shape {y.shape}, min {y.min()} "
+                f"(data.task=regression if they are targets)"
+            )
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise bad(f"y_train holds a single class ({classes[0]}): classification needs at least two")
+    if int(classes[-1]) >= MAX_CLASSES:
+        raise bad(
+            f"y_train holds label {classes[-1]}: class labels must be 0..C-1 with C <= {MAX_CLASSES} "
+            f"(data.task=regression if they are targets)"
+        )
+    unseen = np.setdiff1d(np.unique(y_test), classes)
+    if len(unseen):
+        shown = ", ".join(str(label) for label in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        raise bad(
+            f"y_test holds labels that are not classes of y_train ({shown}); "
+            f"y_train has {len(classes)} classes in 0..{classes[-1]}"
+        )
+
+
+def _classes_or_refuse(bad, y_train) -> str:
+    """data.task=auto with integer y_train: classification when it plainly is one."""
+    if y_train.ndim != 1:
+        return "classification"  # refused by _check_labels, which says why
+    classes = np.unique(y_train)
+    if classes[0] < 0 or len(classes) == 1:
+        return "classification"  # refused by _check_labels, which says why
+    if classes[0] == 0 and classes[-1] == len(classes) - 1:
+        return "classification"  # every label 0..C-1 occurs
+    raise bad(
+        f"y_train holds integers that do not look like class labels ({len(classes)} distinct values, "
+        f"min {classes[0]}, max {classes[-1]}): set data.task=classification or data.task=regression"
+    )
+
+
+def _check_targets(bad, dtype_name: str, largest: float, y_train, y_test) -> None:
+    bound = np.sqrt(largest) / _TARGET_HEADROOM
+    for name, y in (("y_train", y_train), ("y_test", y_test)):
+        if y.ndim > 2 or (_kind(y) == "float" and not np.isfinite(y).all()):
+            raise bad(f"{name} targets must be a finite 1-D or 2-D array; got shape {y.shape}")
+        if y[0].size == 0:
+            raise bad(f"{name} targets have no columns; got shape {y.shape}")
+        extreme = max(abs(float(y.min())), abs(float(y.max())))
+        if extreme > bound:
+            raise bad(
+                f"{name} targets reach {extreme:.3g} in magnitude; they must stay within {bound:.3g} "
+                f"so that squared errors stay finite in {dtype_name} (train.dtype)"
+            )
+    if y_train.reshape(len(y_train), -1).shape[1] != y_test.reshape(len(y_test), -1).shape[1]:
+        raise bad(f"y_train and y_test have different target widths: {y_train.shape} and {y_test.shape}")
+
+
+_GENERATED = {"digits": _digits, "teacher": _teacher, "seed": _seed_library}
 
 
 def load_dataset(cfg: DataConfig, seed: int, dtype: torch.dtype) -> Dataset:
     """The whole dataset, identical on every rank."""
-    x_train, y_train, x_test, y_test, task, loss = _LOADERS[cfg.name](cfg, seed)
-    if len(x_train) == 0 or len(x_test) == 0:
-        keys = "data.path" if cfg.name == "file" else "data.num_samples and data.test_fraction"
-        raise ConfigError(f"{keys} must leave at least one training and one test sample")
+    if cfg.name == "file":
+        x_train, y_train, x_test, y_test, task, loss = _file(cfg, seed, dtype)
+    else:
+        x_train, y_train, x_test, y_test, task, loss = _GENERATED[cfg.name](cfg, seed)
+    if len(x_train) == 0 or len(x_test) == 0:  # a file's arrays were checked for this already
+        raise ConfigError(
+            "data.num_samples and data.test_fraction must leave at least one training and one test sample"
+        )
     target_dtype = torch.long if task == "classification" else dtype
     if task == "classification":
         num_outputs = int(max(y_train.max(), y_test.max())) + 1
@@ -169,6 +293,7 @@ def load_dataset(cfg: DataConfig, seed: int, dtype: torch.dtype) -> Dataset:
         task=task,
         loss=loss,
         num_outputs=num_outputs,
+        source=f"data.path {cfg.path}" if cfg.name == "file" else f"data.name={cfg.name}",
     )
 
 
@@ -196,6 +321,13 @@ class ReplicaBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int):
         self.x, self.y = x, y
+        if batch_size > len(x):
+            log.info(
+                "train.batch_size=%d is larger than this replica's %d training samples: "
+                "every step uses all of them",
+                batch_size,
+                len(x),
+            )
         self.batch_size = min(batch_size, len(x))
         self._rng = _rng(seed, _ORDER, rank)
         self._order = np.arange(len(x))

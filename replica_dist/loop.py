@@ -75,6 +75,7 @@ def train(
 
     # ---- data: the shared test set, and this rank's part of its replica's training data
     data = load_dataset(cfg.data, cfg.seed, dtype)
+    data.check_model(cfg.model)
     batches = rank_batches(cfg, data, device)
     # Evaluation covers the whole training set (all shards) and the shared test set.
     splits = {

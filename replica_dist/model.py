@@ -36,6 +36,12 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.
     return nn.Sequential(layers)
 
 
+def check_input_shape(cfg: ModelConfig, input_shape: tuple[int, ...], what: str) -> None:
+    """Refuse inputs the network cannot take; `what` says where they came from and their shape."""
+    if cfg.name == "cnn" and len(input_shape) != 3:
+        raise ConfigError(f"model.name=cnn needs image-shaped inputs (N, C, H, W); {what}")
+
+
 def build_model(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, generator_seed: int
 ) -> nn.Module:
@@ -43,11 +49,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator_seed)
         if cfg.name == "cnn":
-            if len(input_shape) != 3:
-                raise ConfigError(
-                    f"model.name=cnn needs image inputs of shape (channels, height, width); "
-                    f"the data has samples of shape {input_shape}"
-                )
+            check_input_shape(cfg, input_shape, f"the data has samples of shape {input_shape}")
             model = cnn(cfg, input_shape, num_outputs)
         else:
             model = mlp(cfg, int(torch.tensor(input_shape).prod()), num_outputs)

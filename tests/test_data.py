@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from runs import REPO
 
 from replica_dist.config import ConfigError, DataConfig
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
@@ -203,16 +209,16 @@ def test_file_classification(tmp_path):
         X_train=rng.standard_normal((30, 5)),
         y_train=np.array([0, 1, 2] * 10, dtype=np.int64),
         X_test=rng.standard_normal((6, 5)),
-        y_test=np.array([0, 1, 2, 3, 4, 6], dtype=np.int32),
+        y_test=np.array([2, 1, 0, 0, 2, 2], dtype=np.int32),
     )
     data = load_dataset(DataConfig(name="file", path=path), seed=0, dtype=torch.float32)
     assert data.task == "classification"
     assert data.loss == "cross_entropy"
-    assert data.num_outputs == 7  # max label (in the test set) + 1
+    assert data.num_outputs == 3  # classes 0, 1, 2
     assert data.y_train.dtype == torch.long and data.y_test.dtype == torch.long
     assert data.x_train.shape == (30, 5) and data.x_test.shape == (6, 5)
     assert data.input_shape == (5,)
-    assert data.y_test.tolist() == [0, 1, 2, 3, 4, 6]
+    assert data.y_test.tolist() == [2, 1, 0, 0, 2, 2]
 
 
 def test_file_regression(tmp_path):
@@ -359,3 +365,103 @@ def test_replica_batches_continue_identically_from_their_state():
     resumed.load_state_dict(first.state_dict())
     for _ in range(20):
         assert torch.equal(first.next()[1], resumed.next()[1])
+
+
+def test_batch_size_larger_than_the_data_is_said_once(caplog):
+    x, y = _labelled(8)
+    with caplog.at_level(logging.INFO, logger="replica_dist.data"):
+        ReplicaBatches(x, y, 100000000, seed=0, rank=0)
+        ReplicaBatches(x, y, 8, seed=0, rank=0)  # the whole shard by choice: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.batch_size=100000000 is larger than this replica's 8 training samples: every step uses all of them"
+    ]
+    assert caplog.records[0].levelno == logging.INFO  # so ranks other than 0 (at WARNING) stay quiet
+
+
+# --- data.task ---------------------------------------------------------------------------
+
+
+def _integer_targets(path, n_train=200, n_test=50):
+    """Integer-valued targets of a linear function of the inputs, all >= 1 (not class labels)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n_train + n_test, 4))
+    y = np.clip(np.rint(10 + 3 * x[:, 0] + 2 * x[:, 1]), 1, None).astype(np.int64)
+    return _npz(path, X_train=x[:n_train], y_train=y[:n_train], X_test=x[n_train:], y_test=y[n_train:]), y
+
+
+def test_integer_targets_are_refused_by_auto_and_taken_by_task_regression(tmp_path):
+    path, y = _integer_targets(tmp_path / "counts.npz")
+    distinct = len(np.unique(y[:200]))
+    with pytest.raises(ConfigError) as err:
+        load_dataset(DataConfig(name="file", path=path), 0, torch.float32)
+    assert str(err.value) == (
+        f"data.path {path}: y_train holds integers that do not look like class labels ({distinct} distinct "
+        f"values, min {y[:200].min()}, max {y[:200].max()}): set data.task=classification or data.task=regression"
+    )
+    data = load_dataset(DataConfig(name="file", path=path, task="regression"), 0, torch.float32)
+    assert data.task == "regression" and data.loss == "mse" and data.num_outputs == 1
+    assert data.y_train.dtype == torch.float32 and data.y_train.shape == (200, 1)
+    assert data.y_train[:, 0].tolist() == y[:200].tolist()
+
+
+def test_task_classification_takes_labels_with_gaps(tmp_path):
+    """auto refuses labels 0, 2, 5 (not every class occurs); asked for, they are 6 classes."""
+    path = _npz(
+        tmp_path / "gaps.npz",
+        X_train=np.zeros((6, 2)),
+        y_train=np.array([0, 2, 5, 0, 2, 5]),
+        X_test=np.zeros((2, 2)),
+        y_test=np.array([5, 0]),
+    )
+    with pytest.raises(
+        ConfigError, match=r"do not look like class labels \(3 distinct values, min 0, max 5\)"
+    ):
+        load_dataset(DataConfig(name="file", path=path), 0, torch.float32)
+    data = load_dataset(DataConfig(name="file", path=path, task="classification"), 0, torch.float32)
+    assert data.task == "classification" and data.num_outputs == 6 and data.y_test.tolist() == [5, 0]
+
+
+def test_task_regression_takes_float_targets_as_auto_does(tmp_path):
+    rng = np.random.default_rng(4)
+    path = _npz(
+        tmp_path / "reg.npz",
+        X_train=rng.standard_normal((8, 3)),
+        y_train=rng.standard_normal(8),
+        X_test=rng.standard_normal((2, 3)),
+        y_test=rng.standard_normal(2),
+    )
+    auto = load_dataset(DataConfig(name="file", path=path), 0, torch.float64)
+    explicit = load_dataset(DataConfig(name="file", path=path, task="regression"), 0, torch.float64)
+    assert auto.task == explicit.task == "regression"
+    assert torch.equal(auto.y_train, explicit.y_train) and torch.equal(auto.y_test, explicit.y_test)
+
+
+def test_integer_regression_targets_train_to_a_finite_mse_below_the_constant_guess(tmp_path):
+    path, y = _integer_targets(tmp_path / "counts.npz")
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "replica_dist.train",
+            f"hydra.run.dir={run_dir}",
+            "data=file",
+            f"data.path={path}",
+            "data.task=regression",
+            "model.hidden=[32]",
+            "optim=adam",
+            "optim.lr=0.01",
+            "train.steps=300",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "regression"
+    test_mse = summary["replicas"][0]["test_loss"]
+    # Predicting the test mean is the best constant; a net fit to a linear target beats it.
+    constant_mse = float(np.var(y[200:]))
+    assert np.isfinite(test_mse) and test_mse < 0.5 * constant_mse
