@@ -8,5 +8,5 @@
 # names one; an interrupted run prints the command that resumes it. NPROC and MAX_RESTARTS set
 # the defaults of --nproc and --max-restarts. See replica_dist/launch.py.
 set -euo pipefail
-export REPLICA_DIST_PROG="${REPLICA_DIST_PROG:-launch/run.sh}"
+export REPLICA_DIST_PROG="${REPLICA_DIST_PROG:-$0}"
 exec python -m replica_dist.launch "$@"

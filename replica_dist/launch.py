@@ -1,7 +1,4 @@
-"""`launch/run.sh` and the `replica-dist` command: one worker per replica on this machine.
-
-    replica-dist [--nproc N] [--max-restarts K] [hydra overrides ...]
-    launch/run.sh [--nproc N] [--max-restarts K] [hydra overrides ...]   # the same
+"""`launch/run.sh` and the `replica-dist` command (the same program): one worker per replica.
 
 It checks the config before anything starts (a bad one is one line and exit status 2, and no
 run directory is made), gives the launch its own run directory (`runs/<date>_<time>`, with a
@@ -28,6 +25,7 @@ from pathlib import Path
 from replica_dist import checkpoint, run_lock
 from replica_dist.config import ConfigError, load_config
 
+USAGE = "usage: {prog} [--nproc N] [--max-restarts K] [--cfg job] [--help] [overrides ...]"
 PROG_ENV = "REPLICA_DIST_PROG"
 """How the resume command names this program: launch/run.sh sets it to itself."""
 LAUNCHER_ENV = "REPLICA_DIST_LAUNCHER"
@@ -93,12 +91,15 @@ def new_run_dir(root: Path = RUNS_ROOT) -> Path:
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    """Remove a run directory this launch made, when the run wrote nothing into it but its lock."""
+    """Remove a run directory this launch made (and runs/ if it is left empty), when the run
+    wrote nothing into it but its lock: a refused launch leaves nothing behind."""
     try:
         if {p.name for p in run_dir.iterdir()} <= {run_lock.LOCK_NAME}:
             for leftover in run_dir.iterdir():
                 leftover.unlink()
             run_dir.rmdir()
+            if not any(run_dir.parent.iterdir()):
+                run_dir.parent.rmdir()
     except OSError:
         pass
 
@@ -111,23 +112,19 @@ def _quiet_torchrun() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _failure_line(failures: dict) -> tuple[int, str | None]:
-    """The exit status and at most one line for workers that failed.
+def _failure_line(error) -> tuple[int, str | None]:
+    """The exit status, and at most one line, for a worker group that failed.
 
-    A worker that stopped on purpose (ConfigError: 2, RunError: 1) has printed its line and
+    The first worker to fail is the cause (torchrun then stops the others with SIGTERM). A
+    worker that stopped on purpose (ConfigError: 2, RunError: 1) has printed its own line and
     wrote no error file; an uncaught exception (its traceback is above) or a signal gets one
     line here naming the rank."""
-    statuses = sorted((rank, failure) for rank, failure in failures.items())
-    for rank, failure in statuses:
-        if failure.exitcode < 0:
-            name = signal.Signals(-failure.exitcode).name
-            return 1, f"replica_dist: error: rank {rank} was killed by {name}"
-    crashed = [(rank, f) for rank, f in statuses if f.error_file and os.path.exists(f.error_file)]
-    if crashed:
-        rank, failure = crashed[0]
+    rank, failure = error.get_first_failure()
+    if failure.exitcode < 0:
+        return 1, f"replica_dist: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"
+    if failure.error_file and os.path.exists(failure.error_file):
         return 1, f"replica_dist: error: rank {rank} failed with an exception (traceback above)"
-    codes = {failure.exitcode for _, failure in statuses}
-    return (2 if codes == {2} else max(codes)), None
+    return failure.exitcode, None
 
 
 def _resume_command(prog: str, nproc: int, max_restarts: int, run_dir: str, overrides: list[str]) -> str:
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = os.environ.get(PROG_ENV, "replica-dist")
     original = shlex.join([prog, *argv])
     try:
-        answered = info_flags(argv, prog=prog)
+        answered = info_flags(argv, usage=USAGE.format(prog=prog) + "\n" + __doc__)
         if answered is not None:
             return answered
         nproc = _take_int(argv, "--nproc", _env_int("NPROC", 4, 1), 1)
@@ -213,7 +210,7 @@ def _launch(
         print(_stop_message(run_dir, resume, original), file=sys.stderr)
         return 0
     except ChildFailedError as err:
-        status, line = _failure_line(err.failures)
+        status, line = _failure_line(err)
         if line:
             print(line, file=sys.stderr)
         if status == 2 and made_here:

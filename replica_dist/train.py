@@ -29,6 +29,7 @@ from replica_dist.launch import LAUNCHER_ENV
 from replica_dist.loop import train
 
 log = logging.getLogger("replica_dist")
+USAGE = "usage: torchrun [torchrun options] -m replica_dist.train [--cfg job] [--help] [overrides ...]"
 
 
 def setup_logging(rank: int) -> None:
@@ -53,12 +54,11 @@ def report(summary: dict, run_dir: Path) -> None:
     log.info("run directory %s | tensorboard --logdir %s", run_dir, run_dir / "tb")
 
 
-def info_flags(argv: list[str], prog: str = "python -m replica_dist.train") -> int | None:
+def info_flags(argv: list[str], usage: str = "") -> int | None:
     """Answer `--help` and `--cfg job` (exit status 0) and refuse `--multirun` (2); None for a
     command line that asks to train. Shared by this entry point and the launcher."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: {prog} [overrides ...]\n")
-        print(__doc__)
+        print(usage or f"{USAGE}\n{__doc__}")
         print(help_text())
         return 0
     if any(arg in ("-m", "--multirun") for arg in argv):
