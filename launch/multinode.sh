@@ -8,6 +8,6 @@ NNODES="${NNODES:-2}"
 NPROC="${NPROC:-8}"
 JOB="${JOB:-replica_dist}"
 RUN_DIR="${RUN_DIR:-runs/$JOB}"
-exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" \
-    --rdzv_backend=c10d --rdzv_endpoint="$HEAD:29400" --rdzv_id="$JOB" \
-    -m replica_dist.train hydra.run.dir="$RUN_DIR" "$@"
+export REPLICA_DIST_PROG="${REPLICA_DIST_PROG:-$0}"
+exec python -m replica_dist.launch --nnodes="$NNODES" --nproc="$NPROC" \
+    --rdzv-endpoint="$HEAD:29400" --rdzv-id="$JOB" hydra.run.dir="$RUN_DIR" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Preemption end to end: one run uninterrupted; the same run sent SIGTERM through torchrun once
+# Preemption end to end: one run uninterrupted; the same run sent SIGTERM through the launcher once
 # its checkpoint at step 500 exists, then started again with the same command; the largest
 # difference between the two runs' final weights is printed (0 on CPU).
 #   launch/resume_check.sh                         # CPU, gloo
@@ -7,10 +7,10 @@
 set -euo pipefail
 OUT="${OUT:-runs/resume_check}"
 NPROC="${NPROC:-1}"
-train=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m replica_dist.train
+train=(python3 -m replica_dist.launch --nproc="$NPROC"
        train.steps=3000 checkpoint.every=250 log.every=500 eval.every=1000 "$@")
 "${train[@]}" hydra.run.dir="$OUT/uninterrupted" | grep -E "step 3000/"
-# exec: the signal below must reach torchrun itself, which passes it on to its workers.
+# exec: the signal below must reach the launcher (torchrun's agent), which passes it on to its workers.
 (exec "${train[@]}" hydra.run.dir="$OUT/preempted" > "$OUT.preempted.log" 2>&1) &
 launcher=$!
 until [ -f "$OUT/preempted/checkpoints/step-00000500/manifest.json" ]; do

@@ -3,7 +3,9 @@
 It checks the config before anything starts (a bad one is one line and exit status 2, and no
 run directory is made), gives the launch its own run directory (`runs/<date>_<time>`, with a
 suffix when two launches start in the same second) unless `hydra.run.dir=...` or `RUN_DIR`
-names one, and runs `torchrun --standalone` in this process with torchrun's own machinery.
+names one, and runs torchrun in this process with torchrun's own machinery (`--standalone`, or
+the c10d rendezvous that `--nnodes`, `--rdzv-endpoint` and `--rdzv-id` describe: one launcher
+per node, with `hydra.run.dir` on a filesystem every node shares).
 Ctrl-C or SIGTERM make every worker save a checkpoint at the next step boundary; this process
 then prints the command that resumes the run and exits 0. A worker's own one-line error is not
 buried under torchrun's report of the failure: this process adds at most one line.
@@ -20,12 +22,16 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from replica_dist import checkpoint, run_lock
 from replica_dist.config import ConfigError, load_config
 
-USAGE = "usage: {prog} [--nproc N] [--max-restarts K] [--cfg job] [--help] [overrides ...]"
+USAGE = (
+    "usage: {prog} [--nproc N] [--max-restarts K] [--nnodes N --rdzv-endpoint HOST:PORT --rdzv-id JOB]\n"
+    "       [--cfg job] [--help] [overrides ...]"
+)
 PROG_ENV = "REPLICA_DIST_PROG"
 """How the resume command names this program: launch/run.sh sets it to itself."""
 LAUNCHER_ENV = "REPLICA_DIST_LAUNCHER"
@@ -37,42 +43,93 @@ class _Usage(ConfigError):
     """A bad launcher option (exit status 2, like a bad config key)."""
 
 
-def _take_int(argv: list[str], flag: str, default: int, minimum: int) -> int:
-    """Remove `flag N` or `flag=N` from argv and return N (or the default)."""
-    value: str | None = None
+RENDEZVOUS_FLAGS = ("--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id")
+"""torchrun's own options for a job over several nodes, passed on as they are."""
+
+
+def _take(argv: list[str], flag: str) -> str | None:
+    """Remove `flag VALUE` or `flag=VALUE` (also spelt with underscores) from argv; its value."""
+    spellings = (flag, "--" + flag[2:].replace("-", "_"))
     for i, arg in enumerate(argv):
-        if arg == flag:
+        if arg in spellings:
             if i + 1 == len(argv):
                 raise _Usage(f"{flag} needs a value")
             value = argv.pop(i + 1)
             argv.pop(i)
-            break
-        if arg.startswith(flag + "="):
-            value = argv.pop(i).split("=", 1)[1]
-            break
+            return value
+        if arg.split("=", 1)[0] in spellings and "=" in arg:
+            return argv.pop(i).split("=", 1)[1]
+    return None
+
+
+def _count(flag: str, value: str | None, minimum: int) -> int | None:
     if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
+        return None
+    if not value.strip().isdigit() or int(value) < minimum:
         raise _Usage(f"{flag} must be an integer >= {minimum}; got {value!r}")
-    return number
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < minimum:
-        raise _Usage(f"{name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
 
 
-def _run_dir_override(overrides: list[str]) -> str | None:
-    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
-    return chosen[-1] if chosen else None
+@dataclass
+class Launch:
+    """What one launch runs; `command()` is the command line that runs it again."""
+
+    prog: str
+    nproc: int
+    max_restarts: int
+    rendezvous: dict[str, str]
+    run_dir: Path
+    overrides: list[str]
+
+    @classmethod
+    def parse(cls, prog: str, argv: list[str]) -> tuple[Launch, bool]:
+        """The launch an argv asks for, its config checked; and whether its run directory was
+        made here (none was named)."""
+        argv = list(argv)
+        nproc = (
+            _count("--nproc", _take(argv, "--nproc"), 1) or _count("NPROC", os.environ.get("NPROC"), 1) or 4
+        )
+        restarts = _take(argv, "--max-restarts") or os.environ.get("MAX_RESTARTS") or "0"
+        rendezvous = {flag: value for flag in RENDEZVOUS_FLAGS if (value := _take(argv, flag)) is not None}
+        unknown = [arg for arg in argv if arg.startswith("-")]
+        if unknown:
+            raise _Usage(
+                f"unknown option {unknown[0]}; options are --nproc, --max-restarts, "
+                f"{', '.join(RENDEZVOUS_FLAGS)}, --cfg job, --help"
+            )
+        chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")] or [
+            os.environ.get("RUN_DIR")
+        ]
+        overrides = [a for a in argv if not a.startswith("hydra.run.dir=")]
+        if rendezvous and not chosen[-1]:
+            raise _Usage("a job over several nodes needs hydra.run.dir on a filesystem every node shares")
+        load_config(overrides + ([f"hydra.run.dir={chosen[-1]}"] if chosen[-1] else []))  # before anything
+        made_here = not chosen[-1]
+        run_dir = new_run_dir() if made_here else Path(chosen[-1])
+        return cls(
+            prog, nproc, _count("--max-restarts", restarts, 0), rendezvous, run_dir, overrides
+        ), made_here
+
+    def command(self) -> str:
+        words = [self.prog, "--nproc", str(self.nproc)]
+        if self.max_restarts:
+            words += ["--max-restarts", str(self.max_restarts)]
+        words += [f"{flag}={value}" for flag, value in self.rendezvous.items()]
+        return shlex.join([*words, f"hydra.run.dir={self.run_dir}", *self.overrides])
+
+    def torchrun_args(self) -> list[str]:
+        where = [f"{flag}={value}" for flag, value in self.rendezvous.items()] or ["--standalone"]
+        if self.rendezvous:
+            where.append("--rdzv-backend=" + self.rendezvous.get("--rdzv-backend", "c10d"))
+        return [
+            *dict.fromkeys(where),
+            f"--nproc-per-node={self.nproc}",
+            f"--max-restarts={self.max_restarts}",
+            "-m",
+            "replica_dist.train",
+            f"hydra.run.dir={self.run_dir}",
+            *self.overrides,
+        ]
 
 
 def new_run_dir(root: Path = RUNS_ROOT) -> Path:
@@ -127,23 +184,13 @@ def _failure_line(error) -> tuple[int, str | None]:
     return failure.exitcode, None
 
 
-def _resume_command(prog: str, nproc: int, max_restarts: int, run_dir: str, overrides: list[str]) -> str:
-    words = [prog, "--nproc", str(nproc)]
-    if max_restarts:
-        words += ["--max-restarts", str(max_restarts)]
-    words += [f"hydra.run.dir={run_dir}"]
-    words += [o for o in overrides if not o.startswith("hydra.run.dir=")]
-    return shlex.join(words)
-
-
-def _stop_message(run_dir: Path, resume: str, original: str) -> str:
-    root = run_dir / "checkpoints"
-    step = checkpoint.newest_with_manifest(root) if root.is_dir() else None
-    if (run_dir / "summary.json").exists():
-        return f"replica_dist: the run had finished; its results are in {run_dir}"
+def _stop_message(launch: Launch, original: str) -> str:
+    if (launch.run_dir / "summary.json").exists():
+        return f"replica_dist: the run had finished; its results are in {launch.run_dir}"
+    step = checkpoint.newest_with_manifest(launch.run_dir / "checkpoints")
     if step is None:
         return f"replica_dist: stopped before the first checkpoint; nothing to resume. Start again with: {original}"
-    return f"replica_dist: stopped after step {step}, checkpoint saved. Resume with: {resume}"
+    return f"replica_dist: stopped after step {step}, checkpoint saved. Resume with: {launch.command()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,70 +198,40 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.environ.get(PROG_ENV, "replica-dist")
-    original = shlex.join([prog, *argv])
     try:
         answered = info_flags(argv, usage=USAGE.format(prog=prog) + "\n" + __doc__)
         if answered is not None:
             return answered
-        nproc = _take_int(argv, "--nproc", _env_int("NPROC", 4, 1), 1)
-        max_restarts = _take_int(argv, "--max-restarts", _env_int("MAX_RESTARTS", 0, 0), 0)
-        overrides = argv
-        if any(arg.startswith("-") for arg in overrides):
-            unknown = next(arg for arg in overrides if arg.startswith("-"))
-            raise _Usage(f"unknown option {unknown}; options are --nproc, --max-restarts, --cfg job, --help")
-        chosen = _run_dir_override(overrides) or os.environ.get("RUN_DIR") or None
-        load_config(overrides + ([f"hydra.run.dir={chosen}"] if chosen else []))  # checked before anything
-        made_here = chosen is None
-        run_dir = new_run_dir() if made_here else Path(chosen)
+        launch, made_here = Launch.parse(prog, argv)
     except ConfigError as err:
         print(f"replica_dist: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
-    resume = _resume_command(prog, nproc, max_restarts, str(run_dir), overrides)
-    return _launch(nproc, max_restarts, run_dir, overrides, made_here, resume, original)
+    return _run(launch, made_here, original=shlex.join([prog, *argv]))
 
 
-def _launch(
-    nproc: int,
-    max_restarts: int,
-    run_dir: Path,
-    overrides: list[str],
-    made_here: bool,
-    resume: str,
-    original: str,
-) -> int:
+def _run(launch: Launch, made_here: bool, original: str) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    args = parse_args(
-        [
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}",
-            "-m",
-            "replica_dist.train",
-            f"hydra.run.dir={run_dir}",
-            *overrides,
-        ]
-    )
+    args = parse_args(launch.torchrun_args())
     _quiet_torchrun()
     os.environ[LAUNCHER_ENV] = "1"
     try:
         torchrun(args)
     except SignalException:
         # The agent has passed the signal on and waited for the workers' clean stop.
-        print(_stop_message(run_dir, resume, original), file=sys.stderr)
+        print(_stop_message(launch, original), file=sys.stderr)
         return 0
     except ChildFailedError as err:
         status, line = _failure_line(err)
         if line:
             print(line, file=sys.stderr)
         if status == 2 and made_here:
-            _remove_if_unused(run_dir)
+            _remove_if_unused(launch.run_dir)
         return status
     return 0
 

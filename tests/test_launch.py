@@ -101,7 +101,9 @@ def reference(tmp_path_factory) -> Path:
 
 def test_ctrl_c_prints_a_resume_command_that_resumes_bit_for_bit(tmp_path, reference):
     # A user's first launch: no run directory named, so the launcher picks one.
-    first = start_run_sh("--nproc", "2", *OVERRIDES, cwd=tmp_path)
+    first = start_run_sh(
+        "--nproc", "2", *OVERRIDES, cwd=tmp_path, env=hooked_env(tmp_path, SLOW_STEP_S="0.02")
+    )
     seen = wait_for_line(first, r"step 20/")
     first.send_signal(signal.SIGINT)  # Ctrl-C reaches torchrun (the launcher)
     out, err = first.communicate(timeout=120)
@@ -125,7 +127,14 @@ def test_ctrl_c_prints_a_resume_command_that_resumes_bit_for_bit(tmp_path, refer
 
 
 def test_sigterm_to_the_launcher_stops_cleanly_too(tmp_path):
-    process = start_run_sh("--nproc", "2", "hydra.run.dir=run", *OVERRIDES, cwd=tmp_path)
+    process = start_run_sh(
+        "--nproc",
+        "2",
+        "hydra.run.dir=run",
+        *OVERRIDES,
+        cwd=tmp_path,
+        env=hooked_env(tmp_path, SLOW_STEP_S="0.02"),
+    )
     wait_for_line(process, r"step 10/")
     process.send_signal(signal.SIGTERM)  # Slurm's notice
     out, err = process.communicate(timeout=120)
@@ -149,7 +158,7 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_stop_when_their_agent_is_killed_and_the_same_command_resumes(tmp_path, reference):
     args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES)
-    agent = start_run_sh(*args, cwd=tmp_path)
+    agent = start_run_sh(*args, cwd=tmp_path, env=hooked_env(tmp_path, SLOW_STEP_S="0.02"))
     wait_for_line(agent, r"step 20/")
     workers = _children(agent.pid)
     assert len(workers) == 2
@@ -169,10 +178,12 @@ def test_workers_stop_when_their_agent_is_killed_and_the_same_command_resumes(tm
 @pytest.mark.parametrize("when", ["at once", "later"])
 def test_a_second_launch_into_a_directory_in_use_is_refused(tmp_path, reference, when):
     args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES)
-    first = start_run_sh(*args, cwd=tmp_path)
+    # Slowed (the same weights) so that the second launch meets it mid-run, whichever starts first.
+    slow = hooked_env(tmp_path, SLOW_STEP_S="0.05")
+    first = start_run_sh(*args, cwd=tmp_path, env=slow)
     if when == "later":
         wait_for_line(first, r"step 20/")
-    second = run_sh(*args, cwd=tmp_path)
+    second = run_sh(*args, cwd=tmp_path, env=slow)
     out, err = first.communicate(timeout=240)
     results = sorted([(first.returncode, out, err), (second.returncode, second.stdout, second.stderr)])
     (ok, ok_out, ok_err), (refused, _, refused_err) = results
@@ -186,35 +197,48 @@ def test_a_second_launch_into_a_directory_in_use_is_refused(tmp_path, reference,
     assert_same_weights(tmp_path / "run", reference)
 
 
-# Runs in every worker (and the launcher) through PYTHONPATH: SIGKILLs rank 1 at one moment of
-# the first attempt, so that torchrun restarts the group (--max-restarts) at an edge of the run.
-KILL_HOOK = textwrap.dedent(
+# Runs in every worker (and the launcher) through PYTHONPATH, as a user's sitecustomize would.
+# SLOW_STEP_S: every minibatch draw sleeps, so that a run lasts long enough for a signal or a
+# second launch to meet it mid-run (the weights do not change). KILL_AT: SIGKILLs rank 1 at one
+# moment of the first attempt, so that torchrun restarts the group at an edge of the run.
+HOOKS = textwrap.dedent(
     """
-    import os, signal
-    if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import os, signal, time
+    if os.environ.get("SLOW_STEP_S"):
+        from replica_dist import data
+        draw = data.ReplicaBatches.next
+        def slow_draw(self):
+            time.sleep(float(os.environ["SLOW_STEP_S"]))
+            return draw(self)
+        data.ReplicaBatches.next = slow_draw
+    if os.environ.get("KILL_AT") and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
         from replica_dist import diagnostics, loop
         if os.environ["KILL_AT"] == "start-up":
-            log_step = diagnostics.Diagnostics.log_step
             def killing_log_step(self, *args, **kwargs):
                 os.kill(os.getpid(), signal.SIGKILL)
             diagnostics.Diagnostics.log_step = killing_log_step
         else:
             train = loop.train
             def train_then_die(*args, **kwargs):
-                result = train(*args, **kwargs)
+                train(*args, **kwargs)
                 os.kill(os.getpid(), signal.SIGKILL)
             loop.train = train_then_die
     """
 )
 
 
+def hooked_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(HOOKS)
+    env = user_env(**settings)
+    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{env['PYTHONPATH']}"
+    return env
+
+
 @pytest.mark.parametrize("moment", ["start-up", "after summary.json"])
 def test_a_worker_killed_at_an_edge_of_the_run_is_restarted_to_the_same_end(tmp_path, reference, moment):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(KILL_HOOK)
-    env = user_env(KILL_AT=moment)
-    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{env['PYTHONPATH']}"
+    env = hooked_env(tmp_path, KILL_AT=moment)
     done = run_sh(
         "--nproc", "2", "--max-restarts", "2", "hydra.run.dir=run", *OVERRIDES, cwd=tmp_path, env=env
     )
