@@ -357,9 +357,12 @@ STOP_EXPECTED = {
 
 
 def _form_runs(policy: str) -> dict[str, list[str]]:
+    # average on every step: with its default, every 4, it talks like none between couplings.
+    every = {"average": ["coupling.every=1"]}
     return {
         f"{form}-{mode}": [
             f"coupling={form}",
+            *every.get(form, []),
             f"guard.nonfinite={policy}",
             f"dist.overlap={mode == 'overlap'}",
         ]
@@ -413,6 +416,7 @@ SKIP_EXPECTED = {
     "none-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
     "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
     "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
+    "average-every-4": (8, {1: 4}, LOSS_AT_7, 1, 3),  # like none-sync: words at 6 and 8 only
     # Words on every step (a checkpoint each): the limit holds exactly whatever the form.
     "none-every-step": (7, {1: 3}, LOSS_AT_7, 2, 2),
     "cnn-batchnorm": (7, {1: 3}, LOSS_AT_7, 2, 2),
@@ -421,6 +425,7 @@ SKIP_EXPECTED = {
 
 def test_skip_stops_every_form_at_the_limit_and_never_applies_or_saves_a_bad_step(tmp_path):
     runs = _form_runs("skip") | {
+        "average-every-4": ["coupling=average", "guard.nonfinite=skip", "dist.overlap=false"],
         "none-every-step": [
             "coupling=none",
             "guard.nonfinite=skip",
