@@ -372,8 +372,12 @@ def _form_runs(policy: str) -> dict[str, list[str]]:
 
 
 def test_stop_ends_every_form_with_one_line_naming_what_where_and_what_to_try(tmp_path):
-    clean = {"clean-tanh": ["coupling=tanh", "dist.overlap=false"]}
-    run_world(_train_runs, 2, str(tmp_path), _form_runs("stop") | clean, timeout_s=600)
+    more = {
+        "clean-tanh": ["coupling=tanh", "dist.overlap=false"],
+        # A real divergence: weights near 1e20 after step 1, logits that overflow at step 2.
+        "clean-lr": ["coupling=tanh", "dist.overlap=false", "optim.lr=1e20"],
+    }
+    run_world(_train_runs, 2, str(tmp_path), _form_runs("stop") | more, timeout_s=600)
     for name, (step, where) in STOP_EXPECTED.items():
         outcomes = _outcomes(tmp_path / name)
         assert [o["error"] for o in outcomes] == ["NonFiniteError"] * 2, name
@@ -382,6 +386,10 @@ def test_stop_ends_every_form_with_one_line_naming_what_where_and_what_to_try(tm
         assert "\n" not in outcomes[0]["message"]
         assert not (tmp_path / name / "summary.json").exists()
         assert _checkpoints_finite(tmp_path / name) == [2, 4]
+    outcomes = _outcomes(tmp_path / "clean-lr")
+    assert [(o["error"], o["step"]) for o in outcomes] == [("NonFiniteError", 2)] * 2
+    where = "non-finite loss in replica 0 at step 2, non-finite loss in replica 1 at step 2"
+    assert outcomes[0]["message"] == outcomes[1]["message"] == f"{where} {STOP_ADVICE}"
     # The same world without the NaN: an ordinary run that says it went well.
     assert _outcomes(tmp_path / "clean-tanh")[0]["error"] is None
     summary = _summary_checked(tmp_path / "clean-tanh")
