@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from replica_dist.progress import Progress
 
 
@@ -100,3 +102,35 @@ def test_the_time_left_after_a_resume_counts_from_the_resumed_steps():
     progress.step_done(501, now=10.0)
     assert progress.seconds_left(503, now=12.0) is None
     assert progress.seconds_left(510, now=19.0) == 1.0 * 490
+
+
+def test_a_real_run_prints_the_center_only_when_known_and_the_time_left_only_when_meaningful(
+    tmp_path, caplog
+):
+    import logging
+
+    import torch
+
+    from replica_dist import dist, loop
+    from replica_dist.config import load_config
+
+    cfg, _ = load_config(
+        ["train.steps=8", "log.every=2", "eval.every=4", "model.hidden=[8]", f"hydra.run.dir={tmp_path}"]
+    )
+    dist.init(cfg.dist)  # a world of one, in this process
+    try:
+        with caplog.at_level(logging.INFO, logger="replica_dist.loop"):
+            summary = loop.train(cfg, tmp_path, torch.device("cpu"))
+    finally:
+        dist.teardown()
+    lines = {
+        int(r.message.split()[1].split("/")[0]): r.message
+        for r in caplog.records
+        if r.message.startswith("step ")
+    }
+    assert sorted(lines) == [1, 2, 4, 6, 8]
+    assert lines[1].endswith("| center acc -")  # no evaluation, no timed step yet
+    assert lines[2].endswith("| center acc -")  # one timed step after the first: no estimate yet
+    assert re.search(r"\| center acc 0\.\d{4} \| \d+ s left$", lines[4])  # evaluated at step 4
+    assert lines[6].endswith(" s left")
+    assert summary["status"] == "ok" and summary["warnings"] == []
