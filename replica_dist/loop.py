@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_ind
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
-from replica_dist.guard import Guard, StopRequested
+from replica_dist.guard import DivergedError, Guard, StopRequested
 from replica_dist.model import build_model
+from replica_dist.progress import Progress
 from replica_dist.timing import NO_TIMER, StepTimer
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ def train(
     exchange = new_exchange() if form in (*ELASTIC_FORMS, "average") else None
     overlap = cfg.dist.overlap
 
+    progress = Progress(cfg.train.steps, form, num_replicas, data.task)
     started = time.perf_counter()
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
@@ -171,6 +174,7 @@ def train(
             if checkpoint_step and (overlap or not needs_mean):
                 apply = guard.decide(step, dist.share_words(guard.word(), device)) and apply
             timer.lap("communication")
+            guard.settle(step, apply)
             if apply:
                 if coupled and form in ELASTIC_FORMS:
                     # Before the optimizer step, while the parameters still hold w_before.
@@ -180,7 +184,6 @@ def train(
                         state.pull_through_optimizer(step_pull)
                 optimizer.step()
             else:
-                guard.skipped_steps += 1
                 state.restore_buffers()
             if logging_step:
                 snapshot["after_optimizer"] = state.pack()
@@ -218,17 +221,11 @@ def train(
                 evaluation = diagnostics.evaluate(
                     step, model, snapshot["mean_after"], splits, data.task, data.loss
                 )
+                progress.observe_evaluation(step, evaluation, final=step == cfg.train.steps)
             if logging_step:
-                elapsed = time.perf_counter() - started
-                log.info(
-                    "step %d/%d | loss %.4f (mean of %d replicas) | center acc %.4f | %.0f s left",
-                    step,
-                    cfg.train.steps,
-                    losses.nanmean().item(),
-                    num_replicas,
-                    diagnostics.center_accuracy,
-                    elapsed / (step - start.step) * (cfg.train.steps - step),
-                )
+                mean_loss = losses.nanmean().item()
+                progress.observe_loss(step, mean_loss)
+                log.info("%s", progress.line(step, mean_loss, time.perf_counter()))
 
             # 6. A checkpoint of every replica (the last step ends with the final results instead).
             if step < cfg.train.steps and (guard.stop_agreed or checkpoint_step):
@@ -236,9 +233,12 @@ def train(
                     run_state.save(cfg, run_dir, step, model, optimizer, batches, guard)
                 if guard.stop_agreed:
                     raise StopRequested(step)
+            progress.step_done(step, time.perf_counter())
         wall_seconds = time.perf_counter() - started
 
-        summary = _summary(cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device)
+        summary = _summary(
+            cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device, progress.warnings()
+        )
         # Plain state_dicts: they load into the model class with no replica_dist code around.
         (run_dir / "weights").mkdir(exist_ok=True)
         if dist.dp_rank() == 0:
@@ -252,6 +252,8 @@ def train(
                     "%s",
                     flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False),
                 )
+        if summary["status"] != "ok":  # after summary.json, which says what diverged
+            raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
         return summary
     finally:
         diagnostics.close()
@@ -259,28 +261,57 @@ def train(
 
 
 def _summary(
-    cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device
+    cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device, warnings
 ) -> dict:
     """The run's final numbers; every replica's own are gathered with one all_reduce (with
-    parallel.dp > 1, own_data_loss is on the data of each replica's rank in this mesh column)."""
+    parallel.dp > 1, own_data_loss is on the data of each replica's rank in this mesh column).
+    `status` is "diverged" (with a `reason`) when any of them is not finite: every rank
+    decides so from the gathered table, so that all raise together."""
     own_data_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
     keys = sorted(evaluation["replica"])
-    rows = dist.gather_rows([own_data_loss] + [evaluation["replica"][k] for k in keys], device).tolist()
+    # The center's and the ensemble's numbers ride along as one flag per rank, so that the
+    # status is read from the one table every rank holds.
+    shared_finite = all(
+        math.isfinite(v) for name in ("center", "ensemble") for v in evaluation[name].values()
+    )
+    rows = dist.gather_rows(
+        [own_data_loss] + [evaluation["replica"][k] for k in keys] + [float(shared_finite)], device
+    ).tolist()
 
     def flat(metrics: dict[str, float]) -> dict[str, float]:  # "train_set/loss" -> "train_loss"
         return {k.replace("train_set/", "train_").replace("test/", "test_"): v for k, v in metrics.items()}
 
-    return {
+    replicas = [
+        {"replica": r, "own_data_loss": row[0]} | flat(dict(zip(keys, row[1:-1])))
+        for r, row in enumerate(rows)
+    ]
+    center, ensemble = flat(evaluation["center"]), flat(evaluation["ensemble"])
+    non_finite = [
+        f"{k} of the {name}"
+        for name, d in (("center", center), ("ensemble", ensemble))
+        for k, v in d.items()
+        if not math.isfinite(v)
+    ]
+    non_finite += [
+        f"{k} of replica {r['replica']}" for r in replicas for k, v in r.items() if not math.isfinite(v)
+    ]
+    if not non_finite and not all(row[-1] for row in rows):
+        non_finite = ["the center's or ensemble's numbers on another rank"]
+    status = {"status": "ok"}
+    if non_finite:
+        shown = ", ".join(non_finite[:4]) + (
+            f" and {len(non_finite) - 4} more" if len(non_finite) > 4 else ""
+        )
+        status = {"status": "diverged", "reason": f"the final evaluation is not finite: {shown}"}
+    return status | {
+        "warnings": warnings,
         "steps": cfg.train.steps,
         "wall_seconds": wall_seconds,
         "world_size": len(rows),
         "dp": cfg.parallel.dp,
         "coupling": cfg.coupling.name,
         "task": task,
-        "replicas": [
-            {"replica": r, "own_data_loss": row[0]} | flat(dict(zip(keys, row[1:])))
-            for r, row in enumerate(rows)
-        ],
-        "center": flat(evaluation["center"]),
-        "ensemble": flat(evaluation["ensemble"]),
+        "replicas": replicas,
+        "center": center,
+        "ensemble": ensemble,
     }

@@ -3,33 +3,88 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from runs import events, replica_weights
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import dist, loop
-from replica_dist.data import ReplicaBatches
-from replica_dist.guard import Guard
 from replica_dist.config import load_config
-from runs import events, replica_weights
+from replica_dist.data import ReplicaBatches
+from replica_dist.errors import RunError
+from replica_dist.guard import Guard, NonFiniteError, SkipLimitError
 
 
-def test_decide_stop_names_every_bad_replica_and_its_step():
+def _words(*rows: list[float]) -> torch.Tensor:
+    """A table of words: [first bad step, its kind, stop?, skips in a row, latest bad step]."""
+    return torch.tensor([list(map(float, row)) for row in rows])
+
+
+CLEAN = [0, 0, 0, 0, 0]
+LOSS, WEIGHT, BUFFER, GRADIENT = 1, 2, 3, 4
+
+
+def test_decide_stop_names_what_every_bad_replica_saw_its_step_and_what_to_try():
     guard = Guard("stop")
-    with pytest.raises(FloatingPointError, match=r"replica 1 at step 5, replica 3 at step 4"):
-        guard.decide(5, torch.tensor([[0.0, 0], [5, 0], [0, 0], [4, 0]]))
+    with pytest.raises(NonFiniteError) as caught:
+        guard.decide(5, _words(CLEAN, [5, LOSS, 0, 1, 5], CLEAN, [4, GRADIENT, 0, 2, 5]))
+    assert str(caught.value) == (
+        "non-finite loss in replica 1 at step 5, non-finite gradient in replica 3 at step 4 "
+        "(guard.nonfinite=stop); try a lower optim.lr, or set guard.nonfinite=skip to skip such steps"
+    )
+    assert isinstance(caught.value, RunError) and caught.value.exit_status == 1
 
 
 def test_decide_skip_skips_only_a_bad_value_of_this_step():
     guard = Guard("skip")
-    assert guard.decide(5, torch.tensor([[0.0, 0], [5, 0]])) is False
-    assert guard.decide(8, torch.tensor([[0.0, 0], [5, 0]])) is True  # step 5 was skipped by replica 1 alone
-    assert guard.decide(9, torch.tensor([[0.0, 0], [0, 0]])) is True
+    assert guard.decide(5, _words(CLEAN, [5, LOSS, 0, 1, 5])) is False
+    assert not guard.all_clean
+    assert guard.decide(8, _words(CLEAN, [5, LOSS, 0, 1, 5])) is True  # step 5 was skipped by replica 1 alone
+    assert guard.all_clean
+    # Replica 1 computed alone from step 5 on: its first bad step is old, its latest is this one.
+    assert guard.decide(9, _words(CLEAN, [5, LOSS, 0, 2, 9])) is False
+    assert guard.decide(10, _words(CLEAN, CLEAN)) is True
     assert not guard.stop_agreed
-    guard.decide(10, torch.tensor([[0.0, 0], [0, 1]]))
+    guard.decide(11, _words(CLEAN, [0, 0, 1, 0, 0]))
     assert guard.stop_agreed
+
+
+def test_a_second_exchange_in_a_step_adds_and_resets_nothing():
+    guard = Guard("skip", max_consecutive_skips=3)
+    assert guard.decide(4, _words(CLEAN, [4, LOSS, 0, 1, 4])) is False
+    assert guard.decide(4, _words([0, 0, 0, 1, 0], [0, 0, 0, 1, 0])) is True  # nothing new
+    assert not guard.all_clean  # still the step that saw a non-finite value: no checkpoint
+    assert guard.decide(5, _words([0, 0, 0, 1, 0], [0, 0, 0, 2, 0])) is True
+    assert guard.all_clean
+    assert guard.decide(6, _words(CLEAN, [0, 0, 0, 2, 0])) is True  # what would have reset the old count
+    with pytest.raises(SkipLimitError):
+        guard.decide(6, _words(CLEAN, [6, LOSS, 0, 3, 6]))
+
+
+def test_skip_stops_when_a_replica_has_skipped_the_limit_in_a_row():
+    guard = Guard("skip", max_consecutive_skips=3)
+    assert guard.decide(7, _words([0, 0, 0, 2, 0], [7, LOSS, 0, 2, 7])) is False
+    with pytest.raises(SkipLimitError) as caught:
+        guard.decide(8, _words([0, 0, 0, 2, 0], [7, BUFFER, 0, 3, 8]))
+    assert str(caught.value) == (
+        "replica 1 skipped 3 steps in a row for non-finite values (guard.max_consecutive_skips=3): "
+        "non-finite buffer in replica 1 at step 7; training diverged: try a lower optim.lr"
+    )
+    assert isinstance(caught.value, RunError)
+
+
+def test_skip_stops_on_a_count_alone_and_names_every_replica_at_the_limit():
+    # Every bad value was reported already; the counts alone say the replicas stopped learning.
+    guard = Guard("skip", max_consecutive_skips=2)
+    with pytest.raises(SkipLimitError) as caught:
+        guard.decide(9, _words([0, 0, 0, 2, 0], [0, 0, 0, 1, 0], [0, 0, 0, 5, 0]))
+    assert str(caught.value) == (
+        "replica 0 skipped 2 steps in a row, replica 2 skipped 5 steps in a row for non-finite values "
+        "(guard.max_consecutive_skips=2); training diverged: try a lower optim.lr"
+    )
 
 
 def test_inspect_reports_the_first_non_finite_step_until_shared():
@@ -41,11 +96,11 @@ def test_inspect_reports_the_first_non_finite_step_until_shared():
     assert not guard.inspect(4, torch.tensor(1.0), layer.parameters(), [])
     assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters(), [])
     word = guard.word()
-    assert word == [4.0, 0.0]
-    assert guard.word() == [0.0, 0.0]  # reported once: the exchange that carries it decides
+    assert word == [4.0, GRADIENT, 0.0, 2.0, 5.0]
+    assert guard.word() == [0.0, 0.0, 0.0, 2.0, 0.0]  # reported once; the count stays
     assert not guard.inspect(6, torch.tensor(float("nan")), layer.parameters(), [])
     guard.decide(6, torch.tensor([word]))  # the decision on step 4 keeps step 6 for the next word
-    assert guard.word() == [6.0, 0.0]
+    assert guard.word() == [6.0, LOSS, 0.0, 3.0, 6.0]
 
 
 def test_inspect_is_exact_when_a_sum_of_finite_values_overflows():
@@ -59,7 +114,7 @@ def test_inspect_is_exact_when_a_sum_of_finite_values_overflows():
     with torch.no_grad():
         layer.weight[0, 1] = float("nan")
     assert not guard.inspect(10, torch.tensor(1.0), layer.parameters(), [])
-    assert guard.word() == [9.0, 0.0]
+    assert guard.word() == [9.0, BUFFER, 0.0, 2.0, 10.0]
 
 
 def test_inspect_sees_a_non_finite_batchnorm_statistic():
@@ -68,27 +123,54 @@ def test_inspect_sees_a_non_finite_batchnorm_statistic():
     layer(torch.ones(1, 2)).sum().backward()
     running_var = torch.tensor([1.0, float("inf")])
     assert not guard.inspect(7, torch.tensor(1.0), layer.parameters(), [running_var])
-    assert guard.word() == [7.0, 0.0]
+    assert guard.word() == [7.0, BUFFER, 0.0, 1.0, 7.0]
 
 
-def test_skip_gives_up_after_too_many_bad_steps_in_a_row():
-    guard = Guard("skip", max_consecutive_skips=3)
-    bad = torch.tensor([[0.0, 0], [1, 0]])
-    assert guard.decide(1, bad) is False
-    assert guard.decide(1, torch.tensor([[0.0, 0], [0, 0]])) is True  # a second exchange in step 1
-    guard.decide(2, torch.tensor([[0.0, 0], [0, 0]]))  # a good step resets the count
-    guard.decide(3, torch.tensor([[0.0, 0], [3, 0]]))
-    guard.decide(4, torch.tensor([[0.0, 0], [4, 0]]))
-    with pytest.raises(FloatingPointError, match=r"3 communicating steps in a row.*replica 1 at step 5"):
-        guard.decide(5, torch.tensor([[0.0, 0], [5, 0]]))
+def test_inspect_names_a_non_finite_weight():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.bias[0] = float("inf")
+    assert not guard.inspect(2, torch.tensor(1.0), layer.parameters(), [])
+    assert guard.word()[:2] == [2.0, WEIGHT]
+
+
+def test_steps_in_a_row_count_own_and_agreed_skips_once_each_and_reset_on_an_applied_step():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    nan = torch.tensor(float("nan"))
+    guard.settle(1, True)
+    assert not guard.inspect(2, nan, layer.parameters(), [])
+    assert guard.skips_in_row == 1  # known to be skipped before any word is sent
+    guard.settle(2, False)
+    guard.settle(3, False)  # finite here, skipped because another replica was not
+    assert not guard.inspect(4, nan, layer.parameters(), [])
+    guard.settle(4, False)
+    assert (guard.skips_in_row, guard.skipped_steps) == (3, 3)
+    guard.settle(5, True)
+    assert (guard.skips_in_row, guard.skipped_steps) == (0, 3)
 
 
 def test_guard_state_survives_a_checkpoint():
     guard = Guard("skip")
-    guard.unreported_bad_step, guard.skipped_steps, guard.consecutive_skips = 9, 2, 1
+    guard.unreported_bad_step, guard.unreported_kind, guard.latest_bad_step = 9, LOSS, 11
+    guard.skipped_steps, guard.skips_in_row = 2, 1
     restored = Guard("skip")
     restored.load_state_dict(guard.state_dict())
-    assert restored.state_dict() == {"unreported_bad_step": 9, "skipped_steps": 2, "consecutive_skips": 1}
+    assert restored.state_dict() == {
+        "unreported_bad_step": 9,
+        "unreported_kind": LOSS,
+        "latest_bad_step": 11,
+        "skipped_steps": 2,
+        "skips_in_row": 1,
+    }
+
+
+def test_guard_state_of_an_older_checkpoint_loads():
+    restored = Guard("skip")
+    restored.load_state_dict({"unreported_bad_step": 0, "skipped_steps": 2, "consecutive_skips": 0})
+    assert restored.word() == [0.0, 0.0, 0.0, 0.0, 0.0] and restored.skipped_steps == 2
 
 
 # ---- a NaN injected into replica 1's batch at step 5, in a real 2-process world
@@ -117,7 +199,7 @@ def _train_with_nan(rank: int, world_size: int, run_dir: str, overrides: list[st
     cfg, _ = load_config(COMMON + overrides + [f"hydra.run.dir={run_dir}"])
     try:
         loop.train(cfg, Path(run_dir), torch.device("cpu"))
-    except FloatingPointError as err:
+    except RunError as err:
         (Path(run_dir) / f"error.rank{rank}.json").write_text(
             json.dumps({"step": dist._step, "message": str(err)})
         )
@@ -216,3 +298,192 @@ def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path
     )
     assert _checkpoints_finite(tmp_path) == [10]
     assert not (tmp_path / "checkpoints" / "step-00000005").exists()
+
+
+# ---- replica 1 diverges for good from its 5th batch on: every coupling form, both policies
+
+FORMS = ("tanh", "linear", "average", "none", "ddp")
+TABLE_COMMON = [*COMMON, "log.every=4", "guard.max_consecutive_skips=3"]
+
+
+def _train_runs(rank: int, world_size: int, root: str, runs: dict[str, list[str]]) -> None:
+    """Each run in turn, in one world; replica 1's batches are NaN from its 5th on (except in
+    runs named clean-*). Writes what every rank saw: the error (class, message, step) and its
+    guard's counts."""
+    original = ReplicaBatches.next
+    poisoned = [True]
+
+    def diverging_next(self):
+        self.calls = getattr(self, "calls", 0) + 1
+        x, y = original(self)
+        return (x * float("nan"), y) if poisoned[0] and rank == 1 and self.calls >= 5 else (x, y)
+
+    ReplicaBatches.next = diverging_next
+    for name, overrides in runs.items():
+        poisoned[0] = not name.startswith("clean")
+        run_dir = Path(root) / name
+        cfg, _ = load_config(TABLE_COMMON + overrides + [f"hydra.run.dir={run_dir}"])
+        guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
+        outcome = {"error": None}
+        try:
+            loop.train(cfg, run_dir, torch.device("cpu"), guard)
+        except RunError as err:
+            outcome = {"error": type(err).__name__, "message": str(err), "step": dist._step}
+        outcome |= {"skipped": guard.skipped_steps, "in_row": guard.skips_in_row}
+        (run_dir / f"outcome.rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def _outcomes(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / f"outcome.rank{r}.json").read_text()) for r in range(2)]
+
+
+STOP_ADVICE = "(guard.nonfinite=stop); try a lower optim.lr, or set guard.nonfinite=skip to skip such steps"
+LOSS_AT_5 = "non-finite loss in replica 1 at step 5"
+# Where each form first exchanges words after step 5's NaN: in step 5 when it communicates
+# after the gradient (a synchronous pull, average's exchange after the step), else at the
+# checkpoint of step 6. DDP averages replica 1's NaN into replica 0's gradient.
+STOP_EXPECTED = {
+    "tanh-sync": (5, LOSS_AT_5),
+    "tanh-overlap": (6, LOSS_AT_5),
+    "linear-sync": (5, LOSS_AT_5),
+    "linear-overlap": (6, LOSS_AT_5),
+    "average-sync": (5, LOSS_AT_5),
+    "average-overlap": (5, LOSS_AT_5),
+    "none-sync": (6, LOSS_AT_5),
+    "none-overlap": (6, LOSS_AT_5),
+    "ddp-sync": (6, "non-finite gradient in replica 0 at step 5, " + LOSS_AT_5),
+    "ddp-overlap": (6, "non-finite gradient in replica 0 at step 5, " + LOSS_AT_5),
+}
+
+
+def _form_runs(policy: str) -> dict[str, list[str]]:
+    # average on every step: with its default, every 4, it talks like none between couplings.
+    every = {"average": ["coupling.every=1"]}
+    return {
+        f"{form}-{mode}": [
+            f"coupling={form}",
+            *every.get(form, []),
+            f"guard.nonfinite={policy}",
+            f"dist.overlap={mode == 'overlap'}",
+        ]
+        for form in FORMS
+        for mode in ("sync", "overlap")
+    }
+
+
+def test_stop_ends_every_form_with_one_line_naming_what_where_and_what_to_try(tmp_path):
+    more = {
+        "clean-tanh": ["coupling=tanh", "dist.overlap=false"],
+        # A real divergence: weights near 1e20 after step 1, logits that overflow at step 2.
+        "clean-lr": ["coupling=tanh", "dist.overlap=false", "optim.lr=1e20"],
+    }
+    run_world(_train_runs, 2, str(tmp_path), _form_runs("stop") | more, timeout_s=600)
+    for name, (step, where) in STOP_EXPECTED.items():
+        outcomes = _outcomes(tmp_path / name)
+        assert [o["error"] for o in outcomes] == ["NonFiniteError"] * 2, name
+        assert outcomes[0]["message"] == outcomes[1]["message"] and outcomes[0]["step"] == outcomes[1]["step"]
+        assert (outcomes[0]["step"], outcomes[0]["message"]) == (step, f"{where} {STOP_ADVICE}"), name
+        assert "\n" not in outcomes[0]["message"]
+        assert not (tmp_path / name / "summary.json").exists()
+        assert _checkpoints_finite(tmp_path / name) == [2, 4]
+    outcomes = _outcomes(tmp_path / "clean-lr")
+    assert [(o["error"], o["step"]) for o in outcomes] == [("NonFiniteError", 2)] * 2
+    where = "non-finite loss in replica 0 at step 2, non-finite loss in replica 1 at step 2"
+    assert outcomes[0]["message"] == outcomes[1]["message"] == f"{where} {STOP_ADVICE}"
+    # The same world without the NaN: an ordinary run that says it went well.
+    assert _outcomes(tmp_path / "clean-tanh")[0]["error"] is None
+    summary = _summary_checked(tmp_path / "clean-tanh")
+    assert summary["status"] == "ok" and "reason" not in summary and isinstance(summary["warnings"], list)
+
+
+def _limit_message(counts: dict[int, int], seen: str) -> str:
+    who = ", ".join(f"replica {r} skipped {n} steps in a row" for r, n in counts.items())
+    return (
+        f"{who} for non-finite values (guard.max_consecutive_skips=3): {seen}; "
+        "training diverged: try a lower optim.lr"
+    )
+
+
+LOSS_AT_7 = "non-finite loss in replica 1 at step 7"
+# (step of the stop, replicas at or over the limit with their counts, what the last words
+# reported, steps replica 0 and replica 1 skipped before it). Replica 1 is NaN from step 5 on.
+#  - Every step communicates after the gradient (sync pulls, average): the 3rd skip in a row,
+#    step 7, is the stop. All skip 5 and 6 with a sync pull; average applies replica 0's 5.
+#  - Overlapped pulls: step 7's word tells of step 6 (count 2): step 8's tells of 7 (3).
+#  - none/ddp exchange words at checkpoint (even) and logging (1, 4, 8) steps only: at step 8,
+#    overlapped, through step 7 (3); synchronous, through step 8 (4). Both skip the
+#    checkpoint step 6 (agreed before its update); with ddp replica 0 is NaN too.
+SKIP_EXPECTED = {
+    "tanh-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
+    "tanh-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
+    "linear-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
+    "linear-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
+    "average-sync": (7, {1: 3}, LOSS_AT_7, 1, 3),
+    "average-overlap": (7, {1: 3}, LOSS_AT_7, 1, 3),
+    "none-sync": (8, {1: 4}, LOSS_AT_7, 1, 3),
+    "none-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
+    "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
+    "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
+    "average-every-4": (8, {1: 4}, LOSS_AT_7, 1, 3),  # like none-sync: words at 6 and 8 only
+    # Words on every step (a checkpoint each): the limit holds exactly whatever the form.
+    "none-every-step": (7, {1: 3}, LOSS_AT_7, 2, 2),
+    "cnn-batchnorm": (7, {1: 3}, LOSS_AT_7, 2, 2),
+}
+
+
+def test_skip_stops_every_form_at_the_limit_and_never_applies_or_saves_a_bad_step(tmp_path):
+    runs = _form_runs("skip") | {
+        "average-every-4": ["coupling=average", "guard.nonfinite=skip", "dist.overlap=false"],
+        "none-every-step": [
+            "coupling=none",
+            "guard.nonfinite=skip",
+            "checkpoint.every=1",
+            "dist.overlap=false",
+        ],
+        "real-lr": [
+            "coupling=tanh",
+            "guard.nonfinite=skip",
+            "optim.lr=1e20",
+            "guard.max_consecutive_skips=1000",
+        ],
+        "cnn-batchnorm": [
+            "coupling=tanh",
+            "guard.nonfinite=skip",
+            "dist.overlap=false",
+            "model=cnn",
+            "model.hidden=[4]",
+            "model.batch_norm=true",
+        ],
+    }
+    run_world(_train_runs, 2, str(tmp_path), runs, timeout_s=900)
+    for name, (step, counts, seen, skipped_0, skipped_1) in SKIP_EXPECTED.items():
+        outcomes = _outcomes(tmp_path / name)
+        assert [o["error"] for o in outcomes] == ["SkipLimitError"] * 2, name
+        assert outcomes[0]["message"] == outcomes[1]["message"] == _limit_message(counts, seen), name
+        assert outcomes[0]["step"] == outcomes[1]["step"] == step, name
+        assert (outcomes[0]["skipped"], outcomes[1]["skipped"]) == (skipped_0, skipped_1), name
+        assert not (tmp_path / name / "summary.json").exists()
+        saved = _checkpoints_finite(tmp_path / name)
+        assert saved == ([1, 2, 3, 4] if name == "none-every-step" else [2, 4]), name
+
+    # Replica 0 diverges for real (finite, ever larger weights: its loss is inf or NaN from
+    # step 2 on) and the limit is out of reach: the run ends, and says what diverged.
+    outcomes = _outcomes(tmp_path / "real-lr")
+    assert [o["error"] for o in outcomes] == ["DivergedError"] * 2
+    assert outcomes[0]["message"] == outcomes[1]["message"]
+    summary = _summary_checked(tmp_path / "real-lr")
+    assert summary["status"] == "diverged"
+    assert outcomes[0]["message"] == f"{summary['reason']}; training diverged: try a lower optim.lr"
+    assert summary["reason"].startswith("the final evaluation is not finite: ")
+
+
+def _summary_checked(run_dir: Path) -> dict:
+    """summary.json, read back; a non-finite number in it only with a status that says so."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    numbers = [v for part in ("center", "ensemble") for v in summary[part].values()]
+    numbers += [v for replica in summary["replicas"] for v in replica.values()]
+    if summary["status"] == "ok":
+        assert all(math.isfinite(v) for v in numbers)
+    else:
+        assert summary["reason"] and not all(math.isfinite(v) for v in numbers)
+    return summary

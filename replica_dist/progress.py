@@ -1,0 +1,156 @@
+"""The progress line, and what a run says about itself besides its numbers.
+
+A coupled run can look healthy in every number it prints and still end badly: a too strong
+coupling can pull the replicas onto weights whose mean (the center) no longer works, or
+throw a converged run back to its starting loss. `Progress` watches for both, on numbers
+every rank already has (the replicas' losses, the evaluation), so it adds no collective;
+its warnings go into the progress line (rank 0) and into summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+
+COLLAPSE_POINTS = 0.10
+"""Center test accuracy this far below the ensemble's (classification) is worth a warning."""
+COLLAPSE_LOSS_RATIO = 2.0
+"""Regression: a center test loss above this many times the ensemble's is worth a warning."""
+JUMP_FACTOR = 10.0
+"""The replicas' mean minibatch loss this many times above its best so far is a jump..."""
+JUMP_SHARE_OF_FIRST = 0.1
+"""...when it is also back above this share of the first logged loss: minibatch noise around
+a small loss (0.001 to 0.05, say) is not a jump, a return toward the untrained loss is."""
+WARMUP_STEPS = 1
+"""Steps of this process not used to estimate the time left (start-up, first allocations)."""
+MIN_TIMED_STEPS = 3
+"""Steps after the warm-up before the time left is shown at all."""
+
+COUPLED_FORMS = ("tanh", "linear", "average")
+"""Forms whose center is meant to work: an uncoupled run's mean of weights is no model."""
+
+
+class Progress:
+    def __init__(self, total_steps: int, form: str, num_replicas: int, task: str):
+        self.total_steps = total_steps
+        self.watch_center = form in COUPLED_FORMS and num_replicas > 1
+        self.form = form
+        self.num_replicas = num_replicas
+        self.task = task
+        self.center_metric: float | None = None
+        """The center's test accuracy (classification) or loss (regression) at the latest evaluation."""
+        self.center_warning: str | None = None
+        """The latest evaluation's warning about the center (None: none)."""
+        self._best_center: tuple[float, int] | None = None
+        self._first_loss: float | None = None
+        self._best_loss: tuple[float, int] | None = None
+        self.loss_warning: str | None = None
+        """This logging step's warning about the loss (None: none)."""
+        self.first_jump: str | None = None
+        """The first loss jump of the run, for summary.json."""
+        self._timed_from: tuple[int, float] | None = None
+        self._steps_done = 0
+
+    # ---- time left
+
+    def step_done(self, step: int, now: float) -> None:
+        """Call at the end of every step, with time.perf_counter()."""
+        self._steps_done += 1
+        if self._steps_done == WARMUP_STEPS:
+            self._timed_from = (step, now)
+
+    def seconds_left(self, step: int, now: float) -> float | None:
+        """From the steps after the warm-up; None until enough of them have run."""
+        if self._timed_from is None or step - self._timed_from[0] < MIN_TIMED_STEPS:
+            return None
+        first, then = self._timed_from
+        return (now - then) / (step - first) * (self.total_steps - step)
+
+    # ---- the loss
+
+    def observe_loss(self, step: int, mean_loss: float) -> None:
+        """The replicas' mean minibatch loss at a logging step (a non-finite one is the guard's)."""
+        self.loss_warning = None
+        if not math.isfinite(mean_loss):
+            return
+        if self._first_loss is None:
+            self._first_loss = mean_loss
+        if self._best_loss is not None:
+            best, best_step = self._best_loss
+            if mean_loss >= JUMP_FACTOR * best and mean_loss >= JUMP_SHARE_OF_FIRST * self._first_loss:
+                self.loss_warning = (
+                    f"the minibatch loss jumped to {mean_loss:.4g} at step {step} from {best:.4g} "
+                    f"at step {best_step}: try a lower optim.lr{' or a weaker coupling' if self.watch_center else ''}"
+                )
+                self.first_jump = self.first_jump or self.loss_warning
+        if self._best_loss is None or mean_loss < self._best_loss[0]:
+            self._best_loss = (mean_loss, step)
+
+    # ---- the center
+
+    def observe_evaluation(self, step: int, evaluation: dict, final: bool) -> None:
+        """The center against the ensemble on the test set. Early in a coupled run the replicas
+        are still far apart and so is their mean: only a center that has *fallen* (or the
+        final one) is worth a warning."""
+        self.center_warning = None
+        if self.task == "classification":
+            center, ensemble = evaluation["center"]["test/accuracy"], evaluation["ensemble"]["test/accuracy"]
+            self.center_metric = center
+            if not self.watch_center:
+                return
+            gap = ensemble - center
+            far = gap > COLLAPSE_POINTS
+            was = self._best_center
+            fell = was is not None and was[0] - center > COLLAPSE_POINTS
+            if far and (fell or final):
+                earlier = f" (it was {was[0]:.4f} at step {was[1]})" if fell else ""
+                self.center_warning = (
+                    f"center accuracy {center:.4f} is {100 * gap:.0f} points below the ensemble's "
+                    f"{ensemble:.4f}{earlier}{self._advice() if fell else ''}"
+                )
+            if math.isfinite(center) and (was is None or center > was[0]):
+                self._best_center = (center, step)
+        else:
+            center, ensemble = evaluation["center"]["test/loss"], evaluation["ensemble"]["test/loss"]
+            self.center_metric = center
+            if not self.watch_center:
+                return
+            far = center > COLLAPSE_LOSS_RATIO * ensemble
+            was = self._best_center
+            fell = was is not None and center > COLLAPSE_LOSS_RATIO * was[0]
+            if far and (fell or final):
+                earlier = f" (it was {was[0]:.4g} at step {was[1]})" if fell else ""
+                self.center_warning = (
+                    f"center test loss {center:.4g} is {center / ensemble:.3g} times the ensemble's "
+                    f"{ensemble:.4g}{earlier}{self._advice() if fell else ''}"
+                )
+            if math.isfinite(center) and (was is None or center < was[0]):
+                self._best_center = (center, step)
+
+    def _advice(self) -> str:
+        """For a center that fell: the coupling pulled the replicas onto weights whose mean fails."""
+        if self.form == "tanh":
+            return ": the coupling may be too strong (a lower coupling.eta or a higher coupling.temperature)"
+        if self.form == "linear":
+            return ": the coupling may be too strong (a lower coupling.eta)"
+        return ""
+
+    # ---- what the run says
+
+    def line(self, step: int, mean_loss: float, now: float) -> str:
+        """The progress line of a logging step."""
+        name = "center acc" if self.task == "classification" else "center test loss"
+        center = "-" if self.center_metric is None else f"{self.center_metric:.4f}"
+        parts = [
+            f"step {step}/{self.total_steps}",
+            f"loss {mean_loss:.4f} (mean of {self.num_replicas} replicas)",
+            f"{name} {center}",
+        ]
+        left = self.seconds_left(step, now)
+        if left is not None:
+            parts.append(f"{left:.0f} s left")
+        parts += [f"warning: {w}" for w in (self.loss_warning, self.center_warning) if w]
+        return " | ".join(parts)
+
+    def warnings(self) -> list[str]:
+        """For summary.json: the first loss jump, and the final evaluation's center warning."""
+        return [w for w in (self.first_jump, self.center_warning) if w]
