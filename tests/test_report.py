@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from runs import REPO, events, torchrun
 from torch.utils.tensorboard import SummaryWriter
 
-from replica_dist import report
+from replica_dist import note_figure, report
 from replica_dist.config import Config, CouplingConfig, OptimConfig, TrainConfig
 from replica_dist.note_figure import markdown_table, pooled_median, rate_rows, tables
 
@@ -232,3 +232,59 @@ def test_the_whole_table_text():
     assert text.startswith("Seed 7; 2 replicas; medians over both replicas and all 3 steps.")
     assert "| tanh, eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in text
     assert "| uncoupled | 5 | 5 | 6 | - | - |" in text  # cost table: no center or ensemble here
+
+
+def write_note_runs(runs_dir: Path) -> None:
+    """The four runs note_figure trains, as TensorBoard events: two layers, two replicas, 3 steps."""
+    for name in note_figure.run_overrides(seed=0):
+        coupled = name != "uncoupled"
+        for r in range(2):
+            with SummaryWriter(str(runs_dir / name / "tb" / f"replica_{r}")) as writer:
+                for step in (1, 2, 3):
+                    writer.add_scalar("train/loss", 100.0 / step + r, step)
+                    writer.add_scalar("test/loss", 200.0 / step, step)
+                    for layer in ("fc1.weight", "fc2.weight"):
+                        writer.add_scalar(f"rate/{layer}", 0.01 * step + r, step)
+                        writer.add_scalar(f"grad_step/{layer}", 0.1 * step, step)
+                        writer.add_scalar(f"coupling_step/{layer}", 0.05 * step if coupled else 0.0, step)
+                        writer.add_scalar(f"dist_to_center/{layer}", 1.0 / step, step)
+        with SummaryWriter(str(runs_dir / name / "tb" / "center")) as writer:
+            for step in (1, 2, 3):
+                writer.add_scalar("rate/fc1.weight", 0.02 * step, step)
+                writer.add_scalar("rate/fc2.weight", 0.03 * step, step)
+
+
+NOTE_FILES = ("note_figure.png", "note_sweep.png", "note_table.md")
+
+
+def test_note_figure_writes_beside_the_runs_and_leaves_docs_alone(tmp_path, monkeypatch):
+    docs = {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.name in NOTE_FILES}
+    assert len(docs) == 3
+    plt = report.pyplot()
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figures to look at them
+    write_note_runs(tmp_path / "runs")
+    assert note_figure.main(["--runs", str(tmp_path / "runs"), "--plot-only"]) == 0
+    for name in NOTE_FILES:
+        assert (tmp_path / "runs" / name).stat().st_size > 0
+    assert_png(tmp_path / "runs" / "note_figure.png")
+    assert {path: path.read_bytes() for path in docs} == docs
+    figures = [plt.figure(n) for n in plt.get_fignums()]
+    assert len(figures) == 2
+    for fig in figures:  # one legend, below the panels, over no curve
+        fig.canvas.draw()
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+        box = fig.legends[0].get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    monkeypatch.undo()
+    plt.close("all")
+
+    assert (
+        note_figure.main(["--runs", str(tmp_path / "runs"), "--plot-only", "--out", str(tmp_path / "out")])
+        == 0
+    )
+    for name in NOTE_FILES:
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "note_table.md").read_text() == (
+        tmp_path / "runs" / "note_table.md"
+    ).read_text()
