@@ -123,6 +123,13 @@ def test_readme_line_trains(line, tmp_path):
     assert summary["world_size"] == int(env["NPROC"])
     assert summary["coupling"] == cfg.coupling.name
     coupled = cfg.coupling.name != "none"
+    c = cfg.coupling
+    if c.name in ELASTIC_FORMS and c.eta_final is not None:
+        # The run-relative schedule, read back as logged: eta * (eta_final/eta)^((t-1)/(T-1)).
+        logged = scalar(run_dir / "tb" / "replica_0", "coupling/eta")
+        T = cfg.train.steps
+        expected = {t: min(c.eta_max, c.eta * (c.eta_final / c.eta) ** ((t - 1) / (T - 1))) for t in logged}
+        assert logged == pytest.approx(expected, rel=1e-5) and T in logged, logged
     # The mean of independent replicas is no network anyone trained: judged only when coupled.
     judged = {f"replica {r['replica']}": r for r in summary["replicas"]}
     judged["ensemble"] = summary["ensemble"]
