@@ -45,12 +45,42 @@ def pull_from_gap_(form: str, gap: torch.Tensor, eta: float, temperature: float 
     raise ValueError(f"no pull for coupling form {form!r}")
 
 
-def eta_at(cfg: CouplingConfig, step: int) -> float:
-    """Coupling strength at `step` (counted from 1): eta_0 * (1 + g)^(step - 1), capped at
-    eta_max. With g > 0 the replicas are drawn together ever harder ("scoping")."""
+def eta_at(cfg: CouplingConfig, step: int, steps: int) -> float:
+    """Coupling strength at `step` (counted from 1) of a run of `steps` steps, capped at eta_max.
+
+    eta_final unset: eta_0 * (1 + g)^(step - 1), g = eta_growth. eta_final set: the geometric
+    schedule from eta_0 at step 1 to eta_final at step `steps`, whatever the run's length (a
+    one-step run takes eta_final). With g > 0 or eta_final > eta_0 the replicas are drawn
+    together ever harder ("scoping")."""
     # In log space: (1 + g)^t overflows a float long before long runs end; the cap does not.
-    log_eta = math.log(cfg.eta) + (step - 1) * math.log1p(cfg.eta_growth)
+    if cfg.eta_final is None:
+        log_eta = math.log(cfg.eta) + (step - 1) * math.log1p(cfg.eta_growth)
+    elif steps == 1:
+        log_eta = math.log(cfg.eta_final)
+    else:
+        log_eta = math.log(cfg.eta) + (step - 1) / (steps - 1) * math.log(cfg.eta_final / cfg.eta)
     return min(cfg.eta_max, math.exp(min(log_eta, math.log(cfg.eta_max))))
+
+
+STUDY_ETA_FINAL = 0.4
+"""Where the schedule docs/study.md chose (eta 0.001, growth 0.004 over 1500 steps) ends."""
+
+
+def schedule_note(cfg: CouplingConfig, steps: int) -> str | None:
+    """One line when a growing tanh/linear schedule, set by its growth per step, ends far below
+    where the study's shape ends (a shortened run that keeps eta_growth barely couples);
+    None otherwise. A constant eta and a set eta_final are the user's own choices and get no
+    note; neither does a schedule that reaches a tenth of an eta_max below the study's end."""
+    if cfg.name not in ELASTIC_FORMS or cfg.eta_final is not None or cfg.eta_growth == 0:
+        return None
+    target = min(STUDY_ETA_FINAL, cfg.eta_max)
+    last = eta_at(cfg, steps, steps)
+    if last >= target / 10:
+        return None
+    return (
+        f"coupling: eta reaches only {last:.2g} at the last step of {steps}; "
+        f"coupling.eta_final={target:g} keeps the shape the study chose"
+    )
 
 
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:

@@ -131,7 +131,7 @@ def train(
             coupled = is_coupling_step(cfg.coupling, step)
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
             eval_step = step % cfg.eval.every == 0 or step == cfg.train.steps
-            eta = eta_at(cfg.coupling, step)
+            eta = eta_at(cfg.coupling, step, cfg.train.steps)
             checkpoint_step = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
 
             # 1. The weights *before* the step: the coupling pulls toward their mean. Overlapped,

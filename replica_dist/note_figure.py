@@ -1,6 +1,6 @@
 """The user's note, reproduced: its experiment under torchrun, its figure, and a table.
 
-    launch/note_figure.sh [--runs DIR] [--seed N] [--docs DIR] [--plot-only]
+    launch/note_figure.sh [--runs DIR] [--seed N] [--out DIR] [--plot-only]
 
 Trains, each with 2 replicas (one process each) and the same fixed seed, the note's
 1000-100-10 ReLU net without biases (N(0,1) init, a fixed batch of 64 per replica from a
@@ -13,16 +13,17 @@ step logged):
     eta_0.01    coupling=tanh coupling.eta=0.01
 
 into DIR/<name> (DIR: --runs, else $NOTE_RUNS_DIR, else runs/note_figure/<timestamp>), then
-reads their TensorBoard events back and writes
+reads their TensorBoard events back and writes into OUT (--out, else DIR itself)
 
-    docs/note_figure.png  per run (uncoupled left, coupled right): the cost, the rate
-                          |mean(dw)| of layer 1 and layer 2, and the optimizer's and the
-                          coupling's parts of each layer's move
-    docs/note_sweep.png   the same quantities across the eta sweep
-    docs/note_table.md    median rate per layer, coupled vs uncoupled, and their ratio
+    note_figure.png  per run (uncoupled left, coupled right): the cost, the rate |mean(dw)|
+                     of layer 1 and layer 2, and the optimizer's and the coupling's parts of
+                     each layer's move
+    note_sweep.png   the same quantities across the eta sweep
+    note_table.md    median rate per layer, coupled vs uncoupled, and their ratio
 
-The table is also written to DIR/note_table.md and printed; DIR/commands.sh holds the exact
-torchrun commands. With the same seed a rerun gives the same table.
+The tracked copies in docs/ change only when asked: `--out docs`. The table is also written
+to DIR/note_table.md and printed; DIR/commands.sh holds the exact torchrun commands. With the
+same seed a rerun gives the same table.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from replica_dist.report import ReportError, Scalars, layers, load_run, positive, pyplot, replicas
+from replica_dist.report import (
+    ReportError,
+    Scalars,
+    layers,
+    legend_outside,
+    load_run,
+    positive,
+    pyplot,
+    replicas,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NPROC = 2
@@ -300,10 +310,11 @@ def note_figure(runs: dict[str, Run], path: Path) -> None:
     for ax in axes.flat:
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="upper right")
     fig.suptitle("The note's experiment: 2 replicas of a 1000-100-10 ReLU net, lr 1e-6, 50 steps, same seed")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # One legend below the panels: in a panel it hid the curves it named.
+    legend_outside(fig, columns=3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -340,12 +351,12 @@ def sweep_figure(runs: dict[str, Run], path: Path) -> None:
         ax.set_title(title + " (mean of the replicas)" if not tag.startswith("train/") else title)
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.suptitle("The note's experiment across the coupling strength eta (tanh coupling)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    legend_outside(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -359,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="the seed of every run (default 0)")
     parser.add_argument(
-        "--docs", type=Path, default=REPO / "docs", help="where the PNGs and table go (default docs/)"
+        "--out",
+        "--docs",
+        dest="out",
+        type=Path,
+        help="where the PNGs and the table go (default: the runs directory; `--out docs` updates docs/)",
     )
     parser.add_argument(
         "--plot-only", action="store_true", help="do not train; plot the runs already in --runs"
@@ -380,15 +395,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note_figure: error: {err}", file=sys.stderr)
         return 2
     table = tables(runs, args.seed)
-    args.docs.mkdir(parents=True, exist_ok=True)
-    for path in (args.docs / "note_table.md", runs_dir / "note_table.md"):
+    out = args.out if args.out is not None else runs_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for path in {out / "note_table.md", runs_dir / "note_table.md"}:
         path.write_text(table)
-    note_figure(runs, args.docs / "note_figure.png")
-    sweep_figure(runs, args.docs / "note_sweep.png")
+    note_figure(runs, out / "note_figure.png")
+    sweep_figure(runs, out / "note_sweep.png")
     print()
     print(table)
     for path in ("note_figure.png", "note_sweep.png", "note_table.md"):
-        print(args.docs / path)
+        print(out / path)
     print(f"runs: {runs_dir} (commands in {runs_dir / 'commands.sh'})")
     return 0
 

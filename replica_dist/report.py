@@ -12,8 +12,10 @@ writes into RUN_DIR/report/ (or DIR):
     dist_to_center.png  per layer: |w - center| per replica (log y)
     overlap.png         per layer: replica-center and pairwise overlaps, if the run logged them
 
-and prints the paths it wrote. `load_scalars` and `load_run` read the events back as
-{tag: (steps, values)} for other scripts (see note_figure.py).
+and prints the paths it wrote. Titles say what the run was (coupling, replicas, steps,
+optimizer; from its config.yaml); each figure has one legend, outside its panels.
+`load_scalars` and `load_run` read the events back as {tag: (steps, values)} for other
+scripts (see note_figure.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from replica_dist.config import CouplingConfig
+from replica_dist.coupling import ELASTIC_FORMS, eta_at
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 """{tag: (steps, values)} of one TensorBoard run, in the order the events were written."""
@@ -71,6 +77,46 @@ def load_run(run_dir: str | Path) -> dict[str, Scalars]:
             f"{run_dir} holds no TensorBoard scalars of any replica (expected {tb}/replica_<r>/)"
         )
     return runs
+
+
+def _g(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def coupling_text(coupling: dict, steps: int) -> str:
+    """The coupling of a run's config.yaml in a few words, e.g. `tanh, eta 0.001 to 0.4, T 0.1`."""
+    name = str(coupling.get("name", "?"))
+    words = [name]
+    if name in ELASTIC_FORMS:
+        # Only the schema's keys: a config.yaml from an older or newer trainer still titles.
+        known = CouplingConfig.__dataclass_fields__
+        cfg = CouplingConfig(**{k: v for k, v in coupling.items() if k in known})
+        first, last = eta_at(cfg, 1, steps), eta_at(cfg, steps, steps)
+        words.append(f"eta {_g(first)}" if first == last else f"eta {_g(first)} to {_g(last)}")
+        if name == "tanh" and cfg.temperature != 1.0:
+            words.append(f"T {_g(cfg.temperature)}")
+        if cfg.via_optimizer:
+            words.append("via optimizer")
+    if name in (*ELASTIC_FORMS, "average") and coupling.get("every", 1) != 1:
+        words.append(f"every {coupling['every']}")
+    return ", ".join(words)
+
+
+def run_title(run_dir: str | Path, runs: dict[str, Scalars]) -> str:
+    """What the run was, from its config.yaml: coupling, replicas, steps, optimizer and lr,
+    model and data; the directory's name when there is no readable config.yaml."""
+    run_dir = Path(run_dir)
+    count = len(replicas(runs))
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+        steps = int(cfg["train"]["steps"])
+        optim, model, data = cfg["optim"], cfg["model"], cfg["data"]
+        return (
+            f"{coupling_text(cfg['coupling'], steps)}; {count} replicas, {steps} steps, "
+            f"{optim['name']} lr {_g(optim['lr'])}; {model['name']} on {data['name']}"
+        )
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return f"{run_dir.resolve().name} ({count} replicas)"
 
 
 def replicas(runs: dict[str, Scalars]) -> dict[str, Scalars]:
@@ -127,8 +173,26 @@ def _finish(ax, ylabel: str, log: bool) -> None:
     ax.grid(True, alpha=0.3)
     if log and any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
         ax.set_yscale("log")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+
+
+def legend_outside(fig, columns: int = 4):
+    """One legend for the whole figure, below its panels, so that no curve is hidden: every
+    panel's labelled lines, each label once. None when nothing is labelled."""
+    handles: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, handle)
+    if not handles:
+        return None
+    return fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(columns, len(handles)),
+        fontsize="small",
+        frameon=False,
+    )
 
 
 def _colors(plt, count: int) -> list:
@@ -138,7 +202,9 @@ def _colors(plt, count: int) -> list:
 
 def _save(fig, path: Path, written: list[Path]) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    legend_outside(fig)
+    # "tight" grows the canvas to hold the legend hanging below the panels.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot().close(fig)
     written.append(path)
 
@@ -154,7 +220,7 @@ def _loss_figure(plt, runs, title, out, written):
     looks = {name: dict(color=color) for name, color in zip(reps, _colors(plt, len(reps)))}
     looks |= {"center": dict(color="black", lw=2), "ensemble": dict(color="gray", lw=2)}
     has_accuracy = any(tag in s for s in runs.values() for tag in ("test/accuracy", *TRAIN_ACCURACY))
-    fig, axes = _grid(plt, 3 if has_accuracy else 2, f"{title}: loss")
+    fig, axes = _grid(plt, 3 if has_accuracy else 2, f"loss\n{title}")
 
     ax = axes[0]
     for name, scalars in reps.items():
@@ -217,7 +283,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
     plt = pyplot()
     out = Path(out) if out is not None else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    title = Path(run_dir).resolve().name
+    title = run_title(run_dir, runs)
     names = layers(runs)
     written: list[Path] = []
     _loss_figure(plt, runs, title, out, written)
@@ -227,7 +293,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
             runs,
             names,
             ["rate"],
-            f"{title}: rate = |mean(dw)| per step",
+            f"rate = |mean(dw)| per step\n{title}",
             "|mean(dw)|",
             out / "rate.png",
             written,
@@ -238,7 +304,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
             runs,
             names,
             ["grad_step", "coupling_step"],
-            f"{title}: optimizer part (solid) and coupling part (dashed) of dw",
+            f"optimizer part (solid) and coupling part (dashed) of dw\n{title}",
             "norm of the part",
             out / "steps.png",
             written,
@@ -248,7 +314,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
             runs,
             names,
             ["dist_to_center"],
-            f"{title}: distance to the center",
+            f"distance to the center\n{title}",
             "|w - center|",
             out / "dist_to_center.png",
             written,
@@ -269,7 +335,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> list[Pat
             runs,
             overlap_names,
             ["overlap"],
-            f"{title}: replica-center overlap; center: mean pairwise overlap",
+            f"replica-center overlap; center: mean pairwise overlap\n{title}",
             "overlap",
             out / "overlap.png",
             written,

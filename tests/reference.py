@@ -47,7 +47,12 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
     c = cfg.coupling
     for step in range(1, cfg.train.steps + 1):
         coupled = c.name in ("tanh", "linear", "average") and step % c.every == 0
-        eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
+        if c.eta_final is None:
+            eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
+        elif cfg.train.steps == 1:
+            eta = c.eta_final
+        else:  # geometric from eta at step 1 to eta_final at the last step
+            eta = min(c.eta_max, c.eta * (c.eta_final / c.eta) ** ((step - 1) / (cfg.train.steps - 1)))
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
         mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from replica_dist.config import CouplingConfig
-from replica_dist.coupling import eta_at, is_coupling_step, pull
+from replica_dist.coupling import eta_at, is_coupling_step, pull, schedule_note
 
 W = torch.tensor([0.0, 1.0, -2.0, 0.25], dtype=torch.float64)
 MEAN = torch.tensor([0.5, 0.5, 0.5, 0.25], dtype=torch.float64)
@@ -63,10 +63,74 @@ def test_one_step_each_form_from_hand_computed_tensors():
 
 def test_eta_schedule_scopes_and_caps():
     cfg = CouplingConfig(name="linear", eta=0.1, eta_growth=0.5, eta_max=0.3)
-    assert [eta_at(cfg, s) for s in (1, 2, 3, 4)] == pytest.approx([0.1, 0.15, 0.225, 0.3])
-    assert eta_at(CouplingConfig(name="tanh", eta=0.2, eta_growth=0.0), 1000) == 0.2  # constant
+    assert [eta_at(cfg, s, 4) for s in (1, 2, 3, 4)] == pytest.approx([0.1, 0.15, 0.225, 0.3])
+    assert eta_at(CouplingConfig(name="tanh", eta=0.2, eta_growth=0.0), 1000, 1000) == 0.2  # constant
     # (1 + g)^t overflows a float near t = 7500 for g = 0.1; the capped schedule must not.
-    assert eta_at(CouplingConfig(name="tanh", eta=0.01, eta_growth=0.1, eta_max=0.5), 10**6) == 0.5
+    assert eta_at(CouplingConfig(name="tanh", eta=0.01, eta_growth=0.1, eta_max=0.5), 10**6, 10**6) == 0.5
+
+
+@pytest.mark.parametrize("steps", [1, 2, 200, 1500, 10**6])
+def test_eta_without_eta_final_ignores_the_run_length(steps):
+    """eta_final unset keeps the growth per step: today's values, bit for bit, for any run length."""
+    cfg = CouplingConfig(name="tanh", eta=0.001, eta_growth=0.004)
+    for step in (1, 2, 100, 1500, 5000):
+        log_eta = math.log(0.001) + (step - 1) * math.log1p(0.004)
+        assert eta_at(cfg, step, steps) == min(1.0, math.exp(min(log_eta, 0.0)))
+    assert eta_at(cfg, 1500, steps) == pytest.approx(0.001 * 1.004**1499, rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [2, 7, 300, 1500])
+def test_eta_final_is_the_closed_form_over_the_run(steps):
+    cfg = CouplingConfig(name="linear", eta=0.001, eta_growth=0.004, eta_final=0.4)
+    for step in sorted({1, 2, steps // 2, steps - 1, steps}):
+        expected = 0.001 * (0.4 / 0.001) ** ((step - 1) / (steps - 1))
+        assert eta_at(cfg, step, steps) == pytest.approx(expected, rel=1e-12)
+    assert eta_at(cfg, 1, steps) == pytest.approx(0.001, rel=1e-12)
+    assert eta_at(cfg, steps, steps) == pytest.approx(0.4, rel=1e-12)
+
+
+def test_eta_final_edge_cases():
+    assert eta_at(CouplingConfig(name="tanh", eta=0.001, eta_final=0.4), 1, 1) == pytest.approx(0.4)
+    # eta_final below eta_0: the schedule decays, still geometric
+    decay = CouplingConfig(name="tanh", eta=0.5, eta_final=0.05)
+    assert eta_at(decay, 6, 11) == pytest.approx(0.5 * 0.1**0.5)
+    # steps beyond the run (a resumed run with more steps is a new schedule) stay capped
+    capped = CouplingConfig(name="tanh", eta=0.001, eta_final=0.4, eta_max=0.5)
+    assert eta_at(capped, 10**6, 100) == 0.5
+
+
+def test_schedule_note_for_a_short_run_with_the_growth_per_step():
+    cfg = CouplingConfig(name="tanh")  # eta 0.001, growth 0.004: 0.001 * 1.004^199 = 0.00221 at 200
+    note = schedule_note(cfg, 200)
+    assert note == (
+        "coupling: eta reaches only 0.0022 at the last step of 200; "
+        "coupling.eta_final=0.4 keeps the shape the study chose"
+    )
+    assert schedule_note(CouplingConfig(name="linear"), 300) is not None
+    # 0.001 * 1.004^(t-1) >= 0.04 from t = 926 on (0.039990 at 925): the full default needs no note
+    assert schedule_note(cfg, 925) is not None
+    assert schedule_note(cfg, 926) is None
+    assert schedule_note(cfg, 1500) is None
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CouplingConfig(name="tanh", eta_final=0.4),  # the run-relative schedule
+        CouplingConfig(name="tanh", eta=0.05, eta_growth=0.0),  # a constant eta is a choice
+        CouplingConfig(name="average"),
+        CouplingConfig(name="none"),
+        CouplingConfig(name="ddp"),
+        CouplingConfig(name="tanh", eta_max=0.005),  # capped on purpose, reaches a tenth of it
+    ],
+)
+def test_no_schedule_note(cfg):
+    assert schedule_note(cfg, 200) is None
+
+
+def test_schedule_note_respects_a_small_cap():
+    note = schedule_note(CouplingConfig(name="tanh", eta=1e-5, eta_growth=0.001, eta_max=0.01), 100)
+    assert note is not None and "coupling.eta_final=0.01 " in note
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
+from runs import REPO, events, torchrun
 from torch.utils.tensorboard import SummaryWriter
 
-from replica_dist import report
+from replica_dist import note_figure, report
+from replica_dist.config import Config, CouplingConfig, OptimConfig, TrainConfig
 from replica_dist.note_figure import markdown_table, pooled_median, rate_rows, tables
-from runs import REPO, events, torchrun
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}
@@ -53,6 +55,14 @@ def test_report_cli_writes_valid_pngs(run_dir):
     for path in written:
         assert path.parent == run_dir / "report"
         assert_png(path)
+
+
+@pytest.mark.e2e
+def test_title_reads_the_runs_config(run_dir):
+    # The default tanh schedule over 12 steps: 0.001 * 1.004^11 = 0.0010449 at the last.
+    assert report.run_title(run_dir, report.load_run(run_dir)) == (
+        "tanh, eta 0.001 to 0.00104; 2 replicas, 12 steps, sgd lr 0.05; mlp on digits"
+    )
 
 
 @pytest.mark.e2e
@@ -105,6 +115,74 @@ def test_overlaps_are_plotted_only_when_logged(tmp_path, overlaps):
         assert_png(path)
 
 
+def write_config(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        (
+            # 0.001 * 1.004^1499 = 0.40 is capped at 0.05
+            Config(coupling=CouplingConfig(name="tanh", temperature=0.1, eta_max=0.05)),
+            "tanh, eta 0.001 to 0.05, T 0.1; 2 replicas, 1500 steps, sgd lr 0.05; mlp on digits",
+        ),
+        (
+            Config(
+                coupling=CouplingConfig(name="linear", eta=0.1, eta_growth=0.0, via_optimizer=True),
+                optim=OptimConfig(name="adam", lr=0.001),
+                train=TrainConfig(steps=300),
+            ),
+            "linear, eta 0.1, via optimizer; 2 replicas, 300 steps, adam lr 0.001; mlp on digits",
+        ),
+        (
+            Config(coupling=CouplingConfig(name="linear", eta_final=0.4), train=TrainConfig(steps=200)),
+            "linear, eta 0.001 to 0.4; 2 replicas, 200 steps, sgd lr 0.05; mlp on digits",
+        ),
+        (
+            Config(coupling=CouplingConfig(name="average", every=8)),
+            "average, every 8; 2 replicas, 1500 steps, sgd lr 0.05; mlp on digits",
+        ),
+        (
+            Config(coupling=CouplingConfig(name="none")),
+            "none; 2 replicas, 1500 steps, sgd lr 0.05; mlp on digits",
+        ),
+    ],
+)
+def test_title_says_what_the_run_was(tmp_path, cfg, expected):
+    write_fake_run(tmp_path / "run", overlaps=False)
+    write_config(tmp_path / "run", cfg)
+    assert report.run_title(tmp_path / "run", report.load_run(tmp_path / "run")) == expected
+
+
+def test_title_without_a_config_is_the_directory(tmp_path):
+    write_fake_run(tmp_path / "run_b", overlaps=False)
+    assert report.run_title(tmp_path / "run_b", report.load_run(tmp_path / "run_b")) == "run_b (2 replicas)"
+
+
+def test_every_figure_has_one_legend_outside_its_panels(tmp_path, monkeypatch):
+    """The figures as write_report draws them, kept open: no legend over any curve."""
+    plt = report.pyplot()
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    write_fake_run(tmp_path / "run", overlaps=True)
+    written = report.write_report(tmp_path / "run", tmp_path / "out")
+    figures = [plt.figure(n) for n in plt.get_fignums()]
+    assert len(figures) == len(written) == 5
+    for fig in figures:
+        fig.canvas.draw()
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert len(texts) == len(set(texts)) and "replica_0" in " ".join(texts)
+        box = fig.legends[0].get_window_extent()
+        for ax in fig.axes:
+            if ax.get_visible():
+                assert not box.overlaps(ax.get_window_extent()), (fig.texts, box, ax.get_window_extent())
+    monkeypatch.undo()
+    plt.close("all")
+
+
 def fake_run(rates: dict[str, list[list[float]]]) -> dict:
     """A run as load_run returns it, from {layer: [values of replica 0, values of replica 1]}."""
     run = {}
@@ -154,3 +232,59 @@ def test_the_whole_table_text():
     assert text.startswith("Seed 7; 2 replicas; medians over both replicas and all 3 steps.")
     assert "| tanh, eta=1 | layer 1 (fc1.weight) | 3.5 | 7 | 2 |" in text
     assert "| uncoupled | 5 | 5 | 6 | - | - |" in text  # cost table: no center or ensemble here
+
+
+def write_note_runs(runs_dir: Path) -> None:
+    """The four runs note_figure trains, as TensorBoard events: two layers, two replicas, 3 steps."""
+    for name in note_figure.run_overrides(seed=0):
+        coupled = name != "uncoupled"
+        for r in range(2):
+            with SummaryWriter(str(runs_dir / name / "tb" / f"replica_{r}")) as writer:
+                for step in (1, 2, 3):
+                    writer.add_scalar("train/loss", 100.0 / step + r, step)
+                    writer.add_scalar("test/loss", 200.0 / step, step)
+                    for layer in ("fc1.weight", "fc2.weight"):
+                        writer.add_scalar(f"rate/{layer}", 0.01 * step + r, step)
+                        writer.add_scalar(f"grad_step/{layer}", 0.1 * step, step)
+                        writer.add_scalar(f"coupling_step/{layer}", 0.05 * step if coupled else 0.0, step)
+                        writer.add_scalar(f"dist_to_center/{layer}", 1.0 / step, step)
+        with SummaryWriter(str(runs_dir / name / "tb" / "center")) as writer:
+            for step in (1, 2, 3):
+                writer.add_scalar("rate/fc1.weight", 0.02 * step, step)
+                writer.add_scalar("rate/fc2.weight", 0.03 * step, step)
+
+
+NOTE_FILES = ("note_figure.png", "note_sweep.png", "note_table.md")
+
+
+def test_note_figure_writes_beside_the_runs_and_leaves_docs_alone(tmp_path, monkeypatch):
+    docs = {path: path.read_bytes() for path in (REPO / "docs").iterdir() if path.name in NOTE_FILES}
+    assert len(docs) == 3
+    plt = report.pyplot()
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figures to look at them
+    write_note_runs(tmp_path / "runs")
+    assert note_figure.main(["--runs", str(tmp_path / "runs"), "--plot-only"]) == 0
+    for name in NOTE_FILES:
+        assert (tmp_path / "runs" / name).stat().st_size > 0
+    assert_png(tmp_path / "runs" / "note_figure.png")
+    assert {path: path.read_bytes() for path in docs} == docs
+    figures = [plt.figure(n) for n in plt.get_fignums()]
+    assert len(figures) == 2
+    for fig in figures:  # one legend, below the panels, over no curve
+        fig.canvas.draw()
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+        box = fig.legends[0].get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    monkeypatch.undo()
+    plt.close("all")
+
+    assert (
+        note_figure.main(["--runs", str(tmp_path / "runs"), "--plot-only", "--out", str(tmp_path / "out")])
+        == 0
+    )
+    for name in NOTE_FILES:
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "note_table.md").read_text() == (
+        tmp_path / "runs" / "note_table.md"
+    ).read_text()
