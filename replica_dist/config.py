@@ -252,7 +252,9 @@ class GuardConfig:
     by every replica when it communicates before its update, else by the replica that saw it;
     counted in guard/skipped_steps). Either way no non-finite update is applied; see guard.py."""
     max_consecutive_skips: int = 20
-    """skip: stop anyway after this many communicating steps in a row with a non-finite value."""
+    """skip: stop when a replica has not applied this many steps in a row (checked at the next
+    step that communicates: at once for coupling every step, within log.every steps for none
+    and ddp)."""
 
     def __post_init__(self) -> None:
         _one_of("guard.nonfinite", self.nonfinite, ("stop", "skip"))

@@ -83,6 +83,23 @@ def schedule_note(cfg: CouplingConfig, steps: int) -> str | None:
     )
 
 
+def stability_note(cfg: CouplingConfig, steps: int) -> str | None:
+    """One line when a tanh pull will overshoot the mean: near the mean eta*tanh(gap/T) is a
+    linear pull of slope eta/T, and above 2 each replica lands farther from the mean than it
+    started, so the gaps grow until tanh saturates and every weight jumps by +-eta a step
+    (a README example collapsed so at step 1340). None when eta/T stays at most 2."""
+    if cfg.name != "tanh":
+        return None
+    first_bad = next((t for t in range(1, steps + 1) if eta_at(cfg, t, steps) / cfg.temperature > 2), None)
+    if first_bad is None:
+        return None
+    return (
+        f"coupling: eta/temperature exceeds 2 from step {first_bad} (eta {eta_at(cfg, first_bad, steps):.3g}, "
+        f"T {cfg.temperature:g}): the tanh pull then overshoots the mean and can destroy the center; "
+        f"keep coupling.eta_max <= 2*coupling.temperature"
+    )
+
+
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:
     """Whether the replicas are coupled at `step` (counted from 1)."""
     return cfg.name in (*ELASTIC_FORMS, "average") and step % cfg.every == 0

@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
 from replica_dist.config import ConfigError, help_text, load_config
+from replica_dist.coupling import schedule_note, stability_note
 from replica_dist.errors import RunError
 from replica_dist.guard import Guard, StopRequested
 from replica_dist.launch import LAUNCHER_ENV
@@ -109,6 +110,12 @@ def main(argv: list[str]) -> int:
             return answered
         cfg, run_dir = load_config(argv)
         setup_logging(rank)
+        for note in (
+            schedule_note(cfg.coupling, cfg.train.steps),
+            stability_note(cfg.coupling, cfg.train.steps),
+        ):
+            if note and rank == 0:
+                log.warning("%s", note)
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         guard.install_signal_handlers()
         if "TORCHELASTIC_RUN_ID" in os.environ:

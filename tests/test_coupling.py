@@ -146,3 +146,16 @@ def test_schedule_note_respects_a_small_cap():
 def test_coupling_steps(name, every, expected):
     cfg = CouplingConfig(name=name, every=every)
     assert [s for s in range(1, 7) if is_coupling_step(cfg, s)] == expected
+
+
+def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
+    from replica_dist.coupling import stability_note
+
+    cfg = CouplingConfig(name="tanh", temperature=0.1)  # eta 0.001 growing 0.4% a step, eta_max 1
+    # eta_t = 0.001 * 1.004^(t-1) > 0.2  <=>  t - 1 > ln(200) / ln(1.004)
+    first = math.floor(math.log(200) / math.log(1.004)) + 2
+    assert first == 1329
+    assert f"from step {first} " in stability_note(cfg, 1500)
+    assert stability_note(cfg, first - 1) is None  # a run that ends before it is fine
+    assert stability_note(CouplingConfig(name="tanh", temperature=0.1, eta_max=0.05), 1500) is None
+    assert stability_note(CouplingConfig(name="linear", eta_max=1.0), 1500) is None

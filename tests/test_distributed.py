@@ -357,7 +357,7 @@ COLLECTIVES = (
 COUNTED_CASES = {
     "tanh": ["coupling=tanh", "coupling.every=2"],
     "tanh_sync": ["coupling=tanh", "coupling.every=2", "dist.overlap=false"],
-    # 2410 weights + a 2x2 table of guard words, 1000 floats a bucket: 3 all_reduces a step.
+    # 2410 weights + a 2x5 table of guard words, 1000 floats a bucket: 3 all_reduces a step.
     "linear_3_buckets": ["coupling=linear", f"dist.bucket_mb={4000 / 2**20}"],
     "linear": ["coupling=linear"],
     "average": ["coupling=average", "coupling.every=3"],
