@@ -23,8 +23,8 @@ from typing import IO
 from replica_dist.config import ConfigError
 
 LOCK_NAME = ".lock"
-_held: list[IO[str]] = []
-"""The open lock file of this process: closing it would release the lock."""
+_held: dict[Path, IO[str]] = {}
+"""The open lock files of this process, by path: closing one would release its lock."""
 
 
 def current_job() -> str:
@@ -50,8 +50,11 @@ def _describe(holder: dict) -> str:
 def acquire(run_dir: Path) -> dict:
     """Lock `run_dir` for this process's life and return what its last writer recorded
     ({} if nothing). Raises ConfigError if another live process holds the lock. Nothing is
-    written into the file until `record` is called."""
-    path = run_dir / LOCK_NAME
+    written into the file until `record` is called. A process that holds the lock already
+    (a run that stopped with an error, started again in the same process) keeps it."""
+    path = (run_dir / LOCK_NAME).resolve()
+    if path in _held:
+        return _read(_held[path])
     handle = open(path, "a+")  # noqa: SIM115 - held open for the process's life
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,13 +65,13 @@ def acquire(run_dir: Path) -> dict:
             f"hydra.run.dir={run_dir} is in use by another run ({_describe(holder)}); "
             f"wait for it to end or choose another hydra.run.dir"
         ) from None
-    _held.append(handle)
+    _held[path] = handle
     return _read(handle)
 
 
-def record() -> None:
+def record(run_dir: Path) -> None:
     """Write this process and job into the held lock file: from here on the directory is ours."""
-    handle = _held[-1]
+    handle = _held[(run_dir / LOCK_NAME).resolve()]
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -83,6 +86,6 @@ def record() -> None:
 
 
 def release() -> None:
-    """Give the lock back (the process's end does the same)."""
+    """Give back every lock this process holds (the process's end does the same)."""
     while _held:
-        _held.pop().close()
+        _held.popitem()[1].close()

@@ -106,7 +106,7 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
             hint = " (or set checkpoint.remap=true)" if "replicas, this run has" in str(err) else ""
             return _MISMATCH, 0, 0, f"checkpoint: {err}{hint}"
         if step is not None:
-            run_lock.record()
+            run_lock.record(run_dir)
             return _RESUME, step, checkpoint.saved_world_size(root, step), ""
     if (run_dir / "tb").exists():
         if not same_job:
@@ -122,7 +122,7 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
             )
         log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
         shutil.rmtree(run_dir / "tb")
-    run_lock.record()
+    run_lock.record(run_dir)
     return _FRESH, 0, dist.world_size(), ""
 
 
