@@ -103,3 +103,307 @@ def stability_note(cfg: CouplingConfig, steps: int) -> str | None:
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:
     """Whether the replicas are coupled at `step` (counted from 1)."""
     return cfg.name in (*ELASTIC_FORMS, "average") and step % cfg.every == 0
+
+
+class CouplingError(ValueError):
+    """The coupling was used wrongly: calls out of order, a model that differs across
+    replicas, a process group that does not fit."""
+
+
+class _Form:
+    """What one coupling form does at a step; the step's order lives in ReplicaCoupling."""
+
+    pulls_before_step = False
+    """Pulled toward the mean of the pre-step weights (tanh, linear)."""
+    averages_after_step = False
+    """Replaced by the mean of the post-step weights (average)."""
+
+    def __init__(self, cfg: CouplingConfig):
+        self.cfg = cfg
+
+    def couples_at(self, step: int) -> bool:
+        return is_coupling_step(self.cfg, step)
+
+
+class _Elastic(_Form):
+    """tanh and linear: w += eta*tanh((mean - w)/T) or eta*(mean - w), mean of the pre-step weights."""
+
+    pulls_before_step = True
+
+    def pull_(self, gap: torch.Tensor, eta: float) -> torch.Tensor:
+        return pull_from_gap_(self.cfg.name, gap, eta, self.cfg.temperature)
+
+
+class _Average(_Form):
+    """average: every `every` steps, w = the mean of the post-step weights (local SGD)."""
+
+    averages_after_step = True
+
+
+class _Uncoupled(_Form):
+    """none and ddp: no pull (ddp averages gradients in DistributedDataParallel instead); the
+    replicas exchange only the guard's words, on the steps that ask for it."""
+
+    def couples_at(self, step: int) -> bool:
+        return False
+
+
+_FORMS: dict[str, type[_Form]] = {
+    "tanh": _Elastic,
+    "linear": _Elastic,
+    "average": _Average,
+    "none": _Uncoupled,
+    "ddp": _Uncoupled,
+}
+
+
+class ReplicaCoupling:
+    """Couples this process's replica of a model to the other replicas: two calls a step.
+
+    Every process (under torchrun) trains its own replica on its own data; the coupling pulls
+    each one toward the mean of all replicas, built with one all_reduce per coupling step:
+
+    - ``begin_step()``, before the forward pass: packs the weights from before the step into
+      one buffer and, with ``overlap=True``, starts its all_reduce, which then runs while the
+      replica computes its gradient;
+    - ``step(loss)``, in place of ``optimizer.step()``: waits for the mean, agrees with every
+      replica on whether any value was NaN or inf, takes the optimizer step and applies the
+      pull (or, for ``average``, replaces the weights by the mean after the step).
+
+    Two calls, not one hook on ``optimizer.step``: the mean must be of the weights from
+    *before* the step, and to hide its all_reduce behind forward and backward it has to start
+    before the forward pass, which no optimizer hook sees.
+
+    Example (a plain loop under ``torchrun --nproc_per_node=2``)::
+
+        >>> # doctest: +SKIP
+        >>> import torch, torch.distributed as dist
+        >>> from replica_dist import ReplicaCoupling
+        >>> dist.init_process_group("gloo")
+        >>> torch.manual_seed(dist.get_rank())  # each replica starts from its own weights
+        >>> model = torch.nn.Linear(10, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> coupling = ReplicaCoupling(model, optimizer, "tanh", eta=0.001, eta_final=0.4, steps=100)
+        >>> for step in range(100):
+        ...     x = torch.randn(32, 10); y = x.sum(1, keepdim=True)
+        ...     coupling.begin_step()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     optimizer.zero_grad()
+        ...     loss.backward()
+        ...     coupling.step(loss)
+
+    Every parameter and floating buffer (BatchNorm's running statistics) is coupled. No
+    replica ever applies an update whose loss, weights, gradients or buffers are not finite;
+    what the others do is decided together (``nonfinite="stop"`` raises NonFiniteError on
+    every rank, ``"skip"`` skips the step), see replica_dist/guard.py. ``state_dict()`` holds
+    the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
+    with the model's and the optimizer's state dicts it resumes a run bit for bit.
+
+    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp) and the
+    schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
+    eta_final, eta_max, temperature, every, via_optimizer); `steps`, the run's length (needed
+    by eta_final); `overlap` and `bucket_mb` (DistConfig); `nonfinite` and
+    `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
+    the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
+    replica is itself data parallel (default: none).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        form: str = "tanh",
+        *,
+        steps: int | None = None,
+        overlap: bool = True,
+        bucket_mb: float = 25.0,
+        process_group=None,
+        replica_group_of_rank=None,
+        nonfinite: str = "stop",
+        max_consecutive_skips: int = 20,
+        guard=None,
+        timer=None,
+        **schedule,
+    ):
+        from replica_dist import dist
+        from replica_dist.flat import FlatState
+        from replica_dist.guard import Guard
+        from replica_dist.timing import NO_TIMER
+
+        unknown = set(schedule) - {f for f in CouplingConfig.__dataclass_fields__ if f != "name"}
+        if unknown:
+            raise CouplingError(f"ReplicaCoupling got unknown settings {sorted(unknown)}")
+        self.cfg = CouplingConfig(name=form, **schedule)
+        if self.cfg.eta_final is not None and steps is None:
+            raise CouplingError("eta_final needs steps=, the run's length")
+        self.steps = steps or 1
+        self.form = _FORMS[form](self.cfg)
+        self.model, self.optimizer = model, optimizer
+        self.overlap = overlap
+        self.guard = guard or Guard(nonfinite, max_consecutive_skips)
+        self.timer = timer or NO_TIMER
+        self.mesh = dist.ReplicaGroups(process_group, replica_group_of_rank)
+        self.state = FlatState(model)
+        self._device = self.state.device
+        self._bucket_bytes = bucket_mb * 2**20
+        self._check_same_model(dist)
+        # Allocated once: the weights sent, the mean received, then the pull, all in this
+        # buffer. Uncoupled forms communicate only when asked, into a buffer of the moment.
+        self._exchange = self._new_exchange() if not isinstance(self.form, _Uncoupled) else None
+        self.step_count = 0
+        """Steps taken (or skipped) so far; the next one is step_count + 1."""
+        self._in_step: dict | None = None
+        self.observed: dict[str, torch.Tensor] = {}
+        """On a step begun with observe=True: `before` (the weights before the step),
+        `mean_before` (the replicas' mean of them) and `after_optimizer` (after the optimizer
+        step, before the pull), flat vectors laid out as `state`; empty otherwise."""
+
+    # ---- the two calls of a step
+
+    def begin_step(self, observe: bool = False) -> None:
+        """Before the forward pass. `observe`: exchange and keep the weights before the step
+        and their mean even when this step does not couple (for diagnostics; it also agrees
+        on the guard's words)."""
+        from replica_dist import dist
+
+        if self._in_step is not None:
+            raise CouplingError("begin_step() called twice: call step() after the backward pass first")
+        step = self.step_count + 1
+        dist.set_step(step)
+        coupled = self.form.couples_at(step)
+        needs_mean = (coupled and self.form.pulls_before_step) or observe
+        exchange = self._exchange
+        self.observed = {}
+        if needs_mean:
+            exchange = exchange or self._new_exchange()
+            self.state.pack(out=exchange.flat)
+            if observe:
+                self.observed["before"] = exchange.flat.clone()
+            if self.overlap:
+                exchange.start(self.guard.word())
+        self.state.save_buffers()  # the forward pass moves them
+        self._in_step = {"step": step, "coupled": coupled, "needs_mean": needs_mean, "exchange": exchange}
+        self.timer.lap("update")
+
+    def step(self, loss: torch.Tensor, agree: bool = False) -> bool:
+        """In place of optimizer.step(), after the backward pass: whether this replica applied
+        the step. `agree`: make sure every replica's word on this very step is in before
+        returning (the trainer asks so before a checkpoint, so none holds a non-finite value)."""
+        from replica_dist import dist
+
+        if self._in_step is None:
+            raise CouplingError(
+                "step() called without begin_step(): call begin_step() before the forward pass"
+            )
+        step, coupled, needs_mean, exchange = self._in_step.values()
+        self._in_step = None
+        self.step_count = step
+        guard, state = self.guard, self.state
+        # Never a non-finite update: checked here, decided together below.
+        apply = guard.inspect(step, loss, self.model.parameters(), state.floating_buffers)
+        self.timer.lap("compute")
+
+        # The mean of the pre-step weights and every rank's guard word, from one all_reduce of
+        # one buffer, so that all ranks skip or stop together.
+        if needs_mean:
+            if not self.overlap:
+                exchange.start(guard.word())
+            mean_before, words = exchange.wait()
+            apply = guard.decide(step, words) and apply
+            if "before" in self.observed:
+                self.observed["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
+        if agree and (self.overlap or not needs_mean):
+            apply = guard.decide(step, dist.share_words(guard.word(), self._device, self.mesh)) and apply
+        self.timer.lap("communication")
+        guard.settle(step, apply)
+        pull_step = None
+        if apply:
+            if coupled and self.form.pulls_before_step:
+                # Before the optimizer step, while the parameters still hold w_before.
+                gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
+                pull_step = self.form.pull_(gap, self.eta)
+                if self.cfg.via_optimizer:
+                    state.pull_through_optimizer(pull_step)
+                    pull_step = None
+            self.optimizer.step()
+        else:
+            state.restore_buffers()
+        if "before" in self.observed:
+            self.observed["after_optimizer"] = state.pack()
+
+        # Every replica moves at once, from the same mean.
+        if coupled and self.form.averages_after_step:
+            state.pack(out=exchange.flat)
+            self.timer.lap("update")
+            exchange.start(guard.word())
+            mean_after_step, words = exchange.wait()
+            guard.decide(step, words)
+            self.timer.lap("communication")
+            state.load(mean_after_step)
+        elif pull_step is not None:
+            state.add(pull_step)
+        return apply
+
+    # ---- what a loop reads
+
+    @property
+    def eta(self) -> float:
+        """The coupling strength at the current step (the one begun, else the last)."""
+        step = self._in_step["step"] if self._in_step else max(self.step_count, 1)
+        return eta_at(self.cfg, step, self.steps)
+
+    @property
+    def stop_agreed(self) -> bool:
+        """Every replica agreed to stop (a SIGTERM or SIGINT reached one of them)."""
+        return self.guard.stop_agreed
+
+    @property
+    def clean(self) -> bool:
+        """No replica saw a non-finite value in the step of the latest exchange of words."""
+        return self.guard.all_clean
+
+    def state_dict(self) -> dict:
+        """The step (the schedule's phase) and the guard's state: with the model's and the
+        optimizer's state dicts, enough to continue bit for bit."""
+        return {"step": self.step_count, "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.guard.load_state_dict(state["guard"])
+
+    # ---- internals
+
+    def _new_exchange(self):
+        from replica_dist import dist
+        from replica_dist.guard import Guard
+
+        return dist.ReplicaExchange(
+            self.state.numel, Guard.WORD_LENGTH, self.state.dtype, self._device, self._bucket_bytes, self.mesh
+        )
+
+    def _check_same_model(self, dist) -> None:
+        """Every replica must hold the same architecture: checked once, with one small
+        all_reduce of (size, number of tensors, a digest of the shapes), max and -min."""
+        import zlib
+
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            raise CouplingError("ReplicaCoupling needs torch.distributed initialised (init_process_group)")
+        shapes = ";".join(
+            f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(self.state.names, self.state.tensors)
+        )
+        mine = torch.tensor(
+            [self.state.numel, len(self.state.tensors), zlib.crc32(shapes.encode()) % (1 << 24)],
+            dtype=torch.float64,
+            device=self._device,
+        )
+        both = torch.cat([mine, -mine])
+        with dist._collective("all_reduce (model check)"):
+            tdist.all_reduce(both, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
+        highest, lowest = both[:3].tolist(), (-both[3:]).tolist()
+        if highest != lowest:
+            raise CouplingError(
+                f"the replicas' models differ: {int(lowest[0])} to {int(highest[0])} weights in "
+                f"{int(lowest[1])} to {int(highest[1])} tensors; every replica must build the same model"
+            )

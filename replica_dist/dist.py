@@ -16,6 +16,7 @@ import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -119,6 +120,29 @@ def replica() -> int:
     return rank() // _dp
 
 
+@dataclass(frozen=True)
+class ReplicaGroups:
+    """Among whom a replica's collectives run: `replicas` holds one rank per replica (None:
+    the whole world, one replica per rank), `within` the ranks of this rank's own replica
+    (None: this rank alone). A rank's index in `replicas` is its replica's number."""
+
+    replicas: tdist.ProcessGroup | None = None
+    within: tdist.ProcessGroup | None = None
+
+    @property
+    def num_replicas(self) -> int:
+        return tdist.get_world_size(self.replicas)
+
+    @property
+    def replica(self) -> int:
+        return tdist.get_rank(self.replicas)
+
+
+def groups() -> ReplicaGroups:
+    """This rank's groups in the mesh that init_mesh arranged."""
+    return ReplicaGroups(_replica_group, _dp_group)
+
+
 def num_replicas() -> int:
     return world_size() // _dp
 
@@ -173,13 +197,20 @@ class ReplicaExchange:
     the weights never leave the GPU; only the small table is copied to the host."""
 
     def __init__(
-        self, numel: int, row_len: int, dtype: torch.dtype, device: torch.device, bucket_bytes: float
+        self,
+        numel: int,
+        row_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        bucket_bytes: float,
+        mesh: ReplicaGroups | None = None,
     ):
-        n = num_replicas()
+        self.mesh = mesh or groups()
+        n = self.mesh.num_replicas
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
         self.flat = self.buffer[:numel]
         self.table = self.buffer[numel:].view(n, row_len)
-        self._own_row = list(self.table[replica()])  # one view per number: filled without a host copy
+        self._own_row = list(self.table[self.mesh.replica])  # one view per number: filled without a host copy
         per_bucket = max(1, int(bucket_bytes // self.buffer.element_size()))
         self.buckets = list(self.buffer.split(per_bucket))
         self._works: list[tdist.Work] = []
@@ -192,7 +223,7 @@ class ReplicaExchange:
             entry.fill_(value)
         with _collective("all_reduce (replica mean)"):
             self._works = [
-                tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=_replica_group, async_op=True)
+                tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=self.mesh.replicas, async_op=True)
                 for bucket in self.buckets
             ]
 
@@ -205,17 +236,17 @@ class ReplicaExchange:
         self._works = []
         # The host waits here for the all_reduce, not for the division below.
         table = self.table.to("cpu", copy=True)
-        return self.flat.div_(num_replicas()), _agree_within_replica(table)
+        return self.flat.div_(self.mesh.num_replicas), _agree_within_replica(table, self.mesh)
 
 
-def _agree_within_replica(table: torch.Tensor) -> torch.Tensor:
+def _agree_within_replica(table: torch.Tensor, mesh: ReplicaGroups) -> torch.Tensor:
     """The elementwise max of `table` over the ranks of this rank's replica: with dp > 1 a rank
     sees only the rows of its own mesh column, and a stop or a non-finite value seen by one
     rank must reach all of them (one tiny all_reduce, only when dp > 1)."""
-    if _dp_group is None:
+    if mesh.within is None:
         return table
     with _collective("all_reduce (guard words across dp)"):
-        tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=_dp_group)
+        tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=mesh.within)
     return table
 
 
@@ -239,17 +270,18 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def gather_rows(values: list[float], device: torch.device) -> torch.Tensor:
+def gather_rows(values: list[float], device: torch.device, mesh: ReplicaGroups | None = None) -> torch.Tensor:
     """A (replicas, len(values)) float64 host table whose row r holds replica r's `values` (a
     NaN stays in its row): one all_reduce."""
-    n, k = num_replicas(), len(values)
-    table = torch.zeros(n, k, dtype=torch.float64, device=device)
-    table[replica()] = torch.tensor(values, dtype=torch.float64)
+    mesh = mesh or groups()
+    table = torch.zeros(mesh.num_replicas, len(values), dtype=torch.float64, device=device)
+    table[mesh.replica] = torch.tensor(values, dtype=torch.float64)
     with _collective("all_reduce (per-replica values)"):
-        tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=_replica_group)
+        tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
     return table.cpu()
 
 
-def share_words(word: list[float], device: torch.device) -> torch.Tensor:
+def share_words(word: list[float], device: torch.device, mesh: ReplicaGroups | None = None) -> torch.Tensor:
     """Every replica's guard word, as `ReplicaExchange.wait` gives them, without the weights."""
-    return _agree_within_replica(gather_rows(word, device))
+    mesh = mesh or groups()
+    return _agree_within_replica(gather_rows(word, device, mesh), mesh)
