@@ -159,10 +159,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         file.write(data)
 
 
+class _KeepsWriteError:
+    """A file for torch.save that keeps the OSError of its first failed write."""
+
+    def __init__(self, file: IO[bytes]):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def _torch_save(obj: Any, file: IO[bytes]) -> None:
+    """torch.save, raising a failed write as the OSError it is: torch's zip writer turns it
+    into a RuntimeError without the cause ("unexpected pos 17024 vs 12856" on a full disk)."""
+    kept = _KeepsWriteError(file)
+    try:
+        torch.save(obj, kept)
+    except Exception:
+        if kept.error is not None:
+            raise kept.error from None
+        raise
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` so that `path` holds either its old content or all of it."""
     with _atomic_open(Path(path)) as file:
-        torch.save(obj, file)
+        _torch_save(obj, file)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -214,7 +244,7 @@ def save_replica(root: str | os.PathLike, step: int, replica: int, state: dict) 
         _fsync_dir(folder.parent)
     path = folder / replica_name(replica)
     with _atomic_open(path) as file:
-        torch.save(state, file)
+        _torch_save(state, file)
     return path
 
 

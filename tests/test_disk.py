@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import re
 import shutil
@@ -424,3 +425,34 @@ def test_first_failure_gives_every_rank_the_lowest_failing_ranks_message(tmp_pat
     run_world(_agree, 3, str(tmp_path))
     for rank in range(3):
         assert (tmp_path / f"rank{rank}.txt").read_text() == repr([None, "rank 1 failed", "rank 0 failed"])
+
+
+class _FullAfter(io.BytesIO):
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise _error(errno.ENOSPC)
+        return super().write(data)
+
+
+def test_torch_save_on_a_full_disk_raises_the_oserror_not_torchs_runtimeerror():
+    # torch.save alone reports this as "RuntimeError: ... unexpected pos"; the cause is lost.
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        torch.save({"w": torch.zeros(1000)}, _FullAfter(1000))
+    with pytest.raises(OSError) as caught:
+        checkpoint._torch_save({"w": torch.zeros(1000)}, _FullAfter(1000))
+    assert caught.value.errno == errno.ENOSPC
+
+
+@pytest.mark.skipif(not _mounts_work(), reason="this sandbox cannot mount a tmpfs")
+def test_a_checkpoint_too_big_for_the_disk_raises_enospc_and_leaves_nothing(tmp_path, mounts):
+    mounts.tmpfs(tmp_path / "disk", 2 * PAGE)
+    with pytest.raises(OSError) as caught:
+        checkpoint.save_replica(tmp_path / "disk", 5, 0, {"w": torch.zeros(4 * PAGE)})
+    assert caught.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "disk").rglob("*")] == ["step-00000005"]
