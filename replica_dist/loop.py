@@ -113,8 +113,17 @@ def train(
     diagnostics = Diagnostics(
         run_dir, replica, dist.dp_rank() == 0, state, copy.deepcopy(model), device, first_step=start.step + 1
     )
-    if dist.rank() == 0 and start.step == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if start.step == 0:  # the same on every rank: all agree on whether rank 0 could write it
+        failure = None
+        if dist.rank() == 0:
+            path = run_dir / "config.yaml"
+            try:
+                checkpoint.atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+            except OSError as err:
+                failure = checkpoint.cannot_write("the config", path, err, run_state.checkpoint_root(run_dir))
+        failure = dist.first_failure(failure)
+        if failure is not None:
+            raise RunError(failure)
 
     def new_exchange() -> dist.ReplicaExchange:
         return dist.ReplicaExchange(state.numel, Guard.WORD_LENGTH, dtype, device, cfg.dist.bucket_mb * 2**20)
