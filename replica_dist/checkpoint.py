@@ -6,13 +6,17 @@ Unlike DDP, every replica holds different weights, so every rank saves its own s
     <root>/step-00000040/replica-1.pt      ...
     <root>/step-00000040/manifest.json     written last, by rank 0 only
 
-The protocol, for step N (this module issues no collective; the caller does the barrier):
+The protocol, for step N (this module issues no collective; the caller agrees):
 
     1. every rank: save_replica(root, N, rank, state)
-    2. every rank: barrier
+    2. every rank: agree that every rank wrote (dist.first_failure); if one could not, stop
+       every rank, and rank 0 removes the step folder (discard_incomplete)
     3. rank 0:     write_manifest(root, N, world_size, config_hash(...)), then prune(root, keep)
+    4. every rank: agree again, since step 3 can fail on rank 0 alone
 
-So a manifest means "every replica of this step is on disk". The manifest records each
+So a manifest means "every replica of this step is on disk", and the previous complete
+checkpoint is pruned only once a newer one is complete. A write that fails (a full disk, a
+read-only folder) raises OSError; cannot_write turns it into the one line the run stops with. The manifest records each
 file's size and sha256, which lets a loader tell a complete checkpoint from one whose file
 was truncated, altered, or rewritten by a later run that died before its own manifest.
 
@@ -155,6 +159,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         file.write(data)
 
 
+class _KeepsWriteError:
+    """A file for torch.save that keeps the OSError of its first failed write."""
+
+    def __init__(self, file: IO[bytes]):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def _torch_save(obj: Any, file: IO[bytes]) -> None:
+    """torch.save, raising a failed write as the OSError it is: torch's zip writer turns it
+    into a RuntimeError without the cause ("unexpected pos 17024 vs 12856" on a full disk)."""
+    kept = _KeepsWriteError(file)
+    try:
+        torch.save(obj, kept)
+    except Exception:
+        if kept.error is not None:
+            raise kept.error from None
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` so that `path` holds either its old content or all of it."""
+    with _atomic_open(Path(path)) as file:
+        _torch_save(obj, file)
+
+
 # ---------------------------------------------------------------------------- saving
 
 _PLAIN_LEAVES = (int, float, bool, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
@@ -204,7 +244,7 @@ def save_replica(root: str | os.PathLike, step: int, replica: int, state: dict) 
         _fsync_dir(folder.parent)
     path = folder / replica_name(replica)
     with _atomic_open(path) as file:
-        torch.save(state, file)
+        _torch_save(state, file)
     return path
 
 
@@ -422,6 +462,60 @@ def clean_temporaries(root: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _is_complete(folder: Path) -> bool:
+    """A readable manifest whose files exist with their recorded sizes (a stat, no hashing)."""
+    try:
+        _check_sizes(folder, _read_manifest(folder))
+    except IncompleteCheckpoint:
+        return False
+    return True
+
+
+def newest_complete(root: str | os.PathLike) -> int | None:
+    """The newest step under root that is complete by manifest and file sizes (no hashing;
+    find_resumable checks the hashes); None if there is none."""
+    return next((step for step, folder in reversed(_steps(Path(root))) if _is_complete(folder)), None)
+
+
+def discard_incomplete(root: str | os.PathLike, step: int) -> None:
+    """Remove the folder of `step` unless it is complete: what a failed save left, so that it
+    takes no space the rerun needs. Call it only once every rank has stopped writing it.
+    Best effort: on a read-only or otherwise failing disk, whatever cannot go stays, to be
+    skipped on resume and pruned after the next complete save."""
+    folder = step_dir(root, step)
+    if folder.is_dir() and not _is_complete(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def cannot_write(what: str, path: str | os.PathLike, error: OSError, root: str | os.PathLike) -> str:
+    """One line for a write that failed: what and where, the cause, and how to go on from the
+    newest complete checkpoint under `root`, e.g. "cannot write checkpoint
+    /x/checkpoints/step-00000020/replica-1.pt: No space left on device (errno 28); free space
+    and run the same command to resume from step 10"."""
+    path = Path(path)
+    cause = (
+        f"{error.strerror} (errno {error.errno})" if error.strerror else str(error) or type(error).__name__
+    )
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        remedy = "free space"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        remedy = f"make {_nearest_existing(path.parent)} writable"
+    else:
+        remedy = "fix the cause"
+    step = newest_complete(root)
+    if step is None:
+        then = "start again with a new hydra.run.dir (no complete checkpoint to resume from)"
+    else:
+        then = f"run the same command to resume from step {step}"
+    return f"cannot write {what} {path}: {cause}; {remedy} and {then}"
+
+
 def prune(root: str | os.PathLike, keep: int) -> list[Path]:
     """Keep the newest `keep` complete checkpoints; delete older complete ones and every
     incomplete folder older than the newest complete one. Returns the folders deleted.
@@ -434,11 +528,7 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
         raise ValueError(f"keep must be >= 1 (the newest complete checkpoint is never deleted); got {keep}")
     complete, incomplete = [], []
     for step, folder in _steps(Path(root)):
-        try:
-            _check_sizes(folder, _read_manifest(folder))
-            complete.append((step, folder))
-        except IncompleteCheckpoint:
-            incomplete.append((step, folder))
+        (complete if _is_complete(folder) else incomplete).append((step, folder))
     if not complete:
         return []
     newest = complete[-1][0]

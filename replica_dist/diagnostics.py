@@ -3,6 +3,11 @@
 Each replica writes its own TensorBoard run `tb/replica_<r>/`; rank 0 also writes
 `tb/center/` and `tb/ensemble/`. The other ranks hold NullLoggers for those, so no code
 here or in the loop asks which rank it is on.
+
+Every call that writes (the constructor, log_step, evaluate) writes and flushes this rank's
+files, then agrees with the other ranks (dist.first_failure, one small all_reduce): a write
+that fails on one rank (a full disk) raises RunError on every rank at the same step, naming
+the file and the cause, instead of one rank stopping while the others wait in a collective.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from replica_dist import dist
+from replica_dist import checkpoint, dist
+from replica_dist.errors import RunError
 from replica_dist.evaluate import evaluate_models
 from replica_dist.flat import FlatState
 from replica_dist.metrics import (
@@ -44,24 +50,51 @@ class Diagnostics:
         self.center = center
         self.center_state = FlatState(center)
         self.device = device
+        self.checkpoints = run_dir / "checkpoints"
         # On a resumed run, TensorBoard hides what the interrupted run logged from first_step on.
         purge_step = first_step if first_step > 1 else None
-        # With parallel.dp > 1 the ranks of one replica are identical: its first one writes.
-        self.replica_log: MetricLogger = (
-            TensorBoardLogger(run_dir / "tb" / f"replica_{replica}", purge_step) if writes else NullLogger()
-        )
-        self.center_log: MetricLogger = (
-            TensorBoardLogger(run_dir / "tb" / "center", purge_step)
-            if writes and replica == 0
-            else NullLogger()
-        )
-        self.ensemble_log: MetricLogger = (
-            TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step)
-            if writes and replica == 0
-            else NullLogger()
-        )
+        self.replica_log: MetricLogger = NullLogger()
+        self.center_log: MetricLogger = NullLogger()
+        self.ensemble_log: MetricLogger = NullLogger()
+        failure = None
+        try:
+            # With parallel.dp > 1 the ranks of one replica are identical: its first one writes.
+            if writes:
+                self.replica_log = TensorBoardLogger(run_dir / "tb" / f"replica_{replica}", purge_step)
+            if writes and replica == 0:
+                self.center_log = TensorBoardLogger(run_dir / "tb" / "center", purge_step)
+                self.ensemble_log = TensorBoardLogger(run_dir / "tb" / "ensemble", purge_step)
+        except OSError as err:
+            failure = self._cannot_write(err)
+        try:
+            self._stop_if_any(failure)
+        except RunError:
+            self.close()  # the loop's `finally` that closes them is not entered yet
+            raise
         self.center_accuracy = math.nan
         """The center's test accuracy at the latest evaluation, for the progress line."""
+
+    def _cannot_write(self, err: OSError) -> str:
+        where = err.filename or self.checkpoints.parent / "tb"
+        return checkpoint.cannot_write("TensorBoard events", where, err, self.checkpoints)
+
+    @staticmethod
+    def _stop_if_any(failure: str | None) -> None:
+        failure = dist.first_failure(failure)
+        if failure is not None:
+            raise RunError(failure)
+
+    def _flush(self) -> None:
+        """Write this rank's logged values, then stop every rank together if any rank's write
+        failed: one small all_reduce, on every rank, on every logging or evaluation step."""
+        failure = None
+        for logger in (self.replica_log, self.center_log, self.ensemble_log):
+            try:
+                logger.flush()
+            except OSError as err:
+                failure = self._cannot_write(err)
+                break
+        self._stop_if_any(failure)
 
     def params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return self.state.views(flat)[: self.state.num_params]
@@ -98,6 +131,7 @@ class Diagnostics:
             | pairwise_overlaps(self.names, center, table[:, 1:]),
             step,
         )
+        self._flush()
         return losses
 
     def evaluate(
@@ -110,8 +144,14 @@ class Diagnostics:
         self.center_log.log(evaluation["center"], step)
         self.ensemble_log.log(evaluation["ensemble"], step)
         self.center_accuracy = evaluation["center"].get("test/accuracy", math.nan)
+        self._flush()
         return evaluation
 
     def close(self) -> None:
+        """Close the files. Quietly: every value logged was flushed and agreed on by the step
+        that logged it, so a failure here can only repeat one already reported."""
         for logger in (self.replica_log, self.center_log, self.ensemble_log):
-            logger.close()
+            try:
+                logger.close()
+            except OSError:
+                pass

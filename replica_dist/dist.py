@@ -285,3 +285,21 @@ def share_words(word: list[float], device: torch.device, mesh: ReplicaGroups | N
     """Every replica's guard word, as `ReplicaExchange.wait` gives them, without the weights."""
     mesh = mesh or groups()
     return _agree_within_replica(gather_rows(word, device, mesh), mesh)
+
+
+def first_failure(failure: str | None) -> str | None:
+    """After a step that can fail on some ranks only (a write to a full or read-only disk),
+    the message of the lowest-ranked rank that failed, on every rank; None if none did.
+
+    Every rank calls it at the same point, failed or not, so that no rank is left waiting in
+    a collective for one that stopped. One all_reduce of one integer; a broadcast of the
+    message follows only when a rank failed, and then on every rank."""
+    # Gloo reduces CPU tensors; NCCL only reduces tensors on this rank's GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    lowest = torch.tensor([world_size() if failure is None else rank()], dtype=torch.int64, device=device)
+    with _collective("all_reduce (write failures)"):
+        tdist.all_reduce(lowest, op=tdist.ReduceOp.MIN)
+    source = int(lowest.item())
+    if source == world_size():
+        return None
+    return str(broadcast_object(failure, src=source))

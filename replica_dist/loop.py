@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from replica_dist import dist, flatness, run_lock, run_state
+from replica_dist import checkpoint, dist, flatness, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ELASTIC_FORMS, eta_at, is_coupling_step, pull_from_gap_
 from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_indices
 from replica_dist.diagnostics import Diagnostics
+from replica_dist.errors import RunError
 from replica_dist.evaluate import LOSSES, predict, score
 from replica_dist.flat import FlatState
 from replica_dist.guard import DivergedError, Guard, StopRequested
@@ -111,8 +113,17 @@ def train(
     diagnostics = Diagnostics(
         run_dir, replica, dist.dp_rank() == 0, state, copy.deepcopy(model), device, first_step=start.step + 1
     )
-    if dist.rank() == 0 and start.step == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if start.step == 0:  # the same on every rank: all agree on whether rank 0 could write it
+        failure = None
+        if dist.rank() == 0:
+            path = run_dir / "config.yaml"
+            try:
+                checkpoint.atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+            except OSError as err:
+                failure = checkpoint.cannot_write("the config", path, err, run_state.checkpoint_root(run_dir))
+        failure = dist.first_failure(failure)
+        if failure is not None:
+            raise RunError(failure)
 
     def new_exchange() -> dist.ReplicaExchange:
         return dist.ReplicaExchange(state.numel, Guard.WORD_LENGTH, dtype, device, cfg.dist.bucket_mb * 2**20)
@@ -239,25 +250,59 @@ def train(
         summary = _summary(
             cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device, progress.warnings()
         )
-        # Plain state_dicts: they load into the model class with no replica_dist code around.
-        (run_dir / "weights").mkdir(exist_ok=True)
-        if dist.dp_rank() == 0:
-            torch.save(model.state_dict(), run_dir / "weights" / f"replica_{replica}.pt")
-        dist.barrier()  # summary.json marks a finished run: every replica's weights come first
-        if dist.rank() == 0:
-            torch.save(diagnostics.center.state_dict(), run_dir / "weights" / "center.pt")
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            if cfg.flatness.sigmas:
-                log.info(
-                    "%s",
-                    flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False),
-                )
+        _write_results(cfg, run_dir, model, diagnostics.center, summary)
         if summary["status"] != "ok":  # after summary.json, which says what diverged
             raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
         return summary
     finally:
         diagnostics.close()
         run_lock.release()
+
+
+def _write_results(cfg: Config, run_dir: Path, model: nn.Module, center: nn.Module, summary: dict) -> None:
+    """weights/replica_<r>.pt from every replica, then from rank 0 weights/center.pt and last
+    summary.json, which marks a finished run. Each file appears whole or not at all; a write
+    that fails on any rank raises RunError on every rank, and the same command then resumes
+    from the newest checkpoint and writes them again."""
+    root = run_state.checkpoint_root(run_dir)
+    weights = run_dir / "weights"
+
+    def stop_if_any(failure: str | None) -> None:
+        failure = dist.first_failure(failure)
+        if failure is not None:
+            raise RunError(failure)
+
+    failure = None
+    if dist.dp_rank() == 0:
+        # Plain state_dicts: they load into the model class with no replica_dist code around.
+        path = weights / f"replica_{dist.replica()}.pt"
+        try:
+            weights.mkdir(exist_ok=True)
+            checkpoint.atomic_torch_save(model.state_dict(), path)
+        except OSError as err:
+            failure = checkpoint.cannot_write("final weights", path, err, root)
+    stop_if_any(failure)  # summary.json marks a finished run: every replica's weights come first
+    if dist.rank() == 0:
+        path = weights / "center.pt"
+        try:
+            checkpoint.atomic_torch_save(center.state_dict(), path)
+            path = run_dir / "summary.json"
+            checkpoint.atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+        except OSError as err:
+            failure = checkpoint.cannot_write("final results", path, err, root)
+    stop_if_any(failure)
+    if dist.rank() == 0 and cfg.flatness.sigmas:
+        # After the run is finished and the other ranks are gone: rank 0 alone stops here.
+        try:
+            log.info(
+                "%s", flatness.run(run_dir, cfg.flatness.sigmas, cfg.flatness.samples, cfg.seed, force=False)
+            )
+        except OSError as err:
+            cause = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
+            raise RunError(
+                f"cannot write the flatness analysis {err.filename or run_dir / 'flatness.json'}: {cause}; "
+                f"the training run finished; fix that and run python -m replica_dist.flatness {run_dir}"
+            ) from None
 
 
 def _summary(

@@ -8,33 +8,106 @@ no rank checks.
 
 from __future__ import annotations
 
+import io
+import itertools
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 class MetricLogger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
 
 
+_file_numbers = itertools.count()
+
+
 class TensorBoardLogger:
+    """Scalars of one TensorBoard run, in one new event file under `log_dir`.
+
+    Written in the calling thread, unlike torch's SummaryWriter: its background thread prints
+    a failed write as a traceback of its own and hands the OSError to the caller only at a
+    later call, or not at all when it fails just as a flush returns. Here `log` encodes into
+    memory and `flush` writes, raising the OSError of a failed write (a full disk, say); what
+    did not fit is cut off again, so the file always ends with a whole record. The file
+    holds what TensorBoard's writer puts there: a version event, with `purge_step` a restart
+    marker (TensorBoard then hides this run's older values from that step on), and scalars
+    as simple values.
+    """
+
     def __init__(self, log_dir: Path, purge_step: int | None = None):
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # TensorBoard's own naming: one file per writer, read in the order of their names.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        self.path = log_dir / f"{name}.{next(_file_numbers)}"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._written = 0
+        self._pending = io.BytesIO()
+        self._records = RecordWriter(self._pending)
+        self._add(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._add(
+                Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))
+            )
+        self.flush()
+
+    def _add(self, event: Event) -> None:
+        self._records.write(event.SerializeToString())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Add scalars of `step`; they reach the file at the next flush."""
+        wall_time = time.time()
         for tag, value in metrics.items():
-            self._writer.add_scalar(tag, value, step)
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+            self._add(Event(wall_time=wall_time, step=step, summary=summary))
+
+    def flush(self) -> None:
+        """Write what `log` added; raise OSError, naming this file, if the file system refuses
+        (nothing of it is then kept: the file is cut back to its last whole record)."""
+        data = self._pending.getvalue()
+        self._pending.seek(0)
+        self._pending.truncate()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as err:
+            try:
+                os.ftruncate(self._fd, self._written)
+                os.lseek(self._fd, self._written, os.SEEK_SET)
+            except OSError:
+                pass  # the write's error is the one to report
+            err.filename = err.filename or str(self.path)
+            raise
+        self._written += len(data)
 
     def close(self) -> None:
-        self._writer.close()
+        """Flush and close the file (also when the flush fails)."""
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:

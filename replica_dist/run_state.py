@@ -22,6 +22,7 @@ from torch import nn
 from replica_dist import checkpoint, dist, run_lock
 from replica_dist.config import Config, ConfigError
 from replica_dist.data import ReplicaBatches
+from replica_dist.errors import RunError
 from replica_dist.guard import Guard
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,12 @@ def _as_tuples(value):
 def save(
     cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches, guard: Guard
 ) -> None:
-    """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes."""
+    """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes.
+
+    A write that fails on any rank (a full or read-only disk) raises RunError on every rank
+    together, naming the file and the cause; the step is not counted as complete, its folder
+    is removed, and the previous complete checkpoint stays. Two small collectives, the same
+    on every rank whether or not a write fails."""
     root = checkpoint_root(run_dir)
     state = {
         "step": step,
@@ -180,11 +186,32 @@ def save(
         "guard": guard.state_dict(),
         "rng": _rng_states(),
     }
-    checkpoint.save_replica(root, step, dist.rank(), state)
-    dist.barrier()
-    if dist.rank() == 0:
-        checkpoint.write_manifest(root, step, dist.world_size(), run_hash(cfg))
-        checkpoint.prune(root, cfg.checkpoint.keep)
+    folder = checkpoint.step_dir(root, step)
+    failure = None
+    try:
+        checkpoint.save_replica(root, step, dist.rank(), state)
+    except OSError as err:
+        failure = checkpoint.cannot_write(
+            "checkpoint", folder / checkpoint.replica_name(dist.rank()), err, root
+        )
+    # In place of a barrier: every rank is past its write once this returns.
+    failure = dist.first_failure(failure)
+    if failure is None:
+        if dist.rank() == 0:
+            try:
+                checkpoint.write_manifest(root, step, dist.world_size(), run_hash(cfg))
+            except OSError as err:
+                failure = checkpoint.cannot_write("checkpoint", folder / checkpoint.MANIFEST, err, root)
+            else:
+                try:
+                    checkpoint.prune(root, cfg.checkpoint.keep)
+                except OSError as err:  # the new checkpoint is complete: the run can go on
+                    log.warning("could not remove an old checkpoint under %s: %s", root, err)
+        failure = dist.first_failure(failure)
+    if failure is not None:
+        if dist.rank() == 0:
+            checkpoint.discard_incomplete(root, step)
+        raise RunError(failure)
 
 
 def restore(
