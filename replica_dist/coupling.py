@@ -124,6 +124,9 @@ class _Form:
     def couples_at(self, step: int) -> bool:
         return is_coupling_step(self.cfg, step)
 
+    def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
+        return model
+
 
 class _Elastic(_Form):
     """tanh and linear: w += eta*tanh((mean - w)/T) or eta*(mean - w), mean of the pre-step weights."""
@@ -141,11 +144,25 @@ class _Average(_Form):
 
 
 class _Uncoupled(_Form):
-    """none and ddp: no pull (ddp averages gradients in DistributedDataParallel instead); the
-    replicas exchange only the guard's words, on the steps that ask for it."""
+    """none: independent replicas; they exchange only the guard's words, on the steps that
+    ask for it (observed or agreed steps)."""
 
     def couples_at(self, step: int) -> bool:
         return False
+
+
+class _DataParallel(_Uncoupled):
+    """ddp: no pull; DistributedDataParallel averages the gradients, so the replicas stay one."""
+
+    def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 _FORMS: dict[str, type[_Form]] = {
@@ -153,7 +170,7 @@ _FORMS: dict[str, type[_Form]] = {
     "linear": _Elastic,
     "average": _Average,
     "none": _Uncoupled,
-    "ddp": _Uncoupled,
+    "ddp": _DataParallel,
 }
 
 
@@ -257,6 +274,35 @@ class ReplicaCoupling:
         """On a step begun with observe=True: `before` (the weights before the step),
         `mean_before` (the replicas' mean of them) and `after_optimizer` (after the optimizer
         step, before the pull), flat vectors laid out as `state`; empty otherwise."""
+
+    @classmethod
+    def from_config(cls, cfg, model, optimizer, guard=None, timer=None) -> ReplicaCoupling:
+        """The coupling a trainer config (replica_dist.config.Config) describes, among the
+        replicas of the mesh that dist.init_mesh arranged."""
+        from replica_dist import dist
+
+        mesh = dist.groups()
+        schedule = {f: getattr(cfg.coupling, f) for f in CouplingConfig.__dataclass_fields__ if f != "name"}
+        return cls(
+            model,
+            optimizer,
+            cfg.coupling.name,
+            steps=cfg.train.steps,
+            overlap=cfg.dist.overlap,
+            bucket_mb=cfg.dist.bucket_mb,
+            process_group=mesh.replicas,
+            replica_group_of_rank=mesh.within,
+            nonfinite=cfg.guard.nonfinite,
+            max_consecutive_skips=cfg.guard.max_consecutive_skips,
+            guard=guard,
+            timer=timer,
+            **schedule,
+        )
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run the forward and backward passes through: the model itself, or for
+        ddp the model in DistributedDataParallel over the replicas' group."""
+        return self.form.wrap(model, self.mesh.replicas)
 
     # ---- the two calls of a step
 

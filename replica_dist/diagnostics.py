@@ -99,20 +99,14 @@ class Diagnostics:
     def params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return self.state.views(flat)[: self.state.num_params]
 
-    def log_step(
-        self,
-        step: int,
-        loss: float,
-        eta: float,
-        before,
-        after_optimizer,
-        after,
-        mean_before,
-        mean_after,
-        skipped_steps: int,
-    ) -> torch.Tensor:
-        """Per-layer statistics of the step for this replica and the center; returns every
+    def log_step(self, step: int, loss: float, coupling, after, mean_after) -> torch.Tensor:
+        """Per-layer statistics of the step for this replica and the center, from what the
+        coupling observed (the weights before the step, their mean, the weights after the
+        optimizer step) and the weights after the step with their mean; returns every
         replica's loss (a skipped step's may be non-finite: the guard has decided on it)."""
+        seen = coupling.observed
+        before, after_optimizer, mean_before = seen["before"], seen["after_optimizer"], seen["mean_before"]
+        eta, skipped_steps = coupling.eta, coupling.guard.skipped_steps
         weights, center = self.params(after), self.params(mean_after)
         # One small all_reduce: every replica's loss and per-layer ‖w‖², row by row.
         table = dist.gather_rows([loss, *squared_norms(weights)], self.device)

@@ -23,7 +23,7 @@ from replica_dist import checkpoint, dist, run_lock
 from replica_dist.config import Config, ConfigError
 from replica_dist.data import ReplicaBatches
 from replica_dist.errors import RunError
-from replica_dist.guard import Guard
+from replica_dist.guard import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _as_tuples(value):
 
 
 def save(
-    cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches, guard: Guard
+    cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches, coupling
 ) -> None:
     """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes.
 
@@ -183,7 +183,7 @@ def save(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "data": batches.state_dict(),
-        "guard": guard.state_dict(),
+        "coupling": coupling.state_dict(),
         "rng": _rng_states(),
     }
     folder = checkpoint.step_dir(root, step)
@@ -215,16 +215,17 @@ def save(
 
 
 def restore(
-    run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches, guard: Guard
+    run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches, coupling
 ) -> None:
     """Load this replica's state at `start`; with checkpoint.remap, see CheckpointConfig.remap."""
     root = checkpoint_root(run_dir)
+    coupling.step_count = start.step  # the schedule's phase; a remapped replica's guard starts anew
     if start.saved_world_size == dist.world_size():
         state = checkpoint.load_replica(root, start.step, dist.rank())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
         batches.load_state_dict(state["data"])
-        guard.load_state_dict(state["guard"])
+        coupling.load_state_dict(state["coupling"])
         _set_rng_states(state["rng"])
     elif dist.rank() < start.saved_world_size:
         state = checkpoint.load_replica(root, start.step, dist.rank())
@@ -238,3 +239,30 @@ def restore(
                 for name, value in saved[0].items()
             }
         )
+
+
+class Checkpointer:
+    """Owns the run's checkpoints: when to save (every checkpoint.every steps, and at a stop
+    every rank agreed on), the rule that a step which saw a non-finite value is never saved,
+    and the last step, which ends with the final results instead of a checkpoint."""
+
+    def __init__(self, cfg: Config, run_dir: Path, model: nn.Module, optimizer, batches, coupling):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.model, self.optimizer, self.batches, self.coupling = model, optimizer, batches, coupling
+
+    def due(self, step: int) -> bool:
+        """Whether `step` saves a checkpoint (the coupling then agrees on it before its update)."""
+        return bool(self.cfg.checkpoint.every) and step % self.cfg.checkpoint.every == 0
+
+    def restore(self, start: Start) -> None:
+        if start.step > 0:
+            restore(self.run_dir, start, self.model, self.optimizer, self.batches, self.coupling)
+
+    def after_step(self, step: int) -> None:
+        """Save if due (or asked to stop), then raise StopRequested if every rank agreed to stop."""
+        stop = self.coupling.stop_agreed
+        if step < self.cfg.train.steps and (stop or self.due(step)):
+            if self.coupling.clean:  # never a checkpoint of a step that saw a non-finite value
+                save(self.cfg, self.run_dir, step, self.model, self.optimizer, self.batches, self.coupling)
+            if stop:
+                raise StopRequested(step)

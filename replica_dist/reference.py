@@ -1,7 +1,15 @@
-"""A plain single-process reference of the coupled training: all replicas in one loop.
+"""The algorithm, stated plainly: every replica of a run in one process, one loop, by hand.
 
-It shares only the data, model and seed helpers with the package (so that it sees the same
-shards, batches and initial weights) and writes the update rule out by hand.
+Read this first. Each step t, every replica a at once, from the same mean of the weights
+before the step, w̄ = mean_a w_a:
+    tanh     w_a <- w_a - lr*g_a + eta_t * tanh((w̄ - w_a) / T)
+    linear   w_a <- w_a - lr*g_a + eta_t * (w̄ - w_a)
+    average  w_a <- mean of the post-step weights (every k steps)
+(with momentum, weight decay or Adam, "- lr*g_a" is that optimizer's step; with
+via_optimizer the pull enters as the gradient term instead). The distributed trainer
+(replica_dist.loop on replica_dist.coupling.ReplicaCoupling) must equal this to 1e-6; the
+tests check it in 2- and 4-process worlds. It shares only the data, model and seed helpers
+with the package (so that it sees the same shards, batches and initial weights).
 """
 
 from __future__ import annotations
