@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -411,3 +412,31 @@ def test_cli_bad_override_exits_2_with_one_line(tmp_path, override, key):
     assert lines[0].strip()
     assert key in lines[0]
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "option",
+    sorted(
+        f"{p.parent.name}/{p.stem}"
+        for g in ("model", "data", "coupling", "optim")
+        for p in (REPO / "conf" / g).glob("*.yaml")
+    ),
+)
+def test_group_option_sets_only_what_differs_from_the_schema(option):
+    """Every default has one home, the dataclass: a group option's YAML names the option and
+    sets only values that differ from the dataclass default, so a default moves in one place."""
+    from omegaconf import OmegaConf
+
+    group, _ = option.split("/")
+    schema = {"model": ModelConfig, "data": DataConfig, "coupling": CouplingConfig, "optim": OptimConfig}[
+        group
+    ]
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / f"{option}.yaml"))
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(schema)
+    }
+    assert values.pop("name") == option.split("/")[1]
+    repeated = {key: value for key, value in values.items() if key in defaults and value == defaults[key]}
+    assert repeated == {}, f"conf/{option}.yaml repeats the defaults of {schema.__name__}: {repeated}"
+    assert set(values) <= set(defaults)
