@@ -154,27 +154,20 @@ class CouplingConfig:
     w += eta*(mean - w), elastic averaging. average: w = mean of the post-step weights
     (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model."""
     eta: float = 0.001
-    """Coupling strength eta_0 (tanh, linear). For tanh it bounds the pull per weight and step.
-    Default 0.001 (with eta_growth 0.004), chosen by the study in docs/study.md: on digits every
-    eta from 0.005 to 0.2 gives the same accuracy, but only this scoped start trains an 8-layer
-    tanh net from independent inits (a constant 0.05 collapses it to the shrunken mean of the
-    inits)."""
+    """Coupling strength eta_0 (tanh, linear); for tanh it bounds the pull per weight and step
+    (chosen by the study: docs/study.md)."""
     eta_growth: float = 0.004
-    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0.
-    Default 0.004 (docs/study.md): eta grows from 0.001 to 0.4 at step 1500; for a run of T
-    steps about 6/T keeps that shape; 0 gives a constant eta."""
+    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0; 0 gives
+    a constant eta (chosen by the study: docs/study.md)."""
     eta_final: float | None = None
     """If set, eta at the last step (train.steps): the growth is derived from the run's
-    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used. The
-    study's shape over any run length is eta=0.001 eta_final=0.4."""
+    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used."""
     eta_max: float = 1.0
     """Cap of the scoped eta. For linear, above 1 the pull overshoots the mean."""
     temperature: float = 1.0
     """tanh only: T in tanh((mean - w)/T). Small T gives a sign-like, clipped pull."""
     every: int = 1
-    """Couple on every k-th step (steps counted from 1). Default 1, kept by the study in
-    docs/study.md: every=4 with eta=0.004 was as accurate at 40% of the training time on CPU,
-    but the user's rule and +experiment=note pull every step."""
+    """Couple on every k-th step (steps counted from 1) (chosen by the study: docs/study.md)."""
     via_optimizer: bool = False
     """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
     of the coupling potential), so momentum and weight decay see it (with SGD a parameter
