@@ -167,7 +167,7 @@ class CouplingConfig:
     temperature: float = 1.0
     """tanh only: T in tanh((mean - w)/T). Small T gives a sign-like, clipped pull."""
     every: int = 1
-    """Couple on every k-th step (steps counted from 1) (chosen by the study: docs/study.md)."""
+    """Couple on every k-th step, steps counted from 1 (chosen by the study: docs/study.md)."""
     via_optimizer: bool = False
     """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
     of the coupling potential), so momentum and weight decay see it (with SGD a parameter
