@@ -412,7 +412,12 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# An installed wheel carries the configs inside the package (pyproject maps replica_dist.conf to
+# conf/); a checkout, run in place or installed editable, keeps them at its top level.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = (
+    _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _PACKAGED_CONF.parent.parent / "conf"
+)
 
 
 def _one_line(err: BaseException) -> str:

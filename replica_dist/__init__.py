@@ -1,0 +1,80 @@
+"""replica_dist: N replicas of one network, one process each under torchrun, each pulled toward
+the replicas' mean through all_reduce.
+
+Run it with the `replica-dist` command or `torchrun -m replica_dist.train`; README.md tells
+the configs (conf/), the outputs of a run and what the tests check. `import replica_dist` is
+cheap: the names below load their modules (and torch) when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import types
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "Config",  # the typed settings of a run (replica_dist.config; conf/ holds the choices)
+    "load_config",  # overrides -> (Config, run directory), checked; a bad one is a ConfigError
+    "ConfigError",  # a bad setting or input: one line, exit status 2
+    "RunError",  # a failure during a run (diverged, disk full): one line, exit status 1
+    "train",  # the training loop of one replica (replica_dist.loop.train), called on every rank
+]
+
+_HOMES = {
+    "Config": "replica_dist.config",
+    "load_config": "replica_dist.config",
+    "ConfigError": "replica_dist.config",
+    "RunError": "replica_dist.errors",
+}
+
+
+def _version() -> str:
+    """The checkout's own pyproject when there is one (run in place or installed editable), so
+    that the metadata of some other install cannot speak for it; else the installed metadata."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        project = re.search(r"(?ms)^\[project\]\s*$(.*?)(?=^\[|\Z)", pyproject.read_text(encoding="utf-8"))
+        if project and re.search(r'(?m)^name\s*=\s*"replica[-_]dist"', project.group(1)):
+            version = re.search(r'(?m)^version\s*=\s*"([^"]+)"', project.group(1))
+            if version:
+                return version.group(1)
+    try:
+        return metadata.version("replica_dist")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`replica_dist.train` is also the name of the torchrun entry point (a submodule), and
+    importing a submodule binds its name on the package: without this property the exported
+    function would turn into that module as soon as anything imported the entry point."""
+
+    @property
+    def train(self):
+        return importlib.import_module("replica_dist.loop").train
+
+    @train.setter
+    def train(self, submodule) -> None:
+        # The import system's binding of the submodule; it stays in sys.modules["replica_dist.train"].
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
