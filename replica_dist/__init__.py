@@ -1,7 +1,8 @@
 """replica_dist: N replicas of one network, one process each under torchrun, each pulled toward
 the replicas' mean through all_reduce.
 
-Run it with the `replica-dist` command or `torchrun -m replica_dist.train`; README.md tells
+Couple your own training loop with `ReplicaCoupling` (examples/own_loop.py), or run the
+trainer with the `replica-dist` command or `torchrun -m replica_dist.train`; README.md tells
 the configs (conf/), the outputs of a run and what the tests check. `import replica_dist` is
 cheap: the names below load their modules (and torch) when first used.
 """
@@ -10,20 +11,21 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
-import types
 from importlib import metadata
 from pathlib import Path
 
 __all__ = [
+    "ReplicaCoupling",  # the coupling as an object a plain training loop calls twice a step
+    "CouplingError",  # the coupling used wrongly (calls out of order, models that differ)
     "Config",  # the typed settings of a run (replica_dist.config; conf/ holds the choices)
     "load_config",  # overrides -> (Config, run directory), checked; a bad one is a ConfigError
     "ConfigError",  # a bad setting or input: one line, exit status 2
     "RunError",  # a failure during a run (diverged, disk full): one line, exit status 1
-    "train",  # the training loop of one replica (replica_dist.loop.train), called on every rank
 ]
 
 _HOMES = {
+    "ReplicaCoupling": "replica_dist.coupling",
+    "CouplingError": "replica_dist.coupling",
     "Config": "replica_dist.config",
     "load_config": "replica_dist.config",
     "ConfigError": "replica_dist.config",
@@ -60,21 +62,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`replica_dist.train` is also the name of the torchrun entry point (a submodule), and
-    importing a submodule binds its name on the package: without this property the exported
-    function would turn into that module as soon as anything imported the entry point."""
-
-    @property
-    def train(self):
-        return importlib.import_module("replica_dist.loop").train
-
-    @train.setter
-    def train(self, submodule) -> None:
-        # The import system's binding of the submodule; it stays in sys.modules["replica_dist.train"].
-        pass
-
-
-sys.modules[__name__].__class__ = _Package
