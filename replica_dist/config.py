@@ -15,6 +15,7 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -36,18 +37,49 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+# Fields with a fixed set of values. OmegaConf 2.3 refuses Literal in a structured config, and
+# an Enum would change the values to_object hands out (and checkpoints hold); so type checkers
+# see these Literals, while at run time each alias is `str` for Hydra and CHOICES keeps the
+# values, which `_check_choices` enforces with a message naming the key.
+ModelName = Literal["mlp", "cnn"]
+Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
+DataName = Literal["digits", "seed", "teacher", "file"]
+Split = Literal["shard", "full"]
+Task = Literal["auto", "classification", "regression"]
+CouplingName = Literal["tanh", "linear", "average", "none", "ddp"]
+OptimName = Literal["sgd", "adam"]
+Dtype = Literal["float32", "float64"]
+Nonfinite = Literal["stop", "skip"]
+Backend = Literal["auto", "gloo", "nccl"]
+Device = Literal["auto", "cpu", "cuda"]
+Init = Literal["independent", "same"]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(alias) for name, alias in dict(globals()).items() if get_origin(alias) is Literal
+}
+"""Annotation name (as written on a field) -> the values that field allows."""
+
+if not TYPE_CHECKING:
+    ModelName = Activation = DataName = Split = Task = CouplingName = str
+    OptimName = Dtype = Nonfinite = Backend = Device = Init = str
+
+
+def _check_choices(obj: object, prefix: str) -> None:
+    """Every field of `obj` annotated with a choice type holds one of its values."""
+    for f in dataclasses.fields(obj):
+        if f.type in CHOICES:
+            _one_of(prefix + f.name, getattr(obj, f.name), CHOICES[f.type])
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    name: ModelName = "mlp"
     """Architecture: `mlp` (fully connected) or `cnn` (small convolutional net for images)."""
     hidden: list[int] = field(default_factory=lambda: [128])
     """mlp: widths of the hidden layers, input to output. cnn: channels of the conv layers.
     Refused when the model's weights and gradients alone exceed this machine's memory."""
-    activation: str = "relu"
-    """Nonlinearity after every hidden layer: relu, tanh, sigmoid or gelu."""
+    activation: Activation = "relu"
+    """Nonlinearity after every hidden layer."""
     bias: bool = True
     """Whether layers carry a bias (the note's network has none)."""
     batch_norm: bool = False
@@ -57,8 +89,7 @@ class ModelConfig:
     0 keeps PyTorch's default initialisation."""
 
     def __post_init__(self) -> None:
-        _one_of("model.name", self.name, ("mlp", "cnn"))
-        _one_of("model.activation", self.activation, ACTIVATIONS)
+        _check_choices(self, "model.")
         _check(
             all(width >= 1 for width in self.hidden),
             f"model.hidden must hold positive widths; got {list(self.hidden)}",
@@ -76,17 +107,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: DataName = "digits"
     """Dataset: digits (scikit-learn's 8x8 digits), seed (the note's random regression),
     teacher (labels from a fixed random network) or file (a user's .npz)."""
-    split: str = "shard"
+    split: Split = "shard"
     """How replicas share the training set: `shard` (disjoint, deterministic from `seed`)
     or `full` (every replica sees all of it, in its own order)."""
     test_fraction: float = 0.2
     """digits, teacher: fraction of the samples held out as the shared test set."""
     path: str = ""
     """file: path of a .npz holding X_train, y_train, X_test, y_test (see `task`)."""
-    task: str = "auto"
+    task: Task = "auto"
     """file: classification (integer labels 0..C-1, C >= 2) or regression (floating targets);
     auto tells them apart by the dtype of y_train and refuses what the dtype cannot settle
     (integer-valued targets: say data.task=regression)."""
@@ -104,9 +135,7 @@ class DataConfig:
     """seed: size of each replica's fixed batch, drawn with replacement from the library."""
 
     def __post_init__(self) -> None:
-        _one_of("data.name", self.name, ("digits", "seed", "teacher", "file"))
-        _one_of("data.split", self.split, ("shard", "full"))
-        _one_of("data.task", self.task, ("auto", "classification", "regression"))
+        _check_choices(self, "data.")
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
         _check(self.name != "file" or self.path != "", "data.path must be set for data.name=file")
         for key in ("num_samples", "input_dim", "num_outputs", "library_size", "fixed_batch"):
@@ -118,37 +147,27 @@ class DataConfig:
         )
 
 
-COUPLING_FORMS = ("tanh", "linear", "average", "none", "ddp")
-
-
 @dataclass
 class CouplingConfig:
-    name: str = "tanh"
+    name: CouplingName = "tanh"
     """Coupling form. tanh: w += eta*tanh((mean - w)/T), the note's rule. linear:
     w += eta*(mean - w), elastic averaging. average: w = mean of the post-step weights
     (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model."""
     eta: float = 0.001
-    """Coupling strength eta_0 (tanh, linear). For tanh it bounds the pull per weight and step.
-    Default 0.001 (with eta_growth 0.004), chosen by the study in docs/study.md: on digits every
-    eta from 0.005 to 0.2 gives the same accuracy, but only this scoped start trains an 8-layer
-    tanh net from independent inits (a constant 0.05 collapses it to the shrunken mean of the
-    inits)."""
+    """Coupling strength eta_0 (tanh, linear); for tanh it bounds the pull per weight and step
+    (chosen by the study: docs/study.md)."""
     eta_growth: float = 0.004
-    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0.
-    Default 0.004 (docs/study.md): eta grows from 0.001 to 0.4 at step 1500; for a run of T
-    steps about 6/T keeps that shape; 0 gives a constant eta."""
+    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0; 0 gives
+    a constant eta (chosen by the study: docs/study.md)."""
     eta_final: float | None = None
     """If set, eta at the last step (train.steps): the growth is derived from the run's
-    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used. The
-    study's shape over any run length is eta=0.001 eta_final=0.4."""
+    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used."""
     eta_max: float = 1.0
     """Cap of the scoped eta. For linear, above 1 the pull overshoots the mean."""
     temperature: float = 1.0
     """tanh only: T in tanh((mean - w)/T). Small T gives a sign-like, clipped pull."""
     every: int = 1
-    """Couple on every k-th step (steps counted from 1). Default 1, kept by the study in
-    docs/study.md: every=4 with eta=0.004 was as accurate at 40% of the training time on CPU,
-    but the user's rule and +experiment=note pull every step."""
+    """Couple on every k-th step, steps counted from 1 (chosen by the study: docs/study.md)."""
     via_optimizer: bool = False
     """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
     of the coupling potential), so momentum and weight decay see it (with SGD a parameter
@@ -156,7 +175,7 @@ class CouplingConfig:
     directly). Default: added to the weights directly after the optimizer step."""
 
     def __post_init__(self) -> None:
-        _one_of("coupling.name", self.name, COUPLING_FORMS)
+        _check_choices(self, "coupling.")
         _check(self.eta > 0, f"coupling.eta must be > 0; got {self.eta}")
         _check(self.eta_growth >= 0, f"coupling.eta_growth must be >= 0; got {self.eta_growth}")
         _check(
@@ -182,7 +201,7 @@ class CouplingConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: OptimName = "sgd"
     """Optimizer: sgd (with momentum / nesterov / weight decay) or adam."""
     lr: float = 0.05
     """Learning rate."""
@@ -196,7 +215,7 @@ class OptimConfig:
     """adam: (beta1, beta2)."""
 
     def __post_init__(self) -> None:
-        _one_of("optim.name", self.name, ("sgd", "adam"))
+        _check_choices(self, "optim.")
         _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1); got {self.momentum}")
         _check(
@@ -217,13 +236,13 @@ class TrainConfig:
     batch_size: int = 32
     """Minibatch size of each rank: of each replica, or with parallel.dp=D of each of its D
     ranks (a shard smaller than this is used whole)."""
-    dtype: str = "float32"
-    """Floating-point type of weights and data: float32 or float64."""
+    dtype: Dtype = "float32"
+    """Floating-point type of weights and data."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1; got {self.steps}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1; got {self.batch_size}")
-        _one_of("train.dtype", self.dtype, ("float32", "float64"))
+        _check_choices(self, "train.")
 
 
 @dataclass
@@ -246,7 +265,7 @@ class EvalConfig:
 
 @dataclass
 class GuardConfig:
-    nonfinite: str = "stop"
+    nonfinite: Nonfinite = "stop"
     """When a replica's loss, a gradient or a BatchNorm statistic is NaN or inf: `stop` (every
     rank stops with one error naming the replica and the step) or `skip` (that step is skipped
     by every replica when it communicates before its update, else by the replica that saw it;
@@ -257,7 +276,7 @@ class GuardConfig:
     and ddp)."""
 
     def __post_init__(self) -> None:
-        _one_of("guard.nonfinite", self.nonfinite, ("stop", "skip"))
+        _check_choices(self, "guard.")
         _check(
             self.max_consecutive_skips >= 1,
             f"guard.max_consecutive_skips must be >= 1; got {self.max_consecutive_skips}",
@@ -306,9 +325,9 @@ BUCKET_MAX_MB = 2**20
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda."""
     timeout_s: float = 300.0
     """Seconds a collective may wait for the other ranks before failing; at most 2592000
@@ -327,8 +346,7 @@ class DistConfig:
     (1 TiB, more than any coupling buffer: a larger bucket is one bucket all the same)."""
 
     def __post_init__(self) -> None:
-        _one_of("dist.backend", self.backend, ("auto", "gloo", "nccl"))
-        _one_of("dist.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choices(self, "dist.")
         _check(
             0 < self.timeout_s <= TIMEOUT_MAX_S,
             f"dist.timeout_s must be in (0, {TIMEOUT_MAX_S}] seconds; got {self.timeout_s}",
@@ -367,12 +385,12 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     seed: int = 0
     """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
-    init: str = "independent"
+    init: Init = "independent"
     """independent: each replica initialised from its own seed (as in the note);
     same: rank 0's initial weights broadcast to all."""
 
     def __post_init__(self) -> None:
-        _one_of("init", self.init, ("independent", "same"))
+        _check_choices(self, "")
         _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
         _check(
             not (self.checkpoint.remap and self.coupling.name == "ddp"),
@@ -394,7 +412,12 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# An installed wheel carries the configs inside the package (pyproject maps replica_dist.conf to
+# conf/); a checkout, run in place or installed editable, keeps them at its top level.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = (
+    _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _PACKAGED_CONF.parent.parent / "conf"
+)
 
 
 def _one_line(err: BaseException) -> str:
@@ -681,8 +704,8 @@ def _field_docs() -> dict[str, dict[str, str]]:
 
 
 def help_text() -> str:
-    """The config groups with their options (conf/), then every key with its type, default,
-    the choices it applies to (APPLIES_TO) and its docstring."""
+    """The config groups with their options (conf/), then every key with its type (for a choice,
+    its values), default, the choices it applies to (APPLIES_TO) and its docstring."""
     lines = ["Config groups (GROUP=OPTION; +experiment=OPTION adds a preset on top):"]
     defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["defaults"]
     chosen = {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
@@ -701,6 +724,7 @@ def help_text() -> str:
             selector, choices = APPLIES_TO[key]
             scope = f", {selector}={'|'.join(choices)} only"
         doc = docs.get(cls.__name__, {}).get(key.rsplit(".", 1)[-1], "")
-        text = f"{key} ({annotation}, default {shown}{scope}): {doc}"
+        kind = "|".join(CHOICES[annotation]) if annotation in CHOICES else annotation
+        text = f"{key} ({kind}, default {shown}{scope}): {doc}"
         lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,25 @@ def scalar(log_dir: Path, tag: str) -> dict[int, float]:
 def replica_weights(run_dir: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
     """The final weights/replica_<r>.pt of every replica, in rank order."""
     return [torch.load(run_dir / "weights" / f"replica_{r}.pt") for r in range(world_size)]
+
+
+RUN_SH = str(REPO / "launch" / "run.sh")
+"""launch/run.sh, the README's command."""
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """A user's shell: this venv's python first on PATH, the package of this checkout."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("RUN_DIR", None)
+    env.pop("NPROC", None)
+    return env | extra
+
+
+def run_sh(
+    *args: str, cwd: Path, env: dict | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RUN_SH, *args], cwd=cwd, env=env or user_env(), capture_output=True, text=True, timeout=timeout
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -411,3 +412,72 @@ def test_cli_bad_override_exits_2_with_one_line(tmp_path, override, key):
     assert lines[0].strip()
     assert key in lines[0]
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "option",
+    sorted(
+        f"{p.parent.name}/{p.stem}"
+        for g in ("model", "data", "coupling", "optim")
+        for p in (REPO / "conf" / g).glob("*.yaml")
+    ),
+)
+def test_group_option_sets_only_what_differs_from_the_schema(option):
+    """Every default has one home, the dataclass: a group option's YAML names the option and
+    sets only values that differ from the dataclass default, so a default moves in one place."""
+    from omegaconf import OmegaConf
+
+    group, _ = option.split("/")
+    schema = {"model": ModelConfig, "data": DataConfig, "coupling": CouplingConfig, "optim": OptimConfig}[
+        group
+    ]
+    values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / f"{option}.yaml"))
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(schema)
+    }
+    assert values.pop("name") == option.split("/")[1]
+    repeated = {key: value for key, value in values.items() if key in defaults and value == defaults[key]}
+    assert repeated == {}, f"conf/{option}.yaml repeats the defaults of {schema.__name__}: {repeated}"
+    assert set(values) <= set(defaults)
+
+
+@pytest.mark.parametrize(
+    ("group", "choice"),
+    [("model", "ModelName"), ("data", "DataName"), ("coupling", "CouplingName"), ("optim", "OptimName")],
+)
+def test_group_name_choices_are_the_group_options(group, choice):
+    """The typed values of each group's `name` are exactly the options conf/ offers for it."""
+    from replica_dist.config import CHOICES
+
+    assert set(CHOICES[choice]) == {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
+
+
+def test_choice_fields_are_typed_for_checkers_and_plain_str_for_hydra(tmp_path):
+    """Type checkers see a Literal; Hydra and the composed config see the plain strings."""
+    import typing
+
+    from replica_dist import config
+
+    assert typing.get_type_hints(CouplingConfig)["name"] is str
+    cfg, _ = _load(tmp_path, "coupling=linear", "train.dtype=float64", "dist.backend=gloo")
+    assert type(cfg.coupling.name) is str and cfg.coupling.name == "linear"
+    assert type(cfg.train.dtype) is str and cfg.train.dtype == "float64"
+    assert cfg.dist.backend == "gloo"
+    assert config.CHOICES["Dtype"] == ("float32", "float64")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.dtype=float16", "train.dtype must be one of float32, float64; got 'float16'"),
+        ("coupling.name=mean", "coupling.name must be one of tanh, linear, average, none, ddp; got 'mean'"),
+        ("dist.device=tpu", "dist.device must be one of auto, cpu, cuda; got 'tpu'"),
+        ("init=foo", "init must be one of independent, same; got 'foo'"),
+        ("model.activation=elu", "model.activation must be one of relu, tanh, sigmoid, gelu; got 'elu'"),
+    ],
+)
+def test_bad_choice_names_the_key_and_lists_the_values(tmp_path, override, message):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, override)
+    assert str(info.value) == message

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import events, replica_weights
+from runs import events, replica_weights, run_sh
 from tensorboard.compat.proto.event_pb2 import Event
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
@@ -456,3 +456,35 @@ def test_a_checkpoint_too_big_for_the_disk_raises_enospc_and_leaves_nothing(tmp_
         checkpoint.save_replica(tmp_path / "disk", 5, 0, {"w": torch.zeros(4 * PAGE)})
     assert caught.value.errno == errno.ENOSPC
     assert [p.name for p in (tmp_path / "disk").rglob("*")] == ["step-00000005"]
+
+
+# ---------------------------------------------------------------------------- through launch/run.sh
+
+
+@pytest.mark.e2e
+def test_a_full_checkpoint_disk_through_the_launcher_is_one_line_and_resumes(tmp_path, mounts):
+    """As a user meets it: launch/run.sh on a run directory whose checkpoints/ fills up."""
+    if not _mounts_work():
+        pytest.skip("this sandbox does not let root mount a tmpfs (the injected tests cover the rest)")
+    args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES, "train.steps=60", "model.hidden=[256]")
+    reference = run_sh(*[a.replace("hydra.run.dir=run", "hydra.run.dir=alone") for a in args], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    one_checkpoint = _pages(tmp_path / "alone" / "checkpoints" / "step-00000055")
+    mounts.tmpfs(tmp_path / "run" / "checkpoints", size=2 * one_checkpoint + PAGE)  # room for two
+
+    full = run_sh(*args, cwd=tmp_path)
+    assert full.returncode == 1
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in full.stdout + full.stderr, full.stderr[-2000:]
+    assert re.fullmatch(
+        r"replica_dist: error: cannot write checkpoint \S+/checkpoints/step-00000015/replica-\d\.pt: "
+        r"No space left on device \(errno 28\); free space and run the same command to resume from step 10",
+        lines[0],
+    ), lines[0]
+
+    mounts.resize(tmp_path / "run" / "checkpoints", size=64 * one_checkpoint)
+    again = run_sh(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout and "step-00000010" in again.stdout
+    for mine, alone in zip(replica_weights(tmp_path / "run", 2), replica_weights(tmp_path / "alone", 2)):
+        assert all(torch.equal(mine[k], alone[k]) for k in mine)

@@ -37,7 +37,16 @@ CASES = {
         "coupling.temperature=0.5",
         "coupling.every=3",
     ],
-    "tanh_same_init_adam": ["coupling=tanh", "init=same", "optim=adam", "optim.lr=0.01"],
+    # float64: Adam divides by sqrt(v) and so amplifies the one-ulp differences between the ring
+    # all_reduce's summation order (which moves with the buffer's length) and the reference's
+    # stack().mean() to ~1.6e-6 in float32 in 4 processes; the algorithm is what is compared.
+    "tanh_same_init_adam": [
+        "coupling=tanh",
+        "init=same",
+        "optim=adam",
+        "optim.lr=0.01",
+        "train.dtype=float64",
+    ],
     # float64: in float32, BatchNorm's division by the batch std amplifies the different
     # summation order of one-thread workers and the multi-threaded reference to ~2e-6.
     "tanh_cnn_batchnorm": [

@@ -9,7 +9,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import REPO, replica_weights
+from runs import RUN_SH, replica_weights, run_sh, user_env
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist import launch
 
 pytestmark = pytest.mark.e2e
 
-RUN_SH = str(REPO / "launch" / "run.sh")
 STEPS = 600
 OVERRIDES = [
     f"train.steps={STEPS}",
@@ -34,24 +32,6 @@ OVERRIDES = [
     "model.hidden=[32]",
     f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
 ]
-
-
-def user_env(**extra: str) -> dict[str, str]:
-    """A user's shell: this venv's python first on PATH, the package of this checkout."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.pop("RUN_DIR", None)
-    env.pop("NPROC", None)
-    return env | extra
-
-
-def run_sh(
-    *args: str, cwd: Path, env: dict | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [RUN_SH, *args], cwd=cwd, env=env or user_env(), capture_output=True, text=True, timeout=timeout
-    )
 
 
 def start_run_sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:

@@ -12,6 +12,7 @@ import torch
 
 from replica_dist.config import (
     APPLIES_TO,
+    CHOICES,
     Config,
     ConfigError,
     generated_data_bytes,
@@ -200,9 +201,13 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     )
     assert "data.path (str, default '', data=file only): file: path of a .npz" in flat
     assert "optim.nesterov (bool, default false, optim=sgd only)" in flat
+    # a choice shows its values in place of its type
+    assert "coupling.name (tanh|linear|average|none|ddp, default tanh): Coupling form." in flat
+    assert "train.dtype (float32|float64, default float32): Floating-point type" in flat
+    assert "data.split (shard|full, default shard, data=digits|teacher|file only)" in flat
+    assert "init (independent|same, default independent)" in flat
     for key, f in _leaf_fields():
-        assert re.search(rf"^  {re.escape(key)} \({re.escape(str(f.type))}, default ", text, re.MULTILINE), (
-            key
-        )
+        kind = "|".join(CHOICES[f.type]) if f.type in CHOICES else f.type
+        assert re.search(rf"^  {re.escape(key)} \({re.escape(kind)}, default ", text, re.MULTILINE), key
     # every key has a docstring: nothing ends at the colon
     assert not re.search(r"^  [\w.]+ \(.*\): ?$", text, re.MULTILINE)
