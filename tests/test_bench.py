@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.bench import AVERAGER, VARIANTS, _step_stats
-from runs import REPO
 
 
 def test_step_stats_from_known_step_times():

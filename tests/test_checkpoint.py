@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import REPO
 
 from replica_dist import checkpoint
 from replica_dist.checkpoint import (
@@ -31,7 +32,6 @@ from replica_dist.checkpoint import (
     step_dir,
     write_manifest,
 )
-from runs import REPO
 
 HASH = config_hash({"optim": {"lr": 0.05}, "train": {"steps": 100}})
 

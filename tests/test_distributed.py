@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from replica_dist.reference import reference_weights
+from runs import events, replica_weights, scalar
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import dist, loop
-from replica_dist.coupling import is_coupling_step
 from replica_dist.config import load_config
-from runs import events, replica_weights, scalar
+from replica_dist.coupling import is_coupling_step
+from replica_dist.reference import reference_weights
 
 COMMON = [
     "train.steps=20",

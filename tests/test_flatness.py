@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import REPO, events, torchrun
 from torch import nn
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.config import ModelConfig
 from replica_dist.flatness import local_energy
 from replica_dist.model import build_model
-from runs import REPO, events, torchrun
 
 
 def generator(seed: int = 0) -> torch.Generator:

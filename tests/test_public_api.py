@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from replica_dist.reference import reference_weights
 from worlds import run_world
 
 from replica_dist import CouplingError, ReplicaCoupling
@@ -18,6 +17,7 @@ from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES
 from replica_dist.loop import build_optimizer, replica_seed
 from replica_dist.model import build_model
+from replica_dist.reference import reference_weights
 
 COMMON = ["train.steps=16", "train.batch_size=16", "model.hidden=[32]", "seed=5"]
 CASES = {

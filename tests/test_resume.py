@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import REPO, events, replica_weights, torchrun_command
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop
-from replica_dist.data import ReplicaBatches
 from replica_dist.config import load_config
-from runs import REPO, events, replica_weights, torchrun_command
+from replica_dist.data import ReplicaBatches
 
 OVERRIDES = [
     "train.steps=20",

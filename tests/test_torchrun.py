@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from runs import events, torchrun
 
 pytestmark = pytest.mark.e2e
