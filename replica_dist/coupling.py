@@ -15,10 +15,16 @@ do not). `none` never couples and `ddp` averages gradients instead (DistributedD
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
+import torch.distributed as tdist
 
+from replica_dist import dist
 from replica_dist.config import CouplingConfig
+from replica_dist.flat import FlatState
+from replica_dist.guard import Guard
+from replica_dist.timing import NO_TIMER
 
 ELASTIC_FORMS = ("tanh", "linear")
 """Forms that pull toward the mean of the pre-step weights."""
@@ -240,12 +246,9 @@ class ReplicaCoupling:
         max_consecutive_skips: int = 20,
         guard=None,
         timer=None,
+        mesh=None,
         **schedule,
     ):
-        from replica_dist import dist
-        from replica_dist.flat import FlatState
-        from replica_dist.guard import Guard
-        from replica_dist.timing import NO_TIMER
 
         unknown = set(schedule) - {f for f in CouplingConfig.__dataclass_fields__ if f != "name"}
         if unknown:
@@ -259,11 +262,11 @@ class ReplicaCoupling:
         self.overlap = overlap
         self.guard = guard or Guard(nonfinite, max_consecutive_skips)
         self.timer = timer or NO_TIMER
-        self.mesh = dist.ReplicaGroups(process_group, replica_group_of_rank)
+        self.mesh = mesh or dist.Mesh(process_group, replica_group_of_rank)
         self.state = FlatState(model)
         self._device = self.state.device
         self._bucket_bytes = bucket_mb * 2**20
-        self._check_same_model(dist)
+        self._check_same_model()
         # Allocated once: the weights sent, the mean received, then the pull, all in this
         # buffer. Uncoupled forms communicate only when asked, into a buffer of the moment.
         self._exchange = self._new_exchange() if not isinstance(self.form, _Uncoupled) else None
@@ -276,12 +279,9 @@ class ReplicaCoupling:
         step, before the pull), flat vectors laid out as `state`; empty otherwise."""
 
     @classmethod
-    def from_config(cls, cfg, model, optimizer, guard=None, timer=None) -> ReplicaCoupling:
+    def from_config(cls, cfg, mesh, model, optimizer, guard=None, timer=None) -> ReplicaCoupling:
         """The coupling a trainer config (replica_dist.config.Config) describes, among the
-        replicas of the mesh that dist.init_mesh arranged."""
-        from replica_dist import dist
-
-        mesh = dist.groups()
+        replicas of `mesh` (replica_dist.dist.init_mesh); it names the mesh's step."""
         schedule = {f: getattr(cfg.coupling, f) for f in CouplingConfig.__dataclass_fields__ if f != "name"}
         return cls(
             model,
@@ -290,12 +290,11 @@ class ReplicaCoupling:
             steps=cfg.train.steps,
             overlap=cfg.dist.overlap,
             bucket_mb=cfg.dist.bucket_mb,
-            process_group=mesh.replicas,
-            replica_group_of_rank=mesh.within,
             nonfinite=cfg.guard.nonfinite,
             max_consecutive_skips=cfg.guard.max_consecutive_skips,
             guard=guard,
             timer=timer,
+            mesh=mesh,
             **schedule,
         )
 
@@ -310,12 +309,11 @@ class ReplicaCoupling:
         """Before the forward pass. `observe`: exchange and keep the weights before the step
         and their mean even when this step does not couple (for diagnostics; it also agrees
         on the guard's words)."""
-        from replica_dist import dist
 
         if self._in_step is not None:
             raise CouplingError("begin_step() called twice: call step() after the backward pass first")
         step = self.step_count + 1
-        dist.set_step(step)
+        self.mesh.step = step  # a collective that fails names it
         coupled = self.form.couples_at(step)
         needs_mean = (coupled and self.form.pulls_before_step) or observe
         exchange = self._exchange
@@ -335,7 +333,6 @@ class ReplicaCoupling:
         """In place of optimizer.step(), after the backward pass: whether this replica applied
         the step. `agree`: make sure every replica's word on this very step is in before
         returning (the trainer asks so before a checkpoint, so none holds a non-finite value)."""
-        from replica_dist import dist
 
         if self._in_step is None:
             raise CouplingError(
@@ -420,19 +417,14 @@ class ReplicaCoupling:
     # ---- internals
 
     def _new_exchange(self):
-        from replica_dist import dist
-        from replica_dist.guard import Guard
 
         return dist.ReplicaExchange(
             self.state.numel, Guard.WORD_LENGTH, self.state.dtype, self._device, self._bucket_bytes, self.mesh
         )
 
-    def _check_same_model(self, dist) -> None:
+    def _check_same_model(self) -> None:
         """Every replica must hold the same architecture: checked once, with one small
         all_reduce of (size, number of tensors, a digest of the shapes), max and -min."""
-        import zlib
-
-        import torch.distributed as tdist
 
         if not tdist.is_initialized():
             raise CouplingError("ReplicaCoupling needs torch.distributed initialised (init_process_group)")
@@ -445,7 +437,7 @@ class ReplicaCoupling:
             device=self._device,
         )
         both = torch.cat([mine, -mine])
-        with dist._collective("all_reduce (model check)"):
+        with dist._collective("all_reduce (model check)", self.mesh.step):
             tdist.all_reduce(both, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
         highest, lowest = both[:3].tolist(), (-both[3:]).tolist()
         if highest != lowest:

@@ -38,13 +38,15 @@ class Diagnostics:
     def __init__(
         self,
         run_dir: Path,
-        replica: int,
-        writes: bool,
+        mesh: dist.Mesh,
         state: FlatState,
         center: nn.Module,
         device: torch.device,
         first_step: int,
     ):
+        self.mesh = mesh
+        replica = mesh.replica
+        writes = mesh.dp_rank == 0  # the ranks of one replica are identical: its first one writes
         self.state = state
         self.names = state.names[: state.num_params]
         self.center = center
@@ -109,7 +111,7 @@ class Diagnostics:
         eta, skipped_steps = coupling.eta, coupling.guard.skipped_steps
         weights, center = self.params(after), self.params(mean_after)
         # One small all_reduce: every replica's loss and per-layer ‖w‖², row by row.
-        table = dist.gather_rows([loss, *squared_norms(weights)], self.device)
+        table = dist.gather_rows([loss, *squared_norms(weights)], self.device, self.mesh)
         losses = table[:, 0]
         self.replica_log.log(
             {"train/loss": loss, "coupling/eta": eta, "guard/skipped_steps": skipped_steps}
@@ -133,7 +135,7 @@ class Diagnostics:
     ) -> dict:
         """Train-set and test metrics of this replica, the center and the ensemble."""
         self.center_state.load(mean_after)
-        evaluation = evaluate_models(replica, self.center, splits, task, loss)
+        evaluation = evaluate_models(replica, self.center, splits, task, loss, self.mesh)
         self.replica_log.log(evaluation["replica"], step)
         self.center_log.log(evaluation["center"], step)
         self.ensemble_log.log(evaluation["ensemble"], step)

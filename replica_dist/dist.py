@@ -95,39 +95,18 @@ def world_size() -> int:
     return tdist.get_world_size()
 
 
-_replica_group: tdist.ProcessGroup | None = None
-"""This rank's column of the mesh: the ranks with its dp index, one per replica (None: world)."""
-_dp_group: tdist.ProcessGroup | None = None
-"""This rank's row of the mesh: the ranks of its own replica (None: this rank alone)."""
-_dp = 1
+@dataclass
+class Mesh:
+    """This rank's place in a world of replicas x dp ranks, handed to whatever communicates.
 
-
-def init_mesh(dp: int, device: torch.device) -> None:
-    """Arrange the world as (replicas, dp) ranks; every rank calls this once before training."""
-    global _replica_group, _dp_group, _dp
-    if world_size() % dp:
-        raise ConfigError(f"parallel.dp={dp} must divide the world size {world_size()}")
-    _dp = dp
-    if dp == 1:
-        _replica_group = _dp_group = None
-        return
-    mesh = init_device_mesh(device.type, (world_size() // dp, dp), mesh_dim_names=("replica", "dp"))
-    _replica_group, _dp_group = mesh.get_group("replica"), mesh.get_group("dp")
-
-
-def replica() -> int:
-    """The replica this rank trains."""
-    return rank() // _dp
-
-
-@dataclass(frozen=True)
-class ReplicaGroups:
-    """Among whom a replica's collectives run: `replicas` holds one rank per replica (None:
-    the whole world, one replica per rank), `within` the ranks of this rank's own replica
-    (None: this rank alone). A rank's index in `replicas` is its replica's number."""
+    `replicas` holds one rank per replica, those with this rank's dp index (None: the whole
+    world, one replica per rank); `within` the ranks of this rank's own replica, among which
+    DDP averages gradients (None: this rank alone). A rank's index in `replicas` is its
+    replica's number. `step` is the training step, named by a collective that fails."""
 
     replicas: tdist.ProcessGroup | None = None
     within: tdist.ProcessGroup | None = None
+    step: int = 0
 
     @property
     def num_replicas(self) -> int:
@@ -135,57 +114,46 @@ class ReplicaGroups:
 
     @property
     def replica(self) -> int:
+        """The replica this rank trains."""
         return tdist.get_rank(self.replicas)
 
-
-def groups() -> ReplicaGroups:
-    """This rank's groups in the mesh that init_mesh arranged."""
-    return ReplicaGroups(_replica_group, _dp_group)
-
-
-def num_replicas() -> int:
-    return world_size() // _dp
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the ranks of its replica (0 writes the replica's files)."""
+        return tdist.get_rank(self.within) if self.within is not None else 0
 
 
-def dp_rank() -> int:
-    """This rank's place among the ranks of its replica (0 writes the replica's files)."""
-    return rank() % _dp
-
-
-def dp_group() -> tdist.ProcessGroup | None:
-    """The process group of this rank's replica, for DDP inside the replica."""
-    return _dp_group
+def init_mesh(dp: int, device: torch.device) -> Mesh:
+    """The world arranged as (replicas, dp) ranks, rank = replica * dp + dp index; every rank
+    calls this once before training (with dp > 1 it creates the groups, a collective)."""
+    if world_size() % dp:
+        raise ConfigError(f"parallel.dp={dp} must divide the world size {world_size()}")
+    if dp == 1:
+        return Mesh()
+    mesh = init_device_mesh(device.type, (world_size() // dp, dp), mesh_dim_names=("replica", "dp"))
+    return Mesh(mesh.get_group("replica"), mesh.get_group("dp"))
 
 
 class CollectiveError(RuntimeError):
     """A collective that failed or timed out (a peer died, or stopped calling collectives)."""
 
 
-_step = 0
-
-
-def set_step(step: int) -> None:
-    """Record the training step, so that a failed collective can say where it failed."""
-    global _step
-    _step = step
-
-
 @contextmanager
-def _collective(name: str) -> Iterator[None]:
+def _collective(name: str, step: int = 0) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
         first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        where = f"step {_step}" if _step else "start-up"
+        where = f"step {step}" if step else "start-up"
         raise CollectiveError(f"{name} failed at {where} on rank {rank()}: {first_line}") from err
 
 
-def replica_mean(flat: torch.Tensor) -> torch.Tensor:
+def replica_mean(flat: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """The mean over replicas of `flat` (left untouched), in a new tensor: one all_reduce."""
     total = flat.clone()
-    with _collective("all_reduce (replica mean)"):
-        tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=_replica_group)
-    return total.div_(num_replicas())
+    with _collective("all_reduce (replica mean)", mesh.step):
+        tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=mesh.replicas)
+    return total.div_(mesh.num_replicas)
 
 
 class ReplicaExchange:
@@ -203,9 +171,9 @@ class ReplicaExchange:
         dtype: torch.dtype,
         device: torch.device,
         bucket_bytes: float,
-        mesh: ReplicaGroups | None = None,
+        mesh: Mesh,
     ):
-        self.mesh = mesh or groups()
+        self.mesh = mesh
         n = self.mesh.num_replicas
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
         self.flat = self.buffer[:numel]
@@ -221,7 +189,7 @@ class ReplicaExchange:
         self.table.zero_()
         for entry, value in zip(self._own_row, row):
             entry.fill_(value)
-        with _collective("all_reduce (replica mean)"):
+        with _collective("all_reduce (replica mean)", self.mesh.step):
             self._works = [
                 tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=self.mesh.replicas, async_op=True)
                 for bucket in self.buckets
@@ -230,7 +198,7 @@ class ReplicaExchange:
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The replicas' mean (in `flat`, overwritten) and every replica's row (on the host,
         the same on every rank; with parallel.dp > 1 the largest over the replica's ranks)."""
-        with _collective("all_reduce (replica mean)"):
+        with _collective("all_reduce (replica mean)", self.mesh.step):
             for work in self._works:
                 work.wait()
         self._works = []
@@ -239,13 +207,13 @@ class ReplicaExchange:
         return self.flat.div_(self.mesh.num_replicas), _agree_within_replica(table, self.mesh)
 
 
-def _agree_within_replica(table: torch.Tensor, mesh: ReplicaGroups) -> torch.Tensor:
+def _agree_within_replica(table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """The elementwise max of `table` over the ranks of this rank's replica: with dp > 1 a rank
     sees only the rows of its own mesh column, and a stop or a non-finite value seen by one
     rank must reach all of them (one tiny all_reduce, only when dp > 1)."""
     if mesh.within is None:
         return table
-    with _collective("all_reduce (guard words across dp)"):
+    with _collective("all_reduce (guard words across dp)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=mesh.within)
     return table
 
@@ -270,20 +238,18 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def gather_rows(values: list[float], device: torch.device, mesh: ReplicaGroups | None = None) -> torch.Tensor:
+def gather_rows(values: list[float], device: torch.device, mesh: Mesh) -> torch.Tensor:
     """A (replicas, len(values)) float64 host table whose row r holds replica r's `values` (a
     NaN stays in its row): one all_reduce."""
-    mesh = mesh or groups()
     table = torch.zeros(mesh.num_replicas, len(values), dtype=torch.float64, device=device)
     table[mesh.replica] = torch.tensor(values, dtype=torch.float64)
-    with _collective("all_reduce (per-replica values)"):
+    with _collective("all_reduce (per-replica values)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
     return table.cpu()
 
 
-def share_words(word: list[float], device: torch.device, mesh: ReplicaGroups | None = None) -> torch.Tensor:
+def share_words(word: list[float], device: torch.device, mesh: Mesh) -> torch.Tensor:
     """Every replica's guard word, as `ReplicaExchange.wait` gives them, without the weights."""
-    mesh = mesh or groups()
     return _agree_within_replica(gather_rows(word, device, mesh), mesh)
 
 

@@ -44,13 +44,14 @@ def evaluate_models(
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
     task: str,
     loss: str,
+    mesh: dist.Mesh,
 ) -> dict[str, dict[str, float]]:
     """Loss (and accuracy) of this replica, the center (a model holding the mean weights and
     mean floating buffers) and the ensemble (mean of the replicas' output probabilities, or
     outputs for regression) on each split, as {"replica": {"<split>/<metric>": value}, ...}.
     One all_reduce, of every split's predictions at once."""
     replica_predictions = {split: predict(replica, x, task) for split, (x, _) in splits.items()}
-    ensemble_flat = dist.replica_mean(torch.cat([p.flatten() for p in replica_predictions.values()]))
+    ensemble_flat = dist.replica_mean(torch.cat([p.flatten() for p in replica_predictions.values()]), mesh)
     ensemble_predictions, offset = {}, 0
     for split, prediction in replica_predictions.items():
         ensemble_predictions[split] = ensemble_flat[offset : offset + prediction.numel()].view_as(prediction)

@@ -48,18 +48,18 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     )
 
 
-def rank_batches(cfg: Config, data: Dataset, device: torch.device) -> ReplicaBatches:
+def rank_batches(cfg: Config, data: Dataset, device: torch.device, mesh: dist.Mesh) -> ReplicaBatches:
     """This rank's minibatches: its replica's shard, split among the replica's dp ranks."""
-    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, dist.replica(), dist.num_replicas())
-    mine = mine[dist.dp_rank() :: cfg.parallel.dp]
+    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, mesh.replica, mesh.num_replicas)
+    mine = mine[mesh.dp_rank :: cfg.parallel.dp]
     x, y = data.x_train[mine].to(device), data.y_train[mine].to(device)
     return ReplicaBatches(x, y, cfg.train.batch_size, cfg.seed, dist.rank())
 
 
-def build_replica(cfg: Config, data: Dataset, device: torch.device) -> nn.Module:
+def build_replica(cfg: Config, data: Dataset, device: torch.device, mesh: dist.Mesh) -> nn.Module:
     """This replica's network, on `device` in the run's dtype: from its own seed (init=independent)
     or, with init=same, rank 0's weights broadcast to all."""
-    init_replica = dist.replica() if cfg.init == "independent" else 0
+    init_replica = mesh.replica if cfg.init == "independent" else 0
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init_replica))
     model = model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
     if cfg.init == "same":  # the same seed already agrees; the broadcast makes rank 0's weights the law
@@ -79,7 +79,7 @@ def train(
 ) -> dict:
     """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
-    dist.init_mesh(cfg.parallel.dp, device)
+    mesh = dist.init_mesh(cfg.parallel.dp, device)
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
     if start.finished:
@@ -90,35 +90,27 @@ def train(
     # set (all shards) and the shared test set.
     data = load_dataset(cfg.data, cfg.seed, getattr(torch, cfg.train.dtype))
     data.check_model(cfg.model)
-    batches = rank_batches(cfg, data, device)
+    batches = rank_batches(cfg, data, device, mesh)
     splits = {
         "train_set": (data.x_train.to(device), data.y_train.to(device)),
         "test": (data.x_test.to(device), data.y_test.to(device)),
     }
     loss_fn = LOSSES[data.loss]
 
-    model = build_replica(cfg, data, device)
+    model = build_replica(cfg, data, device, mesh)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    coupling = ReplicaCoupling.from_config(cfg, model, optimizer, guard, timer)
+    coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer)
     net = coupling.wrap(model)  # ddp: DistributedDataParallel; it starts the replicas identical
     if cfg.parallel.dp > 1:  # the ranks of one replica average their gradients
         device_ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=device_ids, process_group=dist.dp_group())
+        net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
     checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling)
     checkpointer.restore(start)
     # The center is a scratch copy of the network that holds the mean weights.
-    diagnostics = Diagnostics(
-        run_dir,
-        dist.replica(),
-        dist.dp_rank() == 0,
-        coupling.state,
-        copy.deepcopy(model),
-        device,
-        start.step + 1,
-    )
+    diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
     if start.step == 0:
         _write_config(cfg, run_dir)
-    progress = Progress(cfg.train.steps, cfg.coupling.name, dist.num_replicas(), data.task)
+    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task)
     started = time.perf_counter()
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
@@ -137,7 +129,7 @@ def train(
             # Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:
                 after = coupling.state.pack()
-                mean_after = dist.replica_mean(after)
+                mean_after = dist.replica_mean(after, mesh)
             if logging_step:
                 mean_loss = (
                     diagnostics.log_step(step, loss.item(), coupling, after, mean_after).nanmean().item()
@@ -154,9 +146,9 @@ def train(
 
         wall_seconds = time.perf_counter() - started
         summary = _summary(
-            cfg, model, batches, evaluation, data.task, data.loss, wall_seconds, device, progress.warnings()
+            cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
         )
-        _write_results(cfg, run_dir, model, diagnostics.center, summary)
+        _write_results(cfg, run_dir, mesh, model, diagnostics.center, summary)
         if summary["status"] != "ok":  # after summary.json, which says what diverged
             raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
         return summary
@@ -179,7 +171,9 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
         raise RunError(failure)
 
 
-def _write_results(cfg: Config, run_dir: Path, model: nn.Module, center: nn.Module, summary: dict) -> None:
+def _write_results(
+    cfg: Config, run_dir: Path, mesh: dist.Mesh, model: nn.Module, center: nn.Module, summary: dict
+) -> None:
     """weights/replica_<r>.pt from every replica, then from rank 0 weights/center.pt and last
     summary.json, which marks a finished run. Each file appears whole or not at all; a write
     that fails on any rank raises RunError on every rank, and the same command then resumes
@@ -193,9 +187,9 @@ def _write_results(cfg: Config, run_dir: Path, model: nn.Module, center: nn.Modu
             raise RunError(failure)
 
     failure = None
-    if dist.dp_rank() == 0:
+    if mesh.dp_rank == 0:
         # Plain state_dicts: they load into the model class with no replica_dist code around.
-        path = weights / f"replica_{dist.replica()}.pt"
+        path = weights / f"replica_{mesh.replica}.pt"
         try:
             weights.mkdir(exist_ok=True)
             checkpoint.atomic_torch_save(model.state_dict(), path)
@@ -226,13 +220,21 @@ def _write_results(cfg: Config, run_dir: Path, model: nn.Module, center: nn.Modu
 
 
 def _summary(
-    cfg: Config, model, batches: ReplicaBatches, evaluation, task, loss, wall_seconds, device, warnings
+    cfg: Config,
+    mesh: dist.Mesh,
+    model,
+    batches: ReplicaBatches,
+    evaluation,
+    data,
+    wall_seconds,
+    device,
+    warnings,
 ) -> dict:
     """The run's final numbers; every replica's own are gathered with one all_reduce (with
     parallel.dp > 1, own_data_loss is on the data of each replica's rank in this mesh column).
     `status` is "diverged" (with a `reason`) when any of them is not finite: every rank
     decides so from the gathered table, so that all raise together."""
-    own_data_loss = score(predict(model, batches.x, task), batches.y, task, loss)["loss"]
+    own_data_loss = score(predict(model, batches.x, data.task), batches.y, data.task, data.loss)["loss"]
     keys = sorted(evaluation["replica"])
     # The center's and the ensemble's numbers ride along as one flag per rank, so that the
     # status is read from the one table every rank holds.
@@ -240,7 +242,7 @@ def _summary(
         math.isfinite(v) for name in ("center", "ensemble") for v in evaluation[name].values()
     )
     rows = dist.gather_rows(
-        [own_data_loss] + [evaluation["replica"][k] for k in keys] + [float(shared_finite)], device
+        [own_data_loss] + [evaluation["replica"][k] for k in keys] + [float(shared_finite)], device, mesh
     ).tolist()
 
     def flat(metrics: dict[str, float]) -> dict[str, float]:  # "train_set/loss" -> "train_loss"
@@ -275,7 +277,7 @@ def _summary(
         "world_size": len(rows),
         "dp": cfg.parallel.dp,
         "coupling": cfg.coupling.name,
-        "task": task,
+        "task": data.task,
         "replicas": replicas,
         "center": center,
         "ensemble": ensemble,

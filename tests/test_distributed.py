@@ -12,9 +12,9 @@ import torch.distributed as tdist
 from runs import events, replica_weights, scalar
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
-from replica_dist import dist, loop
+from replica_dist import loop
 from replica_dist.config import load_config
-from replica_dist.coupling import is_coupling_step
+from replica_dist.coupling import ReplicaCoupling, is_coupling_step
 from replica_dist.reference import reference_weights
 
 COMMON = [
@@ -389,13 +389,13 @@ def _count_collectives(rank: int, world_size: int, root: str) -> None:
     for name in COLLECTIVES:
         setattr(tdist, name, counted(getattr(tdist, name)))
 
-    set_step = dist.set_step
+    begin = ReplicaCoupling.begin_step
 
-    def spy(step):  # the coupling names every step it begins
-        current_step[0] = step
-        set_step(step)
+    def spy(self, *args, **kwargs):  # the coupling begins every step
+        current_step[0] = self.step_count + 1
+        return begin(self, *args, **kwargs)
 
-    dist.set_step = spy
+    ReplicaCoupling.begin_step = spy
     for case, overrides in COUNTED_CASES.items():
         calls.clear()
         current_step[0] = 0

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from runs import REPO
+from runs import REPO, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +22,9 @@ def own_loop(tmp_path, name: str, *args: str) -> subprocess.CompletedProcess:
         "--checkpoint",
         str(tmp_path / name),
     ]
-    done = subprocess.run(command + list(args), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        command + list(args), cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

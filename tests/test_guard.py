@@ -11,8 +11,9 @@ import torch
 from runs import events, replica_weights
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
-from replica_dist import dist, loop
+from replica_dist import loop
 from replica_dist.config import load_config
+from replica_dist.coupling import ReplicaCoupling
 from replica_dist.data import ReplicaBatches
 from replica_dist.errors import RunError
 from replica_dist.guard import Guard, NonFiniteError, SkipLimitError
@@ -186,7 +187,21 @@ COMMON = [
 ]
 
 
+def _track_steps() -> list[int]:
+    """Records the step each coupling begins (where a run that raises stopped) in this process."""
+    seen = [0]
+    begin = ReplicaCoupling.begin_step
+
+    def recording(self, *args, **kwargs):
+        seen[0] = self.step_count + 1
+        return begin(self, *args, **kwargs)
+
+    ReplicaCoupling.begin_step = recording
+    return seen
+
+
 def _train_with_nan(rank: int, world_size: int, run_dir: str, overrides: list[str]) -> None:
+    step = _track_steps()
     if rank == 1:
         original, calls = ReplicaBatches.next, [0]
 
@@ -201,7 +216,7 @@ def _train_with_nan(rank: int, world_size: int, run_dir: str, overrides: list[st
         loop.train(cfg, Path(run_dir), torch.device("cpu"))
     except RunError as err:
         (Path(run_dir) / f"error.rank{rank}.json").write_text(
-            json.dumps({"step": dist._step, "message": str(err)})
+            json.dumps({"step": step[0], "message": str(err)})
         )
 
 
@@ -319,6 +334,7 @@ def _train_runs(rank: int, world_size: int, root: str, runs: dict[str, list[str]
         return (x * float("nan"), y) if poisoned[0] and rank == 1 and self.calls >= 5 else (x, y)
 
     ReplicaBatches.next = diverging_next
+    step = _track_steps()
     for name, overrides in runs.items():
         poisoned[0] = not name.startswith("clean")
         run_dir = Path(root) / name
@@ -328,7 +344,7 @@ def _train_runs(rank: int, world_size: int, root: str, runs: dict[str, list[str]
         try:
             loop.train(cfg, run_dir, torch.device("cpu"), guard)
         except RunError as err:
-            outcome = {"error": type(err).__name__, "message": str(err), "step": dist._step}
+            outcome = {"error": type(err).__name__, "message": str(err), "step": step[0]}
         outcome |= {"skipped": guard.skipped_steps, "in_row": guard.skips_in_row}
         (run_dir / f"outcome.rank{rank}.json").write_text(json.dumps(outcome))
 
