@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
-
-from replica_dist import study
 from runs import REPO, events
+
+from replica_dist.experiments import study
 
 PNGS = ("study_main.png", "study_sweep.png", "study_deep.png")
 

@@ -1,6 +1,6 @@
 """Step time, communication and memory of every way to couple replicas, side by side.
 
-    torchrun --standalone --nproc_per_node=2 -m replica_dist.bench [--steps 320] [--warmup 30]
+    torchrun --standalone --nproc_per_node=2 -m replica_dist.experiments.bench [--steps 320] [--warmup 30]
         [--hidden 1024,1024] [--batch 64] [--report FILE.md] [--json FILE.json] [overrides...]
     launch/bench.sh                 # the same, with the settings behind docs/benchmark.md
 
@@ -312,7 +312,9 @@ def report(
 
 
 def _parse(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="replica_dist.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="replica_dist.experiments.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
