@@ -4,11 +4,11 @@
 #   launch/bench.sh                                   # 2 ranks, CPU/gloo (or one GPU each)
 #   NPROC=2 launch/bench.sh dist.backend=gloo dist.device=cuda   # 2 ranks sharing one GPU
 #   REPORT=docs/benchmark_cpu.md launch/bench.sh      # also write the report there
-# Extra arguments go to `python -m replica_dist.bench` (flags such as --steps, or trainer overrides).
+# Extra arguments go to `python -m replica_dist.experiments.bench` (flags such as --steps, or trainer overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC="${NPROC:-2}"
 args=()
 [ -n "${REPORT:-}" ] && args+=(--report "$REPORT")
 exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-    -m replica_dist.bench "${args[@]}" "$@"
+    -m replica_dist.experiments.bench "${args[@]}" "$@"

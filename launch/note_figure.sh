@@ -9,4 +9,4 @@
 #   launch/note_figure.sh --out docs                    # update docs/note_figure.png, ... in place
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" -m replica_dist.note_figure "$@"
+exec "${PYTHON:-python3}" -m replica_dist.experiments.note_figure "$@"

@@ -8,4 +8,4 @@
 #   launch/study.sh --quick --runs /tmp/study_quick   # the pipeline end to end; docs go to --runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" -m replica_dist.study "$@"
+exec "${PYTHON:-python3}" -m replica_dist.experiments.study "$@"

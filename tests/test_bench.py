@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 from runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
-from replica_dist.bench import AVERAGER, VARIANTS, _step_stats
+from replica_dist.experiments.bench import AVERAGER, VARIANTS, _step_stats
+from replica_dist.experiments.commands import torchrun_command
 
 
 def test_step_stats_from_known_step_times():
@@ -26,13 +26,12 @@ def test_step_stats_from_known_step_times():
 
 
 def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "replica_dist.bench", "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1",
-        "--bandwidth-iterations=3", f"--work={tmp_path / 'work'}",
-        f"--report={tmp_path / 'report.md'}", f"--json={tmp_path / 'bench.json'}",
+    arguments = [
+        "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=3",
+        f"--work={tmp_path / 'work'}", f"--report={tmp_path / 'report.md'}", f"--json={tmp_path / 'bench.json'}",
         f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
     ]  # fmt: skip
+    command = torchrun_command(2, arguments, module="replica_dist.experiments.bench")
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     numbers = json.loads((tmp_path / "bench.json").read_text())

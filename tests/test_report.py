@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 from runs import REPO, events, torchrun
 from torch.utils.tensorboard import SummaryWriter
 
-from replica_dist import note_figure, report
+from replica_dist import report
 from replica_dist.config import Config, CouplingConfig, OptimConfig, TrainConfig
-from replica_dist.note_figure import markdown_table, pooled_median, rate_rows, tables
+from replica_dist.experiments import note_figure
+from replica_dist.experiments.note_figure import markdown_table, pooled_median, rate_rows, tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_PNGS = {"loss.png", "rate.png", "steps.png", "dist_to_center.png"}

@@ -3,6 +3,7 @@ with what the runs themselves wrote. The numbers are not judged: --quick trains 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from runs import REPO, events
 
-from replica_dist import study
+from replica_dist.experiments import study
+from replica_dist.experiments.commands import torchrun_command
 
 PNGS = ("study_main.png", "study_sweep.png", "study_deep.png")
 
@@ -190,3 +192,34 @@ def test_a_single_seed_has_no_std_and_plot_only_needs_runs(capsys, monkeypatch):
     assert study.cell(study.mean_std([0.5, 0.7]), 100) == "60.00 ± 14.14"
     assert study.main(["--plot-only"]) == 2
     assert "--plot-only needs --runs" in capsys.readouterr().err
+
+
+def test_a_run_is_one_standalone_torchrun_job_of_the_trainer():
+    run = study.plan(quick=True)[0]
+    assert study.run_command("DIR/x", run) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "replica_dist.train", "hydra.run.dir=DIR/x", *run.overrides,
+    ]  # fmt: skip
+    assert torchrun_command(3, ["a=1"], module="pkg.mod", extra=["--max-restarts=1"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+        "--max-restarts=1", "-m", "pkg.mod", "a=1",
+    ]  # fmt: skip
+    line = study.command_line(run)
+    assert line.startswith(
+        "python -m torch.distributed.run --standalone --nproc_per_node=2 -m replica_dist.train "
+    )
+    assert f'hydra.run.dir="$DIR/{run.name}"' in line and "'model.hidden=[128]'" in line
+
+
+def test_the_core_never_imports_the_experiments():
+    imported = {}
+    for path in sorted((REPO / "replica_dist").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported[path.name] = imported.get(path.name, []) + [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+                imported[path.name] = imported.get(path.name, []) + names
+    assert "train.py" in imported and any(n.startswith("replica_dist.") for n in imported["train.py"])
+    offending = {f: [n for n in names if "experiments" in n] for f, names in imported.items()}
+    assert not any(offending.values()), offending

@@ -39,11 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,9 +48,17 @@ from pathlib import Path
 
 import numpy as np
 
+from replica_dist.experiments.commands import (
+    REPO,
+    add_runs_argument,
+    run_job,
+    runs_directory,
+    shell_line,
+    torchrun_command,
+)
 from replica_dist.report import ReportError, layers, load_run, positive, pyplot, replicas
 
-REPO = Path(__file__).resolve().parent.parent
+RUNS_ENV = "STUDY_RUNS_DIR"
 NPROC = 4
 """Replicas (processes) of every run; --quick uses 2, which start in about half the time."""
 SIGMAS = (0.05, 0.1, 0.2)
@@ -221,24 +226,13 @@ def plan(quick: bool) -> list[Run]:
 # ---- running
 
 
-def torchrun_command(run_dir: Path | str, run: Run) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={run.nproc}",
-        "-m",
-        "replica_dist.train",
-        f"hydra.run.dir={run_dir}",
-        *run.overrides,
-    ]
+def run_command(run_dir: Path | str, run: Run) -> list[str]:
+    return torchrun_command(run.nproc, [f"hydra.run.dir={run_dir}", *run.overrides])
 
 
 def command_line(run: Run) -> str:
     """The run's command as a shell line, its run directory under "$DIR"."""
-    args = ["python" if a == sys.executable else a for a in torchrun_command("@", run)]
-    return shlex.join(args).replace("hydra.run.dir=@", f'hydra.run.dir="$DIR/{run.name}"')
+    return shell_line(run_command("@", run)).replace("hydra.run.dir=@", f'hydra.run.dir="$DIR/{run.name}"')
 
 
 def write_commands(runs_dir: Path, runs: list[Run], quick: bool) -> None:
@@ -246,7 +240,8 @@ def write_commands(runs_dir: Path, runs: list[Run], quick: bool) -> None:
         "#!/usr/bin/env bash",
         f"# The study's {len(runs)} runs{' (--quick)' if quick else ''}, in the order launch/study.sh "
         "trains them; run from the repository root.",
-        "# Then: python -m replica_dist.study --runs DIR --plot-only" + (" --quick" if quick else ""),
+        "# Then: python -m replica_dist.experiments.study --runs DIR --plot-only"
+        + (" --quick" if quick else ""),
         "set -euo pipefail",
         f'DIR="${{1:-{runs_dir}}}"',
     ]
@@ -265,13 +260,7 @@ def train_all(runs_dir: Path, runs: list[Run]) -> None:
             continue
         if run_dir.exists():  # an interrupted run: its events would mix with the new ones
             shutil.rmtree(run_dir)
-        command = torchrun_command(run_dir, run)
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise ReportError(f"{run.name} failed (exit {done.returncode}): {shlex.join(command)}\n{tail}")
+        wall = run_job(run_command(run_dir, run), run.name)
         walls[run.name] = wall
         walls_path.write_text(json.dumps(walls, indent=2) + "\n")
         print(f"[{index}/{len(runs)}] {run.name} in {wall:.1f} s", flush=True)
@@ -787,12 +776,7 @@ def write_outputs(runs_dir: Path, docs: Path, runs: list[Run], quick: bool) -> s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/study.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--runs",
-        type=Path,
-        default=os.environ.get("STUDY_RUNS_DIR"),
-        help="directory of the run directories (default $STUDY_RUNS_DIR, else runs/study/<timestamp>)",
-    )
+    add_runs_argument(parser, "study", RUNS_ENV)
     parser.add_argument(
         "--docs", type=Path, help="where the page and PNGs go (default docs/; DIR with --quick)"
     )
@@ -801,15 +785,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot-only", action="store_true", help="do not train; tables and plots of --runs")
     args = parser.parse_args(argv)
-    runs_dir = Path(args.runs) if args.runs else REPO / "runs" / "study" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    docs = args.docs or (runs_dir if args.quick else REPO / "docs")
     runs = plan(args.quick)
     started = time.perf_counter()
     try:
-        if args.plot_only:
-            if not args.runs:
-                raise ReportError("--plot-only needs --runs DIR (or STUDY_RUNS_DIR)")
-        else:
+        runs_dir = runs_directory(args, "study", RUNS_ENV)
+        docs = args.docs or (runs_dir if args.quick else REPO / "docs")
+        if not args.plot_only:
             runs_dir.mkdir(parents=True, exist_ok=True)
             write_commands(runs_dir, runs, args.quick)
             train_all(runs_dir, runs)

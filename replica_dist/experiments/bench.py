@@ -1,6 +1,6 @@
 """Step time, communication and memory of every way to couple replicas, side by side.
 
-    torchrun --standalone --nproc_per_node=2 -m replica_dist.bench [--steps 320] [--warmup 30]
+    torchrun --standalone --nproc_per_node=2 -m replica_dist.experiments.bench [--steps 320] [--warmup 30]
         [--hidden 1024,1024] [--batch 64] [--report FILE.md] [--json FILE.json] [overrides...]
     launch/bench.sh                 # the same, with the settings behind docs/benchmark.md
 
@@ -125,9 +125,9 @@ def _step_stats(steps: list[dict[str, float]], peak_bytes: list[int], samples_pe
 
 def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
     """The plain loop PyTorch's model-averaging docs show, on the trainer's data and model."""
-    dist.init_mesh(1, device)
+    mesh = dist.init_mesh(1, device)
     data = load_dataset(cfg.data, cfg.seed, torch.float32)
-    batches = rank_batches(cfg, data, device)
+    batches = rank_batches(cfg, data, device, mesh)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, dist.rank()))
     model = model.to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -180,7 +180,9 @@ class _HostCopyCounter(StepTimer):
 def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iterations: int) -> dict:
     """Seconds per all_reduce (median) of a raw flat buffer and of the coupling's exchange of
     the same bytes, alternated so that both see the same machine."""
-    exchange = dist.ReplicaExchange(numel, Guard.WORD_LENGTH, torch.float32, device, bucket_bytes)
+    exchange = dist.ReplicaExchange(
+        numel, Guard.WORD_LENGTH, torch.float32, device, bucket_bytes, dist.Mesh()
+    )
     raw = torch.zeros_like(exchange.buffer)
     times = {"raw all_reduce": [], "coupling exchange": []}
 
@@ -188,7 +190,7 @@ def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iteration
         tdist.all_reduce(raw)
 
     def coupling_exchange():
-        exchange.start([0.0, 0.0])
+        exchange.start([0.0] * Guard.WORD_LENGTH)
         exchange.wait()
 
     pair = [("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)]
@@ -312,7 +314,9 @@ def report(
 
 
 def _parse(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="replica_dist.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="replica_dist.experiments.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")

@@ -29,15 +29,18 @@ same seed a rerun gives the same table.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from replica_dist.experiments.commands import (
+    add_runs_argument,
+    run_job,
+    runs_directory,
+    shell_line,
+    torchrun_command,
+)
 from replica_dist.report import (
     ReportError,
     Scalars,
@@ -49,7 +52,7 @@ from replica_dist.report import (
     replicas,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+RUNS_ENV = "NOTE_RUNS_DIR"
 NPROC = 2
 SWEEP_ETAS = (0.01, 0.1, 1.0)
 NOTE = [
@@ -90,38 +93,18 @@ def run_overrides(seed: int, etas=SWEEP_ETAS) -> dict[str, list[str]]:
     return runs
 
 
-def torchrun_command(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={NPROC}",
-        "-m",
-        "replica_dist.train",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
-
-
 def train_all(runs_dir: Path, overrides: dict[str, list[str]]) -> None:
     """Train every run in turn, each one torchrun job; stop at the first that fails."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    commands = {name: torchrun_command(runs_dir / name, args) for name, args in overrides.items()}
-    script = "".join(
-        f"# {name}\n{shlex.join(['python' if c == sys.executable else c for c in cmd])}\n"
-        for name, cmd in commands.items()
-    )
+    commands = {
+        name: torchrun_command(NPROC, [f"hydra.run.dir={runs_dir / name}", *args])
+        for name, args in overrides.items()
+    }
+    script = "".join(f"# {name}\n{shell_line(command)}\n" for name, command in commands.items())
     (runs_dir / "commands.sh").write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + script)
     for name, command in commands.items():
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-            raise ReportError(
-                f"the {name} run failed (exit {done.returncode}): {shlex.join(command)}\n{tail}"
-            )
-        print(f"trained {name:9s} in {time.perf_counter() - start:4.1f} s: {runs_dir / name}", flush=True)
+        wall = run_job(command, f"the {name} run")
+        print(f"trained {name:9s} in {wall:4.1f} s: {runs_dir / name}", flush=True)
 
 
 # ---- the table
@@ -362,12 +345,7 @@ def sweep_figure(runs: dict[str, Run], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/note_figure.sh", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--runs",
-        type=Path,
-        default=os.environ.get("NOTE_RUNS_DIR"),
-        help="directory for the run directories (default $NOTE_RUNS_DIR, else runs/note_figure/<timestamp>)",
-    )
+    add_runs_argument(parser, "note_figure", RUNS_ENV)
     parser.add_argument("--seed", type=int, default=0, help="the seed of every run (default 0)")
     parser.add_argument(
         "--out",
@@ -380,15 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         "--plot-only", action="store_true", help="do not train; plot the runs already in --runs"
     )
     args = parser.parse_args(argv)
-    runs_dir = (
-        Path(args.runs) if args.runs else REPO / "runs" / "note_figure" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    )
     overrides = run_overrides(args.seed)
     try:
-        if args.plot_only:
-            if not args.runs:
-                raise ReportError("--plot-only needs --runs DIR (or NOTE_RUNS_DIR)")
-        else:
+        runs_dir = runs_directory(args, "note_figure", RUNS_ENV)
+        if not args.plot_only:
             train_all(runs_dir, overrides)
         runs = {name: load_run(runs_dir / name) for name in overrides}
     except ReportError as err:

@@ -1,0 +1,14 @@
+"""The project's own experiments and measurements, kept apart from the trainer.
+
+    study        does coupling help? (docs/study.md; launch/study.sh)
+    note_figure  the user's note reproduced (docs/note_results.md; launch/note_figure.sh)
+    bench        step time, communication and memory of every coupling (docs/benchmark.md;
+                 launch/bench.sh)
+    commands     what they share: the torchrun commands they start, the runs directory
+
+Each is a program (`python -m replica_dist.experiments.study`, ...) that drives the core from
+outside, as a user's own script would: through torchrun commands of replica_dist.train, or
+through the core's public functions (loop.train, report.load_run). The core never imports
+anything from here, so that an experiment can change, need matplotlib or go away without
+touching the trainer.
+"""
