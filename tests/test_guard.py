@@ -303,7 +303,8 @@ def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path
 # ---- replica 1 diverges for good from its 5th batch on: every coupling form, both policies
 
 FORMS = ("tanh", "linear", "average", "none", "ddp")
-TABLE_COMMON = [*COMMON, "log.every=4", "guard.max_consecutive_skips=3"]
+TABLE_COMMON = [*COMMON, "log.every=4"]
+SKIP_LIMIT = ["guard.max_consecutive_skips=3"]  # only meaningful (and only accepted) with skip
 
 
 def _train_runs(rank: int, world_size: int, root: str, runs: dict[str, list[str]]) -> None:
@@ -322,7 +323,8 @@ def _train_runs(rank: int, world_size: int, root: str, runs: dict[str, list[str]
     for name, overrides in runs.items():
         poisoned[0] = not name.startswith("clean")
         run_dir = Path(root) / name
-        cfg, _ = load_config(TABLE_COMMON + overrides + [f"hydra.run.dir={run_dir}"])
+        limit = SKIP_LIMIT if "guard.nonfinite=skip" in overrides else []
+        cfg, _ = load_config(TABLE_COMMON + limit + overrides + [f"hydra.run.dir={run_dir}"])
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         outcome = {"error": None}
         try:
