@@ -318,22 +318,21 @@ class ReplicaCoupling:
         needs_mean = (coupled and self.form.pulls_before_step) or observe
         exchange = self._exchange
         self.observed = {}
-        if needs_mean:
-            exchange = exchange or self._new_exchange()
-            self.state.pack(out=exchange.flat)
-            if observe:
-                self.observed["before"] = exchange.flat.clone()
-            if self.overlap:
-                exchange.start(self.guard.word())
-        self.state.save_buffers()  # the forward pass moves them
+        with self.timer.section("update"):
+            if needs_mean:
+                exchange = exchange or self._new_exchange()
+                self.state.pack(out=exchange.flat)
+                if observe:
+                    self.observed["before"] = exchange.flat.clone()
+                if self.overlap:
+                    exchange.start(self.guard.word())
+            self.state.save_buffers()  # the forward pass moves them
         self._in_step = {"step": step, "coupled": coupled, "needs_mean": needs_mean, "exchange": exchange}
-        self.timer.lap("update")
 
     def step(self, loss: torch.Tensor, agree: bool = False) -> bool:
         """In place of optimizer.step(), after the backward pass: whether this replica applied
         the step. `agree`: make sure every replica's word on this very step is in before
         returning (the trainer asks so before a checkpoint, so none holds a non-finite value)."""
-
         if self._in_step is None:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
@@ -341,51 +340,64 @@ class ReplicaCoupling:
         step, coupled, needs_mean, exchange = self._in_step.values()
         self._in_step = None
         self.step_count = step
-        guard, state = self.guard, self.state
-        # Never a non-finite update: checked here, decided together below.
-        apply = guard.inspect(step, loss, self.model.parameters(), state.floating_buffers)
-        self.timer.lap("compute")
+        with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
+            apply = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
+        with self.timer.section("communication"):
+            apply = self._agree(step, needs_mean, exchange, agree) and apply
+        with self.timer.section("update"):
+            pull = self._update(step, apply, coupled, exchange)
+        # Every replica moves at once, from the same mean.
+        if coupled and self.form.averages_after_step:
+            self._average(step, exchange)
+        elif pull is not None:
+            with self.timer.section("update"):
+                self.state.add(pull)
+        return apply
 
-        # The mean of the pre-step weights and every rank's guard word, from one all_reduce of
-        # one buffer, so that all ranks skip or stop together.
+    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> bool:
+        """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
+        one buffer, so that all ranks skip or stop together: whether every replica may apply."""
+        guard, apply = self.guard, True
         if needs_mean:
             if not self.overlap:
                 exchange.start(guard.word())
             mean_before, words = exchange.wait()
-            apply = guard.decide(step, words) and apply
+            apply = guard.decide(step, words)
             if "before" in self.observed:
                 self.observed["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
         if agree and (self.overlap or not needs_mean):
             apply = guard.decide(step, dist.share_words(guard.word(), self._device, self.mesh)) and apply
-        self.timer.lap("communication")
-        guard.settle(step, apply)
-        pull_step = None
+        return apply
+
+    def _update(self, step: int, apply: bool, coupled: bool, exchange) -> torch.Tensor | None:
+        """The optimizer step, or a skipped one; returns the pull still to add, if any."""
+        state, pull = self.state, None
+        self.guard.settle(step, apply)
         if apply:
             if coupled and self.form.pulls_before_step:
                 # Before the optimizer step, while the parameters still hold w_before.
                 gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
-                pull_step = self.form.pull_(gap, self.eta)
+                pull = self.form.pull_(gap, self.eta)
                 if self.cfg.via_optimizer:
-                    state.pull_through_optimizer(pull_step)
-                    pull_step = None
+                    state.pull_through_optimizer(pull)
+                    pull = None
             self.optimizer.step()
         else:
             state.restore_buffers()
         if "before" in self.observed:
             self.observed["after_optimizer"] = state.pack()
+        return pull
 
-        # Every replica moves at once, from the same mean.
-        if coupled and self.form.averages_after_step:
-            state.pack(out=exchange.flat)
-            self.timer.lap("update")
-            exchange.start(guard.word())
+    def _average(self, step: int, exchange) -> None:
+        """average: the weights after the step, replaced by their mean over the replicas."""
+        with self.timer.section("update"):
+            self.state.pack(out=exchange.flat)
+        with self.timer.section("communication"):
+            exchange.start(self.guard.word())
             mean_after_step, words = exchange.wait()
-            guard.decide(step, words)
-            self.timer.lap("communication")
-            state.load(mean_after_step)
-        elif pull_step is not None:
-            state.add(pull_step)
-        return apply
+            self.guard.decide(step, words)
+        with self.timer.section("update"):
+            self.state.load(mean_after_step)
 
     # ---- what a loop reads
 
@@ -428,6 +440,16 @@ class ReplicaCoupling:
 
         if not tdist.is_initialized():
             raise CouplingError("ReplicaCoupling needs torch.distributed initialised (init_process_group)")
+        if self.mesh.replica < 0:
+            raise CouplingError(
+                f"rank {tdist.get_rank()} is not in process_group: pass a group that holds one rank "
+                f"per replica, this one among them"
+            )
+        if tdist.get_backend(self.mesh.replicas) == "nccl" and self._device.type != "cuda":
+            raise CouplingError(
+                f"process_group uses nccl, which reduces CUDA tensors only, but the model is on "
+                f"{self._device}: move it to this rank's GPU, or use a gloo group"
+            )
         shapes = ";".join(
             f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(self.state.names, self.state.tensors)
         )

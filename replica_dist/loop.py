@@ -119,12 +119,13 @@ def train(
 
             timer.start_step()
             coupling.begin_step(observe=logging_step)  # overlapped: the mean is on its way
-            x, y = batches.next()
-            loss = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with timer.section("compute"):
+                x, y = batches.next()
+                loss = loss_fn(net(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             coupling.step(loss, agree=checkpointer.due(step))  # in place of optimizer.step()
-            timer.end_step("update")
+            timer.end_step()
 
             # Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:

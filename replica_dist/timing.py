@@ -1,6 +1,6 @@
 """Where each training step's time goes, for the benchmark; the trainer runs with NO_TIMER.
 
-A step's time is cut at a few points of the loop into compute (forward, backward, the guard's
+The loop and the coupling mark sections of a step: compute (forward, backward, the guard's
 check), communication (time spent blocked on the coupling all_reduce: all of it when
 synchronous, only what forward and backward did not hide when overlapped) and update
 (packing the weights, the optimizer step, the pull).
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -28,24 +29,24 @@ class StepTimer:
         self.peak_bytes: list[int] = []
         """`peak_memory()` at the end of every step: the step's peak, if it resets on reading."""
         self._step: dict[str, float] = defaultdict(float)
-        self._last = 0.0
 
     def start_step(self) -> None:
-        if self._sync:
-            self._sync()
         self._step = defaultdict(float)
-        self._last = time.perf_counter()
 
-    def lap(self, section: str) -> None:
-        """Charge the time since the previous cut to `section`."""
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Charge the time spent inside the block to section `name`."""
         if self._sync:
             self._sync()
-        now = time.perf_counter()
-        self._step[section] += now - self._last
-        self._last = now
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            self._step[name] += time.perf_counter() - began
 
-    def end_step(self, section: str) -> None:
-        self.lap(section)
+    def end_step(self) -> None:
         self.steps.append(dict(self._step))
         if self._peak_memory:
             self.peak_bytes.append(self._peak_memory())
@@ -58,10 +59,10 @@ class _NoTimer(StepTimer):
     def start_step(self) -> None:
         pass
 
-    def lap(self, section: str) -> None:
-        pass
+    def section(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext()
 
-    def end_step(self, section: str) -> None:
+    def end_step(self) -> None:
         pass
 
 

@@ -201,10 +201,7 @@ def _largest_new_tensor_per_step(rank: int, world_size: int, root: str) -> None:
             self.mode = Largest()
             self.mode.__enter__()
 
-        def lap(self, section):
-            pass
-
-        def end_step(self, section):
+        def end_step(self):
             self.mode.__exit__(None, None, None)
 
     for case in ("tanh", "linear_sync", "average"):

@@ -187,6 +187,13 @@ def _misuse(rank: int, world_size: int, out: str) -> None:
         ReplicaCoupling(model, optimizer, "tanh", eta_final=0.4)
     except CouplingError as err:
         messages.append(str(err))
+    # A group this rank is not in (new_group is itself a collective of the whole world).
+    only_rank_0 = tdist.new_group([0])
+    if rank == 1:
+        try:
+            ReplicaCoupling(model, optimizer, "tanh", process_group=only_rank_0)
+        except CouplingError as err:
+            messages.append(str(err))
     Path(out, f"rank{rank}.txt").write_text("\n".join(messages))
     tdist.barrier()
 
@@ -195,6 +202,10 @@ def test_misuse_is_one_clear_error_on_every_rank(tmp_path):
     run_world(_misuse, 2, str(tmp_path))
     for rank in range(2):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        if rank == 1:
+            assert lines.pop() == (
+                "rank 1 is not in process_group: pass a group that holds one rank per replica, this one among them"
+            )
         assert lines == [
             "step() called without begin_step(): call begin_step() before the forward pass",
             "begin_step() called twice: call step() after the backward pass first",

@@ -135,15 +135,16 @@ def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
     loss_fn = LOSSES[data.loss]
     for _ in range(cfg.train.steps):
         timer.start_step()
-        x, y = batches.next()
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        timer.lap("compute")
-        optimizer.step()
-        timer.lap("update")
-        averager.average_parameters(model.parameters())
-        timer.end_step("communication")
+        with timer.section("compute"):
+            x, y = batches.next()
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer.section("update"):
+            optimizer.step()
+        with timer.section("communication"):
+            averager.average_parameters(model.parameters())
+        timer.end_step()
 
 
 class _HostCopyCounter(StepTimer):
@@ -172,9 +173,9 @@ class _HostCopyCounter(StepTimer):
         super().start_step()
         self._mode.__enter__()
 
-    def end_step(self, section: str) -> None:
+    def end_step(self) -> None:
         self._mode.__exit__(None, None, None)
-        super().end_step(section)
+        super().end_step()
 
 
 def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iterations: int) -> dict:
