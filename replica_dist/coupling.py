@@ -249,11 +249,12 @@ class ReplicaCoupling:
         mesh=None,
         **schedule,
     ):
-
         unknown = set(schedule) - {f for f in CouplingConfig.__dataclass_fields__ if f != "name"}
         if unknown:
             raise CouplingError(f"ReplicaCoupling got unknown settings {sorted(unknown)}")
         self.cfg = CouplingConfig(name=form, **schedule)
+        if nonfinite not in ("stop", "skip"):
+            raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
         if self.cfg.eta_final is not None and steps is None:
             raise CouplingError("eta_final needs steps=, the run's length")
         self.steps = steps or 1

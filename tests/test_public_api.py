@@ -187,6 +187,10 @@ def _misuse(rank: int, world_size: int, out: str) -> None:
         ReplicaCoupling(model, optimizer, "tanh", eta_final=0.4)
     except CouplingError as err:
         messages.append(str(err))
+    try:
+        ReplicaCoupling(model, optimizer, "tanh", nonfinite="ignore")
+    except CouplingError as err:
+        messages.append(str(err))
     # A group this rank is not in (new_group is itself a collective of the whole world).
     only_rank_0 = tdist.new_group([0])
     if rank == 1:
@@ -212,4 +216,5 @@ def test_misuse_is_one_clear_error_on_every_rank(tmp_path):
             "the replicas' models differ: 10 to 15 weights in 2 to 2 tensors; every replica must build the "
             "same model",
             "eta_final needs steps=, the run's length",
+            "nonfinite must be 'stop' or 'skip'; got 'ignore'",
         ]
