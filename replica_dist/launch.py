@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.environ.get(PROG_ENV, "replica-dist")
     try:
-        answered = info_flags(argv, usage=USAGE.format(prog=prog) + "\n" + __doc__)
+        overrides_only = list(argv)  # --cfg job composes the overrides alone
+        for flag in ("--nproc", "--max-restarts", *RENDEZVOUS_FLAGS):
+            _take(overrides_only, flag)
+        answered = info_flags(overrides_only, usage=USAGE.format(prog=prog) + "\n" + __doc__)
         if answered is not None:
             return answered
         launch, made_here = Launch.parse(prog, argv)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from runs import RUN_SH, replica_weights, run_sh, user_env
 from worlds import COLLECTIVE_TIMEOUT_S
 
@@ -333,3 +334,16 @@ def test_a_bad_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
     assert len(output) == 1, output
     assert re.match(r"replica_dist: error: .*" + key, output[0]), output[0]
     assert list(cwd.iterdir()) == [], "a refused launch left a directory behind"
+
+
+def test_help_and_cfg_job_answer_without_training(tmp_path):
+    shown = run_sh("--nproc", "2", "--cfg", "job", "coupling=linear", "optim.lr=0.2", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    composed = yaml.safe_load(shown.stdout)
+    assert composed["coupling"]["name"] == "linear" and composed["optim"]["lr"] == 0.2
+    helped = run_sh("--help", cwd=tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: ")
+    assert "coupling: average, ddp, linear, none, tanh (default tanh)" in helped.stdout
+    assert "optim.lr (float, default 0.05): Learning rate." in helped.stdout
+    assert list(tmp_path.iterdir()) == []  # neither made a run directory
