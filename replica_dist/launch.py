@@ -35,7 +35,11 @@ USAGE = (
 PROG_ENV = "REPLICA_DIST_PROG"
 """How the resume command names this program: launch/run.sh sets it to itself."""
 LAUNCHER_ENV = "REPLICA_DIST_LAUNCHER"
-"""Set in the workers' environment: the launcher, not the worker, prints how to resume."""
+"""Set in the workers' environment: the launcher, not the worker, prints how to resume and
+the worker's one-line error."""
+ONE_LINE_KEY = "replica_dist_exit_status"
+"""In a worker's torchrun error file that holds its one-line error: the exit status it meant
+(see train.fail)."""
 RUNS_ROOT = Path("runs")
 
 
@@ -170,12 +174,20 @@ def _quiet_torchrun() -> None:
 
 
 def _failure_line(error) -> tuple[int, str | None]:
-    """The exit status, and at most one line, for a worker group that failed.
+    """The exit status, and the one line to print, for a worker group that failed.
 
-    The first worker to fail is the cause (torchrun then stops the others with SIGTERM). A
-    worker that stopped on purpose (ConfigError: 2, RunError: 1) has printed its own line and
-    wrote no error file; an uncaught exception (its traceback is above) or a signal gets one
-    line here naming the rank."""
+    A worker that stopped on purpose (ConfigError: 2, RunError: 1) left its line in its
+    torchrun error file: the earliest such line is the cause, whatever torchrun did to the
+    other ranks after it. Otherwise the first worker to fail is: an uncaught exception (its
+    traceback is above) or a signal gets one line naming the rank."""
+    said = [
+        (failure.timestamp, rank, failure)
+        for rank, failure in error.failures.items()
+        if isinstance(failure.error_file_data, dict) and failure.error_file_data.get(ONE_LINE_KEY)
+    ]
+    if said:  # the status it meant: torchrun may have stopped it with a signal after it wrote
+        _, _, failure = min(said)
+        return failure.error_file_data[ONE_LINE_KEY], failure.message
     rank, failure = error.get_first_failure()
     if failure.exitcode < 0:
         return 1, f"replica_dist: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"

@@ -10,6 +10,7 @@ one line naming the key, and so that `--multirun` cannot start a sweep inside ev
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from replica_dist.config import ConfigError, help_text, load_config
 from replica_dist.coupling import schedule_note, stability_note
 from replica_dist.errors import RunError
 from replica_dist.guard import Guard, StopRequested
-from replica_dist.launch import LAUNCHER_ENV
+from replica_dist.launch import LAUNCHER_ENV, ONE_LINE_KEY
 from replica_dist.loop import train
 
 log = logging.getLogger("replica_dist")
@@ -131,16 +132,27 @@ def main(argv: list[str]) -> int:
                     "%s: checkpoint saved; resume with the same command and hydra.run.dir=%s", stop, run_dir
                 )
         except RunError as err:
-            if rank == 0:
-                print(f"replica_dist: error: {err}", file=sys.stderr)
-            return err.exit_status
+            return fail(rank, err, err.exit_status)
         finally:
             dist.teardown()
     except ConfigError as err:
-        if rank == 0:
-            print(f"replica_dist: error: {err}", file=sys.stderr)
-        return 2
+        return fail(rank, err, 2)
     return 0
+
+
+def fail(rank: int, err: Exception, status: int) -> int:
+    """Say `err` in one line and return the exit status. Under the launcher every rank leaves
+    the line in its torchrun error file and the launcher prints the first one: a rank that
+    prints it itself could be stopped by torchrun before it does, once another rank has
+    exited. Otherwise rank 0 prints it."""
+    line = f"replica_dist: error: {err}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get(LAUNCHER_ENV) and error_file:
+        with open(error_file, "w") as out:
+            json.dump({"message": line, "timestamp": int(time.time()), ONE_LINE_KEY: status}, out)
+    elif rank == 0:
+        print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
