@@ -11,6 +11,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from replica_dist import dist
+
 COLLECTIVE_TIMEOUT_S = 30.0
 """Every collective in a test fails after this long instead of hanging."""
 
@@ -24,7 +26,10 @@ def _entry(rank: int, fn, world_size: int, store_path: str, collective_timeout_s
     try:
         fn(rank, world_size, *args)
     finally:
-        tdist.destroy_process_group()
+        # As the trainer's own teardown does: objects in reference cycles that hold the process
+        # group would otherwise be freed during interpreter exit, after it is destroyed, which
+        # once aborted a child here ("terminate called without an active exception").
+        dist.teardown()
 
 
 def run_world(
