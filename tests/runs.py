@@ -11,24 +11,17 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from worlds import COLLECTIVE_TIMEOUT_S
 
+from replica_dist.experiments.commands import torchrun_command as experiment_command
+
 REPO = Path(__file__).resolve().parent.parent
 """The repository root: the working directory of every subprocess."""
 
 
 def torchrun_command(nproc: int, *overrides: str, extra_torchrun_args: tuple[str, ...] = ()) -> list[str]:
     """`torchrun --standalone` with `nproc` workers of replica_dist.train, collectives bounded in time."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *extra_torchrun_args,
-        "-m",
-        "replica_dist.train",
-        f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
-        *overrides,
-    ]
+    return experiment_command(
+        nproc, [f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}", *overrides], extra=extra_torchrun_args
+    )
 
 
 def torchrun(nproc: int, *overrides: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
