@@ -10,12 +10,14 @@ import ast
 import dataclasses
 import difflib
 import functools
+import importlib
+import inspect
 import math
 import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -87,6 +89,18 @@ class ModelConfig:
     init_std: float = 0.0
     """If > 0, weights (not biases) drawn from N(0, init_std^2), as in the note (1.0);
     0 keeps PyTorch's default initialisation."""
+    _target_: str = ""
+    """Any importable model instead of the presets: a dotted path to a class or function
+    returning a torch.nn.Module (my_pkg.nets.MyNet), built by Hydra's instantiate with the
+    arguments in `kwargs`, from the replica's seed like a preset. The preset keys (name, hidden,
+    activation, bias, batch_norm, init_std) are then refused on the command line. An argument
+    `num_classes` or `num_outputs` of its signature, when not given, is the data's number of
+    outputs (classes, or the target's dimension for regression)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """_target_ only: its keyword arguments. `model.KEY=VALUE` (or +model.KEY=VALUE) for a KEY
+    that is not one of the keys above lands here, as does model.kwargs.KEY=VALUE (the way to
+    pass an argument that shares a preset key's name); a value with its own `_target_` is
+    instantiated too."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "model.")
@@ -103,6 +117,62 @@ class ModelConfig:
             not self.batch_norm or self.name == "cnn",
             "model.batch_norm is only available for model.name=cnn",
         )
+        _check(
+            bool(self._target_) or not self.kwargs,
+            f"model.kwargs are arguments of a model chosen by model._target_, which is not set; "
+            f"got model.kwargs.{next(iter(self.kwargs), '')}",
+        )
+
+
+MODEL_PRESET_KEYS = ("name", "hidden", "activation", "bias", "batch_norm", "init_std")
+"""The keys of the built-in networks: with model._target_ set they would be ignored."""
+MODEL_DATA_ARGUMENTS = ("num_classes", "num_outputs")
+"""Arguments of a model._target_ that, when its signature names them and the user did not
+set them, take the data's number of outputs."""
+
+
+def locate_model_target(path: str):
+    """The callable that model._target_ names, imported; one ConfigError naming the key and why
+    not. Like Hydra's own lookup (the longest importable module, then attributes), without its
+    multi-line messages."""
+    key = f"model._target_={path}"
+    parts = path.split(".")
+    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"{key}: not a dotted path to a class or function (module.Name)")
+    obj = None
+    for i in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Missing itself (or a parent): try a shorter module. Missing inside it: its problem.
+            if err.name is not None and (module_name + ".").startswith(err.name + "."):
+                continue
+            raise ConfigError(f"{key}: cannot import {module_name}: {_one_line_error(err)}") from None
+        except Exception as err:  # the module exists but fails to import
+            raise ConfigError(f"{key}: cannot import {module_name}: {_one_line_error(err)}") from None
+        break
+    if obj is None:
+        raise ConfigError(f"{key}: cannot import it: no module named {parts[0]!r}")
+    for j in range(i, len(parts)):
+        if not hasattr(obj, parts[j]):
+            raise ConfigError(f"{key}: cannot import it: {'.'.join(parts[:j])} has no attribute {parts[j]!r}")
+        obj = getattr(obj, parts[j])
+    if not callable(obj) or inspect.ismodule(obj):
+        raise ConfigError(f"{key}: names a {type(obj).__name__}, not a class or function that builds a model")
+    return obj
+
+
+def model_signature(target) -> inspect.Signature | None:
+    """The target's call signature; None where Python cannot tell (some builtins)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def _one_line_error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 @dataclass
@@ -538,6 +608,83 @@ def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
             _check_known_keys(value, type(default), key + ".")
 
 
+def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
+    """The overrides, with each argument of a model._target_ moved to model.kwargs: `model.KEY=V`
+    for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set or add; `+` and `~` keep
+    theirs), and so does `model.kwargs.KEY=V`. Also returns, by argument, the key as typed:
+    without a model._target_ such a key is reported as the unknown key it then is."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"kwargs"}
+    routed, typed = [], {}
+    for override in parsed:
+        key, text = override.key_or_group, override.input_line
+        parts = key.split(".")
+        if (
+            override.package is not None
+            or len(parts) < 2
+            or parts[0] != "model"
+            or parts[1] in model_fields
+            or key == "model.kwargs"
+        ):
+            routed.append(text)
+            continue
+        prefix = text[: len(text) - len(text.lstrip("~+"))]
+        argument = key.removeprefix("model.kwargs.") if parts[1] == "kwargs" else key.removeprefix("model.")
+        typed.setdefault(argument.split(".")[0], key)
+        rest = text[text.index(key, len(prefix)) + len(key) :]
+        routed.append(f"{prefix or '++'}model.kwargs.{argument}{rest}")
+    return routed, typed
+
+
+def _check_model_extras(model: dict, typed: dict[str, str]) -> None:
+    """Model arguments need a model._target_; without one, a key routed from `model.KEY` is an
+    unknown key of the schema (a typo of a preset key, most likely)."""
+    extras = model.get("kwargs") or {}
+    if model.get("_target_") or not extras:
+        return
+    first = next(iter(extras))
+    if not typed.get(first, "model.kwargs.").startswith("model.kwargs."):
+        _check_known_keys({"model": {first: None}}, Config)
+    raise ConfigError(
+        f"model.kwargs.{first} is an argument of a model chosen by model._target_, which is not set"
+    )
+
+
+def _check_model_target(cfg: Config, parsed: list) -> None:
+    """With model._target_: no preset key on the command line (it would be ignored), a target
+    that imports, and arguments its signature accepts (the data's `num_classes`/`num_outputs`
+    counted as given). Building it waits for the data, in replica_dist.model."""
+    m = cfg.model
+    if not m._target_:
+        return
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or override.is_hydra_override():
+            continue
+        if key == "model" and override.value() in CHOICES["ModelName"]:
+            raise ConfigError(
+                f"model={override.value()} is a preset and model._target_={m._target_} replaces it; "
+                f"drop model={override.value()}"
+            )
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) == 2 and parts[1] in MODEL_PRESET_KEYS:
+            raise ConfigError(
+                f"{key} is only used with the presets model=mlp or cnn, not with "
+                f"model._target_={m._target_} (drop it; an argument of the target by that name "
+                f"is model.kwargs.{parts[1]}=VALUE)"
+            )
+    target = locate_model_target(m._target_)
+    signature = model_signature(target)
+    if signature is None:
+        return
+    filled = {n: 1 for n in MODEL_DATA_ARGUMENTS if n in signature.parameters and n not in m.kwargs}
+    try:
+        signature.bind(**m.kwargs, **filled)
+    except TypeError as err:
+        raise ConfigError(
+            f"model._target_={m._target_}: {err}; its signature is {' '.join(str(signature).split())}"
+        ) from None
+
+
 def _check_numbers(obj: object, prefix: str = "") -> None:
     """Every float finite and every integer within int64 (torch and numpy count in int64)."""
     for f in dataclasses.fields(obj):
@@ -588,10 +735,12 @@ def _data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
     return (1, 1, 1) if cfg.model.name == "cnn" else (1,), 1
 
 
-def parameter_count(cfg: Config) -> int:
+def parameter_count(cfg: Config) -> int | None:
     """Weights (and biases, BatchNorm affine parameters) of the model the config builds,
-    counted as replica_dist.model builds them."""
+    counted as replica_dist.model builds them; None for a model._target_, unknown until built."""
     m = cfg.model
+    if m._target_:
+        return None
     shape, outputs = _data_shape(cfg)
     if m.name == "cnn":
         channels = [shape[0], *m.hidden]
@@ -639,7 +788,7 @@ def _check_memory(cfg: Config) -> None:
         )
     itemsize = 8 if cfg.train.dtype == "float64" else 4
     count = parameter_count(cfg)
-    if 2 * count * itemsize * processes > memory:
+    if count is not None and 2 * count * itemsize * processes > memory:
         inputs = "" if cfg.data.name in ("digits", "file") else f", data.input_dim={cfg.data.input_dim}"
         raise ConfigError(
             f"model.hidden={list(cfg.model.hidden)}{inputs} gives a {cfg.model.name} of {count:.3g} "
@@ -655,19 +804,23 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     `__post_init__` (ranges), every problem below is one ConfigError naming the key or the
     override: an override that does not parse; a key that `+`/`++` adds outside the schema;
     a bool given anything but true or false; a non-finite float or an integer beyond int64;
-    a key set for a group option that ignores it (APPLIES_TO); sizes whose dataset or model
+    a key set for a group option that ignores it (APPLIES_TO); a model._target_ that does not
+    import, takes other arguments or comes with preset keys; sizes whose dataset or model
     cannot fit in this machine's memory."""
     register_configs()
     schema = _schema()
     parsed = _parse_overrides(overrides)
     _check_override_values(parsed, schema)
+    routed, typed = _route_model_arguments(parsed)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            dict_cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            dict_cfg = compose("config", overrides=routed, return_hydra_config=True)
         run_dir = Path(dict_cfg.hydra.run.dir)
         with open_dict(dict_cfg):
             del dict_cfg["hydra"]
-        _check_known_keys(OmegaConf.to_container(dict_cfg, resolve=False), Config)
+        container = OmegaConf.to_container(dict_cfg, resolve=False)
+        _check_known_keys(container, Config)
+        _check_model_extras(container["model"], typed)
         cfg = OmegaConf.to_object(dict_cfg)
     except ConfigError:
         raise
@@ -677,6 +830,7 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
         raise ConfigError(f"cannot apply overrides {' '.join(overrides)!r}: {_one_line(err)}") from None
     _check_numbers(cfg)
     _check_applies(cfg, parsed)
+    _check_model_target(cfg, parsed)
     _check_memory(cfg)
     return cfg, run_dir
 

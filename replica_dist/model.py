@@ -1,13 +1,23 @@
-"""The networks. Layers are named (fc1, fc2, ...; conv1, ...) so per-layer metrics read well."""
+"""The networks: the presets, whose layers are named (fc1, fc2, ...; conv1, ...) so per-layer
+metrics read well, or any model that model._target_ names (its own parameter names then)."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from replica_dist.config import ConfigError, ModelConfig
+from replica_dist.config import (
+    MODEL_DATA_ARGUMENTS,
+    ConfigError,
+    ModelConfig,
+    locate_model_target,
+    model_signature,
+)
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
@@ -38,16 +48,71 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.
 
 def check_input_shape(cfg: ModelConfig, input_shape: tuple[int, ...], what: str) -> None:
     """Refuse inputs the network cannot take; `what` says where they came from and their shape."""
-    if cfg.name == "cnn" and len(input_shape) != 3:
+    if not cfg._target_ and cfg.name == "cnn" and len(input_shape) != 3:
         raise ConfigError(f"model.name=cnn needs image-shaped inputs (N, C, H, W); {what}")
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def instantiate(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """model._target_ built with Hydra's instantiate from model.kwargs (plus the data's number of
+    outputs for a `num_classes`/`num_outputs` its signature names and the user left out), then
+    checked on a batch of two zero samples: a torch.nn.Module whose output is (2, num_outputs).
+    Every failure is one ConfigError naming model._target_."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    key = f"model._target_={cfg._target_}"
+    signature = model_signature(locate_model_target(cfg._target_))
+    kwargs = dict(cfg.kwargs)
+    if signature is not None:
+        for name in MODEL_DATA_ARGUMENTS:
+            if name in signature.parameters and name not in kwargs:
+                kwargs[name] = num_outputs
+                log.info("model: %s=%d from the data", name, num_outputs)
+    try:
+        model = hydra_instantiate({"_target_": cfg._target_, **kwargs}, _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{key}: cannot build it: {_one_line(err.__cause__ or err)}") from None
+    except Exception as err:  # whatever the user's constructor raised, in one line
+        raise ConfigError(f"{key}: cannot build it: {_one_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{key}: built a {type(model).__name__}, not a torch.nn.Module")
+    # Lazy modules take their shapes here, from the same seed, before anything counts weights.
+    sample = torch.zeros(2, *input_shape)
+    was_training = model.training
+    model.eval()  # a BatchNorm's running statistics stay as initialised
+    try:
+        with torch.no_grad():
+            output = model(sample)
+    except Exception as err:  # the model cannot take this data: its own message
+        raise ConfigError(
+            f"{key}: fails on a batch of the data's shape {tuple(sample.shape)}: {_one_line(err)}"
+        ) from None
+    model.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+    if shape != (2, num_outputs):
+        got = f"outputs of shape {shape}" if shape is not None else f"a {type(output).__name__}"
+        raise ConfigError(
+            f"{key}: gives {got} on a batch of shape {tuple(sample.shape)}; the data needs "
+            f"(2, {num_outputs}) (set the model's number of outputs to {num_outputs})"
+        )
+    if not any(True for _ in model.parameters()):
+        raise ConfigError(f"{key}: the model has no parameters to train")
+    return model
 
 
 def build_model(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, generator_seed: int
 ) -> nn.Module:
-    """A freshly initialised network; the same `generator_seed` gives the same weights."""
+    """A freshly initialised network; the same `generator_seed` gives the same weights (for a
+    model._target_ too: its constructor draws from the seeded generator)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator_seed)
+        if cfg._target_:
+            return instantiate(cfg, input_shape, num_outputs)
         if cfg.name == "cnn":
             check_input_shape(cfg, input_shape, f"the data has samples of shape {input_shape}")
             model = cnn(cfg, input_shape, num_outputs)
