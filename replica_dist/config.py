@@ -680,9 +680,12 @@ def _check_model_target(cfg: Config, parsed: list) -> None:
     try:
         signature.bind(**m.kwargs, **filled)
     except TypeError as err:
-        raise ConfigError(
-            f"model._target_={m._target_}: {err}; its signature is {' '.join(str(signature).split())}"
-        ) from None
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+        shown = " ".join(str(bare).split())
+        raise ConfigError(f"model._target_={m._target_}: {err}; its signature is {shown}") from None
 
 
 def _check_numbers(obj: object, prefix: str = "") -> None:
@@ -829,8 +832,8 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     except (ValueError, TypeError) as err:  # Hydra's own, for overrides its grammar lets through
         raise ConfigError(f"cannot apply overrides {' '.join(overrides)!r}: {_one_line(err)}") from None
     _check_numbers(cfg)
+    _check_model_target(cfg, parsed)  # first: with a target, every preset key is the problem
     _check_applies(cfg, parsed)
-    _check_model_target(cfg, parsed)
     _check_memory(cfg)
     return cfg, run_dir
 
