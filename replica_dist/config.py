@@ -611,23 +611,20 @@ def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
 def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
     """The overrides, with each argument of a model._target_ moved to model.kwargs: `model.KEY=V`
     for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set or add; `+` and `~` keep
-    theirs), and so does `model.kwargs.KEY=V`. Also returns, by argument, the key as typed:
+    theirs), and so do `model.kwargs.KEY=V` and `model.kwargs={...}`. Also returns, by argument, the key as typed:
     without a model._target_ such a key is reported as the unknown key it then is."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"kwargs"}
     routed, typed = [], {}
     for override in parsed:
         key, text = override.key_or_group, override.input_line
         parts = key.split(".")
-        if (
-            override.package is not None
-            or len(parts) < 2
-            or parts[0] != "model"
-            or parts[1] in model_fields
-            or key == "model.kwargs"
-        ):
+        if override.package is not None or len(parts) < 2 or parts[0] != "model" or parts[1] in model_fields:
             routed.append(text)
             continue
         prefix = text[: len(text) - len(text.lstrip("~+"))]
+        if key == "model.kwargs":  # a whole dict: merged into the (empty, hence closed) default
+            routed.append(f"{prefix or '++'}{text[len(prefix) :]}")
+            continue
         argument = key.removeprefix("model.kwargs.") if parts[1] == "kwargs" else key.removeprefix("model.")
         typed.setdefault(argument.split(".")[0], key)
         rest = text[text.index(key, len(prefix)) + len(key) :]

@@ -106,6 +106,11 @@ BAD_OVERRIDES = [
     (["model.bias=maybe"], r"model\.bias"),
     (["model.batch_norm=true"], r"model\.batch_norm"),
     (["model.init_std=-1"], r"model\.init_std"),
+    (["model._target_=no.such.Thing"], r"^model\._target_=no\.such\.Thing: cannot import it"),
+    (
+        ["model.kwargs={width: 3}"],
+        r"^model\.kwargs\.width is an argument of a model chosen by model\._target_",
+    ),
     (["data=file", "data.path=[1,2]"], r"data\.path"),
     (["data=teacher", "data.num_samples=0"], r"data\.num_samples must be >= 1"),
     (["data=teacher", "data.input_dim=0"], r"data\.input_dim must be >= 1"),
