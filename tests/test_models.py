@@ -316,7 +316,7 @@ def test_a_bad_target_launch_is_one_line_exit_2_and_no_directory(tmp_path, case)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     args, key = LAUNCH_REFUSALS[case]
-    done = run_sh("--nproc", "2", *args, "train.steps=2", cwd=cwd, timeout=180)
+    done = run_sh("--nproc", "2", *args, cwd=cwd, timeout=180)
     output = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(output) == 1, output
