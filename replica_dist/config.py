@@ -611,8 +611,9 @@ def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
 def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
     """The overrides, with each argument of a model._target_ moved to model.kwargs: `model.KEY=V`
     for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set or add; `+` and `~` keep
-    theirs), and so do `model.kwargs.KEY=V` and `model.kwargs={...}`. Also returns, by argument, the key as typed:
-    without a model._target_ such a key is reported as the unknown key it then is."""
+    theirs), and so do `model.kwargs.KEY=V` and `model.kwargs={...}`. Hydra's schema holds no
+    such key, so only `++` would reach it. Also returns, by argument, the key as typed: without
+    a model._target_ such a key is reported as the unknown key it then is."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"kwargs"}
     routed, typed = [], {}
     for override in parsed:
