@@ -51,6 +51,8 @@ Task = Literal["auto", "classification", "regression"]
 CouplingName = Literal["tanh", "linear", "average", "none", "ddp"]
 OptimName = Literal["sgd", "adam"]
 Dtype = Literal["float32", "float64"]
+Schedule = Literal["constant", "cosine", "step"]
+Precision = Literal["fp32", "bf16", "fp16"]
 Nonfinite = Literal["stop", "skip"]
 Backend = Literal["auto", "gloo", "nccl"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -63,7 +65,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 if not TYPE_CHECKING:
     ModelName = Activation = DataName = Split = Task = CouplingName = str
-    OptimName = Dtype = Nonfinite = Backend = Device = Init = str
+    OptimName = Dtype = Nonfinite = Backend = Device = Init = Schedule = Precision = str
 
 
 def _check_choices(obj: object, prefix: str) -> None:
@@ -283,10 +285,39 @@ class OptimConfig:
     """L2 weight decay (coupled, as in torch.optim)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """adam: (beta1, beta2)."""
+    schedule: Schedule = "constant"
+    """Learning-rate schedule over the run's steps (t counted from 1, T = train.steps, W =
+    warmup_steps): constant (lr); cosine (lr*t/W while t <= W, then from lr down to min_lr by
+    a half cosine, min_lr at step T); step (lr*t/W while t <= W, then lr*gamma^floor((t-W-1)
+    /step_size)). Logged every step as optim/lr."""
+    warmup_steps: int = 0
+    """Steps of linear warmup (lr*t/W at step t), for every schedule; must be < train.steps."""
+    min_lr: float = 0.0
+    """cosine: the learning rate at the last step (<= optim.lr)."""
+    step_size: int = 100
+    """step: steps between two decays by gamma."""
+    gamma: float = 0.1
+    """step: factor of each decay."""
+    clip_norm: float = 0.0
+    """Clip each replica's gradients to this global L2 norm (all parameters together) after
+    the backward pass, before the optimizer step and the coupling's pull; 0: no clipping."""
+    label_smoothing: float = 0.0
+    """Classification only: cross-entropy against targets smoothed by this much, in [0, 1)."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "optim.")
         _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {self.warmup_steps}")
+        _check(
+            0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}]; got {self.min_lr}"
+        )
+        _check(self.step_size >= 1, f"optim.step_size must be >= 1; got {self.step_size}")
+        _check(0 < self.gamma <= 1, f"optim.gamma must be in (0, 1]; got {self.gamma}")
+        _check(self.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0: off); got {self.clip_norm}")
+        _check(
+            0 <= self.label_smoothing < 1,
+            f"optim.label_smoothing must be in [0, 1); got {self.label_smoothing}",
+        )
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1); got {self.momentum}")
         _check(
             not self.nesterov or self.momentum > 0,
@@ -308,10 +339,28 @@ class TrainConfig:
     ranks (a shard smaller than this is used whole)."""
     dtype: Dtype = "float32"
     """Floating-point type of weights and data."""
+    epochs: int = 0
+    """If > 0, the run's length in passes over the data, in place of train.steps (setting both
+    is refused): train.steps becomes epochs * floor(shard / batch_size) // grad_accum optimizer
+    steps (at least 1), with `shard` the smallest training shard of any rank, so that every
+    rank takes the same number of steps and no rank's pass is cut short by a partial batch."""
+    grad_accum: int = 1
+    """Micro-batches of train.batch_size per optimizer step, each loss scaled by 1/grad_accum
+    (the gradient of one batch of grad_accum*batch_size); with DDP only the last one
+    all-reduces its gradients."""
+    precision: Precision = "fp32"
+    """Forward pass and loss under autocast: fp32 (none), bf16 (CPU and CUDA), fp16 (CUDA only,
+    with a gradient scaler: a step whose scaled gradients overflow applies no optimizer update
+    on that replica, its pull still applies, and the scale is lowered; it is not a non-finite
+    value for the guard). Weights, gradients and the coupling stay in train.dtype."""
+    compile: bool = False
+    """Run the forward pass through torch.compile (the first steps compile; needs a C compiler)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1; got {self.steps}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1; got {self.batch_size}")
+        _check(self.epochs >= 0, f"train.epochs must be >= 0 (0: use train.steps); got {self.epochs}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1; got {self.grad_accum}")
         _check_choices(self, "train.")
 
 
@@ -474,6 +523,23 @@ class Config:
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",
         )
+        if self.train.epochs == 0:  # else once train.epochs has set train.steps (replica_dist.recipe)
+            self.check_run_length()
+        regression = self.data.name == "seed" or (self.data.name == "file" and self.data.task == "regression")
+        _check(
+            self.optim.label_smoothing == 0 or not regression,
+            f"optim.label_smoothing is for classification only; data.name={self.data.name} is a regression",
+        )
+
+    def check_run_length(self) -> None:
+        """What must fit in the run's train.steps."""
+        steps = f"train.steps ({self.train.steps}" + (
+            f", from train.epochs={self.train.epochs})" if self.train.epochs else ")"
+        )
+        _check(
+            self.optim.warmup_steps < self.train.steps,
+            f"optim.warmup_steps must be < {steps}; got {self.optim.warmup_steps}",
+        )
 
 
 def register_configs() -> None:
@@ -526,6 +592,9 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "optim.momentum": ("optim", ("sgd",)),
     "optim.nesterov": ("optim", ("sgd",)),
     "optim.betas": ("optim", ("adam",)),
+    "optim.min_lr": ("optim.schedule", ("cosine",)),
+    "optim.step_size": ("optim.schedule", ("step",)),
+    "optim.gamma": ("optim.schedule", ("step",)),
     "guard.max_consecutive_skips": ("guard.nonfinite", ("skip",)),
 }
 """Keys that mean something only for some choices of a group (its `name`) or of another key,
@@ -717,6 +786,15 @@ def _check_applies(cfg: Config, parsed: list) -> None:
             )
 
 
+def _check_length_set_once(cfg: Config, parsed: list) -> None:
+    """train.epochs replaces train.steps: both on the command line would leave one ignored."""
+    keys = {override.key_or_group for override in parsed if not override.is_delete()}
+    _check(
+        not (cfg.train.epochs > 0 and "train.steps" in keys),
+        f"train.steps and train.epochs={cfg.train.epochs} both set the run's length; drop one",
+    )
+
+
 def _physical_memory_bytes() -> int | None:
     """This machine's memory (None where the OS does not say)."""
     try:
@@ -832,6 +910,7 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     _check_numbers(cfg)
     _check_model_target(cfg, parsed)  # first: with a target, every preset key is the problem
     _check_applies(cfg, parsed)
+    _check_length_set_once(cfg, parsed)
     _check_memory(cfg)
     return cfg, run_dir
 

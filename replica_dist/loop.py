@@ -19,13 +19,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from replica_dist import checkpoint, dist, flatness, run_lock, run_state
+from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ReplicaCoupling
 from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_indices
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.errors import RunError
-from replica_dist.evaluate import LOSSES, predict, score
+from replica_dist.evaluate import predict, score
 from replica_dist.flat import FlatState
 from replica_dist.guard import DivergedError, Guard
 from replica_dist.model import build_model
@@ -80,32 +80,37 @@ def train(
     """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
     mesh = dist.init_mesh(cfg.parallel.dp, device)
+    precision = recipe.Precision(cfg.train.precision, device)  # refuses fp16 off CUDA, before any write
+    # This rank's part of its replica's training data; evaluation covers the whole training
+    # set (all shards) and the shared test set.
+    data = load_dataset(cfg.data, cfg.seed, getattr(torch, cfg.train.dtype))
+    data.check_model(cfg.model)
+    loss_fn = recipe.loss_function(cfg.optim, data.loss, data.task)
+    batches = rank_batches(cfg, data, device, mesh)
+    recipe.resolve_steps(cfg, len(batches.x), device, mesh)  # train.epochs -> train.steps, once
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
     if start.finished:
         run_lock.release()
         return run_state.finished_summary(run_dir)
-
-    # This rank's part of its replica's training data; evaluation covers the whole training
-    # set (all shards) and the shared test set.
-    data = load_dataset(cfg.data, cfg.seed, getattr(torch, cfg.train.dtype))
-    data.check_model(cfg.model)
-    batches = rank_batches(cfg, data, device, mesh)
     splits = {
         "train_set": (data.x_train.to(device), data.y_train.to(device)),
         "test": (data.x_test.to(device), data.y_test.to(device)),
     }
-    loss_fn = LOSSES[data.loss]
 
     model = build_replica(cfg, data, device, mesh)
     optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = recipe.build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer)
     net = coupling.wrap(model)  # ddp: DistributedDataParallel; it starts the replicas identical
     if cfg.parallel.dp > 1:  # the ranks of one replica average their gradients
         device_ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
-    checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling)
+    forward = recipe.compiled(net, cfg.train.compile)
+    recipe_state = {"scheduler": scheduler, "precision": precision}
+    checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
     checkpointer.restore(start)
+    recipe.sync_lr(scheduler)  # a replica that checkpoint.remap adds has a fresh optimizer
     # The center is a scratch copy of the network that holds the mean weights.
     diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
     if start.step == 0:
@@ -120,12 +125,17 @@ def train(
             timer.start_step()
             coupling.begin_step(observe=logging_step)  # overlapped: the mean is on its way
             with timer.section("compute"):
-                x, y = batches.next()
-                loss = loss_fn(net(x), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = recipe.forward_backward(
+                    net, forward, batches, loss_fn, cfg.train.grad_accum, precision
+                )
+                precision.unscale_(optimizer)  # fp16: the true gradients, or none after an overflow
+                recipe.clip_(model.parameters(), cfg.optim.clip_norm)
+            lr = optimizer.param_groups[0]["lr"]
             coupling.step(loss, agree=checkpointer.due(step))  # in place of optimizer.step()
+            scheduler.step()
             timer.end_step()
+            diagnostics.replica_log.log({"optim/lr": lr}, step)  # every step; written at the next flush
 
             # Diagnostics, on logging and evaluation steps only.
             if logging_step or eval_step:

@@ -1,7 +1,8 @@
 """Starting or resuming a run, and saving every replica's whole state along the way.
 
 A replica's state is everything that makes its next step identical to an uninterrupted
-run: weights and buffers, optimizer state, the step, its data order, and the RNG states.
+run: weights and buffers, optimizer state, the step, its data order, the RNG states, and
+the recipe's parts (the lr scheduler, the fp16 gradient scaler).
 The coupling's schedule is a function of the step alone, so the step restores it.
 """
 
@@ -169,7 +170,14 @@ def _as_tuples(value):
 
 
 def save(
-    cfg: Config, run_dir: Path, step: int, model: nn.Module, optimizer, batches: ReplicaBatches, coupling
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    batches: ReplicaBatches,
+    coupling,
+    recipe: dict | None = None,
 ) -> None:
     """Every rank saves its replica; once all have, rank 0 writes the manifest and prunes.
 
@@ -185,6 +193,7 @@ def save(
         "data": batches.state_dict(),
         "coupling": coupling.state_dict(),
         "rng": _rng_states(),
+        "recipe": {name: part.state_dict() for name, part in (recipe or {}).items()},
     }
     folder = checkpoint.step_dir(root, step)
     failure = None
@@ -215,23 +224,41 @@ def save(
 
 
 def restore(
-    run_dir: Path, start: Start, model: nn.Module, optimizer, batches: ReplicaBatches, coupling
+    run_dir: Path,
+    start: Start,
+    model: nn.Module,
+    optimizer,
+    batches: ReplicaBatches,
+    coupling,
+    recipe: dict | None = None,
 ) -> None:
-    """Load this replica's state at `start`; with checkpoint.remap, see CheckpointConfig.remap."""
+    """Load this replica's state at `start`; with checkpoint.remap, see CheckpointConfig.remap.
+    `recipe`: more parts with a state_dict (the lr scheduler, the gradient scaler), saved
+    under their names; a replica that remap adds takes replica 0's (the lr schedule is the
+    same for all)."""
     root = checkpoint_root(run_dir)
     coupling.step_count = start.step  # the schedule's phase; a remapped replica's guard starts anew
+
+    def load_recipe(state: dict) -> None:
+        for name, part in (recipe or {}).items():
+            if name in state.get("recipe", {}):
+                part.load_state_dict(state["recipe"][name])
+
     if start.saved_world_size == dist.world_size():
         state = checkpoint.load_replica(root, start.step, dist.rank())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
         batches.load_state_dict(state["data"])
         coupling.load_state_dict(state["coupling"])
+        load_recipe(state)
         _set_rng_states(state["rng"])
     elif dist.rank() < start.saved_world_size:
         state = checkpoint.load_replica(root, start.step, dist.rank())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        load_recipe(state)
     else:
+        load_recipe(checkpoint.load_replica(root, start.step, 0))
         saved = [checkpoint.load_replica(root, start.step, r)["model"] for r in range(start.saved_world_size)]
         model.load_state_dict(
             {
@@ -246,9 +273,13 @@ class Checkpointer:
     every rank agreed on), the rule that a step which saw a non-finite value is never saved,
     and the last step, which ends with the final results instead of a checkpoint."""
 
-    def __init__(self, cfg: Config, run_dir: Path, model: nn.Module, optimizer, batches, coupling):
+    def __init__(
+        self, cfg: Config, run_dir: Path, model: nn.Module, optimizer, batches, coupling, recipe=None
+    ):
         self.cfg, self.run_dir = cfg, run_dir
         self.model, self.optimizer, self.batches, self.coupling = model, optimizer, batches, coupling
+        self.recipe = recipe or {}
+        """Name -> a part with state_dict/load_state_dict (lr scheduler, gradient scaler)."""
 
     def due(self, step: int) -> bool:
         """Whether `step` saves a checkpoint (the coupling then agrees on it before its update)."""
@@ -256,13 +287,22 @@ class Checkpointer:
 
     def restore(self, start: Start) -> None:
         if start.step > 0:
-            restore(self.run_dir, start, self.model, self.optimizer, self.batches, self.coupling)
+            restore(self.run_dir, start, self.model, self.optimizer, self.batches, self.coupling, self.recipe)
 
     def after_step(self, step: int) -> None:
         """Save if due (or asked to stop), then raise StopRequested if every rank agreed to stop."""
         stop = self.coupling.stop_agreed
         if step < self.cfg.train.steps and (stop or self.due(step)):
             if self.coupling.clean:  # never a checkpoint of a step that saw a non-finite value
-                save(self.cfg, self.run_dir, step, self.model, self.optimizer, self.batches, self.coupling)
+                save(
+                    self.cfg,
+                    self.run_dir,
+                    step,
+                    self.model,
+                    self.optimizer,
+                    self.batches,
+                    self.coupling,
+                    self.recipe,
+                )
             if stop:
                 raise StopRequested(step)

@@ -220,8 +220,8 @@ def _resume_remapped(rank: int, world_size: int, run_dir: str) -> None:
 
     original = run_state.restore
 
-    def keep_restored(run_dir_, start, model, optimizer, batches, guard):
-        original(run_dir_, start, model, optimizer, batches, guard)
+    def keep_restored(run_dir_, start, model, *parts):
+        original(run_dir_, start, model, *parts)
         torch.save(model.state_dict(), Path(run_dir_) / f"restored.rank{rank}.pt")
 
     run_state.restore = keep_restored
