@@ -261,11 +261,11 @@ class ReplicaCoupling:
         self.form = _FORMS[form](self.cfg)
         self.model, self.optimizer = model, optimizer
         self.overlap = overlap
-        self.guard = guard or Guard(nonfinite, max_consecutive_skips)
         self.timer = timer or NO_TIMER
         self.mesh = mesh or dist.Mesh(process_group, replica_group_of_rank)
         self.state = FlatState(model)
         self._device = self.state.device
+        self.guard = (guard or Guard(nonfinite, max_consecutive_skips)).to(self._device)
         self._bucket_bytes = bucket_mb * 2**20
         self._check_same_model()
         # Allocated once: the weights sent, the mean received, then the pull, all in this
@@ -328,23 +328,32 @@ class ReplicaCoupling:
                 if self.overlap:
                     exchange.start(self.guard.word())
             self.state.save_buffers()  # the forward pass moves them
-        self._in_step = {"step": step, "coupled": coupled, "needs_mean": needs_mean, "exchange": exchange}
+        self._in_step = {
+            "step": step,
+            "coupled": coupled,
+            "needs_mean": needs_mean,
+            "observe": observe,
+            "exchange": exchange,
+        }
 
-    def step(self, loss: torch.Tensor, agree: bool = False) -> bool:
+    def step(self, loss: torch.Tensor, agree: bool = False) -> torch.Tensor:
         """In place of optimizer.step(), after the backward pass: whether this replica applied
-        the step. `agree`: make sure every replica's word on this very step is in before
-        returning (the trainer asks so before a checkpoint, so none holds a non-finite value)."""
+        the step, as a 0-dim bool tensor on the model's device (reading it waits for the
+        device). `agree`: make sure every replica's word on this very step is in, and read
+        the guard's decisions back to the host (raising there if the run must end); the
+        trainer asks so before a checkpoint, so none holds a non-finite value. A step begun
+        with observe=True reads back too; any other step reads nothing back to the host."""
         if self._in_step is None:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, coupled, needs_mean, exchange = self._in_step.values()
+        step, coupled, needs_mean, observe, exchange = self._in_step.values()
         self._in_step = None
         self.step_count = step
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
-            apply = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
+            own = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
         with self.timer.section("communication"):
-            apply = self._agree(step, needs_mean, exchange, agree) and apply
+            apply = self._agree(step, needs_mean, exchange, agree) & own
         with self.timer.section("update"):
             pull = self._update(step, apply, coupled, exchange)
         # Every replica moves at once, from the same mean.
@@ -353,12 +362,16 @@ class ReplicaCoupling:
         elif pull is not None:
             with self.timer.section("update"):
                 self.state.add(pull)
+        if agree or observe:
+            self.guard.read_back(step)
         return apply
 
-    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> bool:
+    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
-        one buffer, so that all ranks skip or stop together: whether every replica may apply."""
-        guard, apply = self.guard, True
+        one buffer, so that all ranks skip or stop together: whether every replica may apply
+        (a device bool; the decision is taken on the device)."""
+        guard = self.guard
+        apply = guard.may_apply()
         if needs_mean:
             if not self.overlap:
                 exchange.start(guard.word())
@@ -367,27 +380,52 @@ class ReplicaCoupling:
             if "before" in self.observed:
                 self.observed["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
         if agree and (self.overlap or not needs_mean):
-            apply = guard.decide(step, dist.share_words(guard.word(), self._device, self.mesh)) and apply
+            apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
-    def _update(self, step: int, apply: bool, coupled: bool, exchange) -> torch.Tensor | None:
-        """The optimizer step, or a skipped one; returns the pull still to add, if any."""
+    def _update(self, step: int, apply: torch.Tensor, coupled: bool, exchange) -> torch.Tensor | None:
+        """The optimizer step, masked by `apply` on the device; returns the pull still to add
+        (zero where the step is not applied), if any."""
         state, pull = self.state, None
         self.guard.settle(step, apply)
-        if apply:
-            if coupled and self.form.pulls_before_step:
-                # Before the optimizer step, while the parameters still hold w_before.
-                gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
-                pull = self.form.pull_(gap, self.eta)
-                if self.cfg.via_optimizer:
-                    state.pull_through_optimizer(pull)
-                    pull = None
-            self.optimizer.step()
-        else:
-            state.restore_buffers()
+        if coupled and self.form.pulls_before_step:
+            # Before the optimizer step, while the parameters still hold w_before.
+            gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
+            pull = self.form.pull_(gap, self.eta).masked_fill_(~apply, 0)
+            if self.cfg.via_optimizer:
+                state.pull_through_optimizer(pull)
+                pull = None
+        self._optimizer_step(apply)
+        state.restore_buffers_unless(apply)
         if "before" in self.observed:
             self.observed["after_optimizer"] = state.pack()
         return pull
+
+    def _optimizer_step(self, apply: torch.Tensor) -> None:
+        """optimizer.step(), or none where `apply` is false. A fused optimizer (SGD, Adam or
+        AdamW with fused=True) skips on the device through `found_inf`, the flag with which
+        torch.amp.GradScaler skips its steps; any other optimizer needs the flag on the host."""
+        optimizer = self.optimizer
+        if not self._skips_on_device():
+            if bool(apply):
+                optimizer.step()
+            return
+        optimizer.found_inf = (~apply).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+
+    def _skips_on_device(self) -> bool:
+        optimizer = self.optimizer
+        if not getattr(optimizer, "_step_supports_amp_scaling", False) or hasattr(optimizer, "found_inf"):
+            return False
+        # A fused optimizer's first step creates its state from the gradients whatever
+        # found_inf says (SGD's momentum buffers): that one step is decided on the host.
+        stateless = isinstance(optimizer, torch.optim.SGD) and all(
+            g["momentum"] == 0 for g in optimizer.param_groups
+        )
+        return stateless or bool(optimizer.state)
 
     def _average(self, step: int, exchange) -> None:
         """average: the weights after the step, replaced by their mean over the replicas."""

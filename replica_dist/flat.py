@@ -61,10 +61,14 @@ class FlatState:
         if self._saved_buffers:
             torch._foreach_copy_(self._saved_buffers, self.floating_buffers)
 
-    def restore_buffers(self) -> None:
-        """Put back the floating buffers remembered by `save_buffers` (a skipped step)."""
+    def restore_buffers_unless(self, applied: torch.Tensor) -> None:
+        """Put back the floating buffers remembered by `save_buffers` where `applied` (a
+        device bool) is false: a skipped step, decided without a read back to the host."""
         if self._saved_buffers:
-            torch._foreach_copy_(self.floating_buffers, self._saved_buffers)
+            kept = [
+                torch.where(applied, b, saved) for b, saved in zip(self.floating_buffers, self._saved_buffers)
+            ]
+            torch._foreach_copy_(self.floating_buffers, kept)
 
     def subtract_from(self, flat: torch.Tensor) -> torch.Tensor:
         """`flat` minus the weights from before this step, in place (the gap to the mean).

@@ -191,7 +191,7 @@ def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iteration
         tdist.all_reduce(raw)
 
     def coupling_exchange():
-        exchange.start([0.0] * Guard.WORD_LENGTH)
+        exchange.start(torch.zeros(Guard.WORD_LENGTH, device=device))
         exchange.wait()
 
     pair = [("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)]
