@@ -33,19 +33,13 @@ ELASTIC_FORMS = ("tanh", "linear")
 def pull(
     form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
 ) -> torch.Tensor:
-    """The coupling's move of weights `w` toward the replicas' `mean` (same shape)."""
-    return pull_from_gap_(form, mean - w, eta, temperature)
-
-
-def pull_from_gap_(form: str, gap: torch.Tensor, eta: float, temperature: float = 1.0) -> torch.Tensor:
-    """`pull`, computed in place from gap = mean - w and returned: the loop turns its
-    exchange buffer into the pull this way, with no new full-size tensor per step."""
+    """The coupling's move of weights `w` toward the replicas' `mean` (same shape): the
+    textbook form, the reference for the trainer's fused one (_Elastic.direction_)."""
+    gap = mean - w
     if form == "tanh":
-        if temperature != 1.0:  # x / 1 == x exactly: skipping it changes no bit
-            gap.div_(temperature)
-        return gap.tanh_().mul_(eta)
+        return eta * torch.tanh(gap / temperature)
     if form == "linear":
-        return gap.mul_(eta)
+        return eta * gap
     if form == "average":
         return gap
     raise ValueError(f"no pull for coupling form {form!r}")
@@ -139,8 +133,19 @@ class _Elastic(_Form):
 
     pulls_before_step = True
 
-    def pull_(self, gap: torch.Tensor, eta: float) -> torch.Tensor:
-        return pull_from_gap_(self.cfg.name, gap, eta, self.cfg.temperature)
+    def direction_(self, total: torch.Tensor, state: FlatState, n: int, apply: torch.Tensor) -> torch.Tensor:
+        """`pull` / eta, in place in `total` (the replicas' sum of the pre-step weights) and
+        zero where `apply` is false: in four passes over the buffer (the mean's division
+        folded into the gap's scale, eta into the caller's add), where the textbook order
+        takes seven. Equal to `pull` up to rounding (tests/test_coupling.py)."""
+        state.subtract_from(total, alpha=n)  # n * (mean - w_before)
+        if self.cfg.name == "tanh":
+            total.mul_(1.0 / (n * self.cfg.temperature)).tanh_()
+        else:
+            total.mul_(1.0 / n)
+        # A skipped step moves nothing: a fill, not a product, so that a gap that is not
+        # finite (a replica's overflowed weights, agreed on in this very step) leaves no NaN.
+        return total.masked_fill_(~apply, 0)
 
 
 class _Average(_Form):
@@ -361,7 +366,7 @@ class ReplicaCoupling:
             self._average(step, exchange)
         elif pull is not None:
             with self.timer.section("update"):
-                self.state.add(pull)
+                self.state.add(pull, alpha=self.eta)
         if agree or observe:
             self.guard.read_back(step)
         return apply
@@ -375,26 +380,27 @@ class ReplicaCoupling:
         if needs_mean:
             if not self.overlap:
                 exchange.start(guard.word())
-            mean_before, words = exchange.wait()
+            total, words = exchange.wait(divide=not self.form.pulls_before_step)
             apply = guard.decide(step, words)
-            if "before" in self.observed:
-                self.observed["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
+            if "before" in self.observed:  # the buffer turns into the pull below
+                n = self.mesh.num_replicas
+                self.observed["mean_before"] = total / n if self.form.pulls_before_step else total.clone()
         if agree and (self.overlap or not needs_mean):
             apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
     def _update(self, step: int, apply: torch.Tensor, coupled: bool, exchange) -> torch.Tensor | None:
-        """The optimizer step, masked by `apply` on the device; returns the pull still to add
-        (zero where the step is not applied), if any."""
+        """The optimizer step, masked by `apply` on the device; returns the pull still to add,
+        divided by eta (zero where the step is not applied), if any."""
         state, pull = self.state, None
         self.guard.settle(step, apply)
         if coupled and self.form.pulls_before_step:
             # Before the optimizer step, while the parameters still hold w_before.
-            gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
-            pull = self.form.pull_(gap, self.eta).masked_fill_(~apply, 0)
+            direction = self.form.direction_(exchange.flat, state, self.mesh.num_replicas, apply)
             if self.cfg.via_optimizer:
-                state.pull_through_optimizer(pull)
-                pull = None
+                state.pull_through_optimizer(direction.mul_(self.eta))
+            else:
+                pull = direction
         self._optimizer_step(apply)
         state.restore_buffers_unless(apply)
         if "before" in self.observed:

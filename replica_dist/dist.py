@@ -194,15 +194,16 @@ class ReplicaExchange:
                 for bucket in self.buckets
             ]
 
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The replicas' mean (in `flat`, overwritten) and every replica's row (on the device,
-        the same on every rank; with parallel.dp > 1 the largest over the replica's ranks).
-        Nothing is read back to the host."""
+    def wait(self, divide: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replicas' mean (in `flat`, overwritten; their sum with divide=False) and every
+        replica's row (on the device, the same on every rank; with parallel.dp > 1 the
+        largest over the replica's ranks). Nothing is read back to the host."""
         with _collective("all_reduce (replica mean)", self.mesh.step):
             for work in self._works:
                 work.wait()
         self._works = []
-        return self.flat.div_(self.mesh.num_replicas), _agree_within_replica(self.table, self.mesh)
+        flat = self.flat.div_(self.mesh.num_replicas) if divide else self.flat
+        return flat, _agree_within_replica(self.table, self.mesh)
 
 
 def _agree_within_replica(table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
