@@ -210,7 +210,7 @@ class ReplicaCoupling:
         >>> dist.init_process_group("gloo")
         >>> torch.manual_seed(dist.get_rank())  # each replica starts from its own weights
         >>> model = torch.nn.Linear(10, 1)
-        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
         >>> coupling = ReplicaCoupling(model, optimizer, "tanh", eta=0.001, eta_final=0.4, steps=100)
         >>> for step in range(100):
         ...     x = torch.randn(32, 10); y = x.sum(1, keepdim=True)
@@ -223,7 +223,12 @@ class ReplicaCoupling:
     Every parameter and floating buffer (BatchNorm's running statistics) is coupled. No
     replica ever applies an update whose loss, weights, gradients or buffers are not finite;
     what the others do is decided together (``nonfinite="stop"`` raises NonFiniteError on
-    every rank, ``"skip"`` skips the step), see replica_dist/guard.py. ``state_dict()`` holds
+    every rank, ``"skip"`` skips the step), see replica_dist/guard.py. Those decisions are
+    taken on the device: a step reads nothing back to the host (the host runs ahead of the
+    GPU) except a step begun with ``observe=True`` or ended with ``agree=True``, where the
+    outcome is read back and an error raised; call one of them every few steps to bound that
+    lag. A guarded skip needs a fused optimizer (``fused=True``: SGD, Adam, AdamW) to stay on
+    the device; with any other the step reads one flag on the host. ``state_dict()`` holds
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 

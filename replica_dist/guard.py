@@ -23,13 +23,22 @@ word tells of the steps before; this step's value is agreed on at the next excha
   - guard.nonfinite=skip: when the non-finite value is in this very step, every rank skips
     it (counted in guard/skipped_steps); an earlier one was already skipped by its replica.
     When some replica's count of steps not applied in a row has reached
-    guard.max_consecutive_skips, every rank raises the same SkipLimitError instead: at once
-    when every step communicates, else at the next step that does (a replica that
-    computes alone meanwhile only skips, never applies, a non-finite value).
+    guard.max_consecutive_skips, every rank raises the same SkipLimitError instead.
 A step can exchange words twice (average's second exchange, a checkpoint's own); the second
 only adds what the first could not know, and resets nothing.
+
+Every one of these decisions is taken on the device, so that a step makes the host wait for
+nothing (on a GPU the host then runs ahead of it). The host reads the outcome back only on
+the steps that log or checkpoint (in ReplicaCoupling: a step begun with observe=True or
+ended with agree=True). That is the lag: between the exchange that decides to end the run and
+the next read back, every replica skips every step (none applies anything), and the error is
+raised at that read back, naming the step of the value as before. With log.every=k the run
+ends at most k steps after the decision; a skip is never delayed.
 SIGTERM and SIGINT (Slurm preemption, Ctrl-C) are stop requests, decided the same way: every
-rank finishes the step, saves a checkpoint and exits cleanly.
+rank finishes the step, saves a checkpoint and exits cleanly, at the next read back.
+A replica's own skip, on a step that exchanges nothing, is on the device too: a fused
+optimizer (SGD, Adam, AdamW with fused=True, as the trainer builds them) skips through
+found_inf, GradScaler's flag; any other optimizer makes that step read its flag on the host.
 """
 
 from __future__ import annotations

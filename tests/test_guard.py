@@ -255,8 +255,10 @@ def _checkpoints_finite(run_dir: Path) -> list[int]:
 SYNC, OVERLAP = "dist.overlap=false", "dist.overlap=true"
 
 
-# Overlapped, step 5's all_reduce started before its NaN existed: step 6's carries the news.
-@pytest.mark.parametrize(("mode", "stop_step"), [(SYNC, 5), (OVERLAP, 6)])
+# Synchronous, step 5's all_reduce decides on the device; overlapped, step 5's started before
+# its NaN existed and step 6's carries the news. Either way the run ends at the read back of
+# the checkpoint step 6, and nothing was applied in between.
+@pytest.mark.parametrize(("mode", "stop_step"), [(SYNC, 6), (OVERLAP, 6)])
 def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path, mode, stop_step):
     run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=stop", mode])
     errors = _errors(tmp_path)
@@ -377,14 +379,16 @@ STOP_ADVICE = "(guard.nonfinite=stop); try a lower optim.lr, or set guard.nonfin
 LOSS_AT_5 = "non-finite loss in replica 1 at step 5"
 # Where each form first exchanges words after step 5's NaN: in step 5 when it communicates
 # after the gradient (a synchronous pull, average's exchange after the step), else at the
-# checkpoint of step 6. DDP averages replica 1's NaN into replica 0's gradient.
+# checkpoint of step 6. The decision is taken on the device there; the run ends at the next
+# read back, a logging (every 4) or checkpoint (every 2) step: step 6 for every form. DDP
+# averages replica 1's NaN into replica 0's gradient.
 STOP_EXPECTED = {
-    "tanh-sync": (5, LOSS_AT_5),
+    "tanh-sync": (6, LOSS_AT_5),
     "tanh-overlap": (6, LOSS_AT_5),
-    "linear-sync": (5, LOSS_AT_5),
+    "linear-sync": (6, LOSS_AT_5),
     "linear-overlap": (6, LOSS_AT_5),
-    "average-sync": (5, LOSS_AT_5),
-    "average-overlap": (5, LOSS_AT_5),
+    "average-sync": (6, LOSS_AT_5),
+    "average-overlap": (6, LOSS_AT_5),
     "none-sync": (6, LOSS_AT_5),
     "none-overlap": (6, LOSS_AT_5),
     "ddp-sync": (6, "non-finite gradient in replica 0 at step 5, " + LOSS_AT_5),
@@ -442,28 +446,33 @@ def _limit_message(counts: dict[int, int], seen: str) -> str:
 
 LOSS_AT_7 = "non-finite loss in replica 1 at step 7"
 # (step of the stop, replicas at or over the limit with their counts, what the last words
-# reported, steps replica 0 and replica 1 skipped before it). Replica 1 is NaN from step 5 on.
-#  - Every step communicates after the gradient (sync pulls, average): the 3rd skip in a row,
-#    step 7, is the stop. All skip 5 and 6 with a sync pull; average applies replica 0's 5.
-#  - Overlapped pulls: step 7's word tells of step 6 (count 2): step 8's tells of 7 (3).
+# reported, steps replica 0 and replica 1 skipped, the stop's step included). Replica 1 is NaN
+# from step 5 on, so it skips 5 to 8. The limit is reached on the device at:
+#  - step 7 when every step communicates after the gradient (sync pulls, average): the 3rd
+#    skip in a row. A sync pull makes replica 0 skip 5, 6 and 7 with it; average only the
+#    checkpoint step 6 (agreed before its update);
+#  - step 8 with overlapped pulls: step 7's word tells of step 6 (count 2), step 8's of 7 (3).
+#    Replica 0 skips 6 (checkpoint) only;
 #  - none/ddp exchange words at checkpoint (even) and logging (1, 4, 8) steps only: at step 8,
-#    overlapped, through step 7 (3); synchronous, through step 8 (4). Both skip the
-#    checkpoint step 6 (agreed before its update); with ddp replica 0 is NaN too.
+#    overlapped, through step 7 (3); synchronous, through step 8 (4). With ddp replica 0 is
+#    NaN too.
+# The run ends at the next read back, step 8 (logging and checkpoint), and every replica skips
+# every step from the decision to there.
 SKIP_EXPECTED = {
-    "tanh-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "tanh-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "linear-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "linear-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "average-sync": (7, {1: 3}, LOSS_AT_7, 1, 3),
-    "average-overlap": (7, {1: 3}, LOSS_AT_7, 1, 3),
-    "none-sync": (8, {1: 4}, LOSS_AT_7, 1, 3),
-    "none-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
-    "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
-    "average-every-4": (8, {1: 4}, LOSS_AT_7, 1, 3),  # like none-sync: words at 6 and 8 only
-    # Words on every step (a checkpoint each): the limit holds exactly whatever the form.
-    "none-every-step": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "cnn-batchnorm": (7, {1: 3}, LOSS_AT_7, 2, 2),
+    "tanh-sync": (8, {1: 3}, LOSS_AT_7, 4, 4),
+    "tanh-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "linear-sync": (8, {1: 3}, LOSS_AT_7, 4, 4),
+    "linear-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "average-sync": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "average-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "none-sync": (8, {1: 4}, LOSS_AT_7, 2, 4),
+    "none-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 4, 4),
+    "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 4, 4),
+    "average-every-4": (8, {1: 4}, LOSS_AT_7, 2, 4),  # like none-sync: words at 6 and 8 only
+    # Words on every step (a checkpoint each): no lag; the limit holds exactly whatever the form.
+    "none-every-step": (7, {1: 3}, LOSS_AT_7, 3, 3),
+    "cnn-batchnorm": (8, {1: 3}, LOSS_AT_7, 4, 4),
 }
 
 
