@@ -119,3 +119,43 @@ def test_a_plain_step_reads_nothing_back_from_the_device(counted, name):
         # Logging, evaluating and checkpointing read numbers to write them: a bounded few.
         assert max(reads.values()) <= 40, (name, rank, reads)
         assert reads.get(7, 0) <= 4, (name, rank, reads)  # a checkpoint step that does not log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("form", ["tanh", "linear", "average", "none"])
+def test_cuda_plain_steps_make_no_synchronizing_call(tmp_path, form):
+    # torch raises on any call that makes the host wait for the GPU (.item(), a copy to the
+    # host, a non-pinned copy from it, a bool of a tensor) while the mode is "error".
+    import torch.distributed as tdist
+
+    store = tdist.FileStore(str(tmp_path / "store"), 1)
+    tdist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", 0)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(
+            device
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+        coupling = ReplicaCoupling(model, optimizer, form, every=2 if form == "average" else 1)
+        x = torch.randn(32, 64, device=device)
+        y = torch.randint(0, 10, (32,), device=device)
+
+        def step(**agree):
+            coupling.begin_step()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return coupling.step(loss, **agree)
+
+        step(agree=True)  # the optimizer's first step creates its state: decided on the host
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert bool(step(agree=True))  # read back: every step was applied
+    finally:
+        tdist.destroy_process_group()
