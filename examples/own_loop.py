@@ -23,7 +23,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(rank)  # every replica starts from its own weights
 model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
 coupling = ReplicaCoupling(model, optimizer, "tanh", eta=0.001, eta_final=0.4, steps=args.steps)
 data = torch.Generator().manual_seed(100 + rank)  # this replica's own stream of data
 teacher = torch.randn(8, generator=torch.Generator().manual_seed(0)) / 8**0.5
@@ -42,7 +42,9 @@ while coupling.step_count < args.steps:
     loss = torch.nn.functional.mse_loss(model(x), y)
     optimizer.zero_grad()
     loss.backward()
-    coupling.step(loss)  # in place of optimizer.step()
+    # In place of optimizer.step(). Its guard decides on the device; agree=True reads the
+    # outcome back (and raises if a replica went non-finite) before we save.
+    coupling.step(loss, agree=coupling.step_count + 1 == args.stop_at)
     if coupling.step_count == args.stop_at:
         state = {"model": model, "optimizer": optimizer, "coupling": coupling}
         torch.save({k: v.state_dict() for k, v in state.items()} | {"data": data.get_state()}, path)

@@ -5,7 +5,8 @@
 #      2 replicas x 2 data-parallel ranks (parallel.dp=2) on four;
 #   3. a run stopped by SIGTERM and resumed, against an uninterrupted one;
 #   4. the benchmark (launch/bench.sh): NCCL with one rank (with the copies between host and
-#      GPU of coupled steps), and gloo with CUDA tensors on two ranks sharing the GPU.
+#      GPU of coupled steps), and gloo with CUDA tensors on two ranks sharing the GPU;
+#   5. plain steps under torch.cuda.set_sync_debug_mode("error") (tests/test_host_sync.py).
 # Each run's summary.json is printed; OUT (default runs/gpu_check) keeps the run directories
 # and the benchmark reports (bench_*.md).
 set -euo pipefail
@@ -39,3 +40,6 @@ bench() {  # name nproc args...
 }
 bench nccl_world1 1 dist.backend=nccl
 bench gloo_cuda_world2 2 dist.backend=gloo dist.device=cuda
+
+echo "== plain steps make no synchronizing call (sync debug mode: error)"
+timeout 120 python3 -m pytest -q tests/test_host_sync.py -k cuda 2>&1 | tail -n 3

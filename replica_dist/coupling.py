@@ -33,19 +33,13 @@ ELASTIC_FORMS = ("tanh", "linear")
 def pull(
     form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
 ) -> torch.Tensor:
-    """The coupling's move of weights `w` toward the replicas' `mean` (same shape)."""
-    return pull_from_gap_(form, mean - w, eta, temperature)
-
-
-def pull_from_gap_(form: str, gap: torch.Tensor, eta: float, temperature: float = 1.0) -> torch.Tensor:
-    """`pull`, computed in place from gap = mean - w and returned: the loop turns its
-    exchange buffer into the pull this way, with no new full-size tensor per step."""
+    """The coupling's move of weights `w` toward the replicas' `mean` (same shape): the
+    textbook form, the reference for the trainer's fused one (_Elastic.direction_)."""
+    gap = mean - w
     if form == "tanh":
-        if temperature != 1.0:  # x / 1 == x exactly: skipping it changes no bit
-            gap.div_(temperature)
-        return gap.tanh_().mul_(eta)
+        return eta * torch.tanh(gap / temperature)
     if form == "linear":
-        return gap.mul_(eta)
+        return eta * gap
     if form == "average":
         return gap
     raise ValueError(f"no pull for coupling form {form!r}")
@@ -139,8 +133,19 @@ class _Elastic(_Form):
 
     pulls_before_step = True
 
-    def pull_(self, gap: torch.Tensor, eta: float) -> torch.Tensor:
-        return pull_from_gap_(self.cfg.name, gap, eta, self.cfg.temperature)
+    def direction_(self, total: torch.Tensor, state: FlatState, n: int, apply: torch.Tensor) -> torch.Tensor:
+        """`pull` / eta, in place in `total` (the replicas' sum of the pre-step weights) and
+        zero where `apply` is false: in four passes over the buffer (the mean's division
+        folded into the gap's scale, eta into the caller's add), where the textbook order
+        takes seven. Equal to `pull` up to rounding (tests/test_coupling.py)."""
+        state.subtract_from(total, alpha=n)  # n * (mean - w_before)
+        if self.cfg.name == "tanh":
+            total.mul_(1.0 / (n * self.cfg.temperature)).tanh_()
+        else:
+            total.mul_(1.0 / n)
+        # A skipped step moves nothing: a fill, not a product, so that a gap that is not
+        # finite (a replica's overflowed weights, agreed on in this very step) leaves no NaN.
+        return total.masked_fill_(~apply, 0)
 
 
 class _Average(_Form):
@@ -205,7 +210,7 @@ class ReplicaCoupling:
         >>> dist.init_process_group("gloo")
         >>> torch.manual_seed(dist.get_rank())  # each replica starts from its own weights
         >>> model = torch.nn.Linear(10, 1)
-        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
         >>> coupling = ReplicaCoupling(model, optimizer, "tanh", eta=0.001, eta_final=0.4, steps=100)
         >>> for step in range(100):
         ...     x = torch.randn(32, 10); y = x.sum(1, keepdim=True)
@@ -218,7 +223,12 @@ class ReplicaCoupling:
     Every parameter and floating buffer (BatchNorm's running statistics) is coupled. No
     replica ever applies an update whose loss, weights, gradients or buffers are not finite;
     what the others do is decided together (``nonfinite="stop"`` raises NonFiniteError on
-    every rank, ``"skip"`` skips the step), see replica_dist/guard.py. ``state_dict()`` holds
+    every rank, ``"skip"`` skips the step), see replica_dist/guard.py. Those decisions are
+    taken on the device: a step reads nothing back to the host (the host runs ahead of the
+    GPU) except a step begun with ``observe=True`` or ended with ``agree=True``, where the
+    outcome is read back and an error raised; call one of them every few steps to bound that
+    lag. A guarded skip needs a fused optimizer (``fused=True``: SGD, Adam, AdamW) to stay on
+    the device; with any other the step reads one flag on the host. ``state_dict()`` holds
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 
@@ -261,11 +271,11 @@ class ReplicaCoupling:
         self.form = _FORMS[form](self.cfg)
         self.model, self.optimizer = model, optimizer
         self.overlap = overlap
-        self.guard = guard or Guard(nonfinite, max_consecutive_skips)
         self.timer = timer or NO_TIMER
         self.mesh = mesh or dist.Mesh(process_group, replica_group_of_rank)
         self.state = FlatState(model)
         self._device = self.state.device
+        self.guard = (guard or Guard(nonfinite, max_consecutive_skips)).to(self._device)
         self._bucket_bytes = bucket_mb * 2**20
         self._check_same_model()
         # Allocated once: the weights sent, the mean received, then the pull, all in this
@@ -328,23 +338,32 @@ class ReplicaCoupling:
                 if self.overlap:
                     exchange.start(self.guard.word())
             self.state.save_buffers()  # the forward pass moves them
-        self._in_step = {"step": step, "coupled": coupled, "needs_mean": needs_mean, "exchange": exchange}
+        self._in_step = {
+            "step": step,
+            "coupled": coupled,
+            "needs_mean": needs_mean,
+            "observe": observe,
+            "exchange": exchange,
+        }
 
-    def step(self, loss: torch.Tensor, agree: bool = False) -> bool:
+    def step(self, loss: torch.Tensor, agree: bool = False) -> torch.Tensor:
         """In place of optimizer.step(), after the backward pass: whether this replica applied
-        the step. `agree`: make sure every replica's word on this very step is in before
-        returning (the trainer asks so before a checkpoint, so none holds a non-finite value)."""
+        the step, as a 0-dim bool tensor on the model's device (reading it waits for the
+        device). `agree`: make sure every replica's word on this very step is in, and read
+        the guard's decisions back to the host (raising there if the run must end); the
+        trainer asks so before a checkpoint, so none holds a non-finite value. A step begun
+        with observe=True reads back too; any other step reads nothing back to the host."""
         if self._in_step is None:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, coupled, needs_mean, exchange = self._in_step.values()
+        step, coupled, needs_mean, observe, exchange = self._in_step.values()
         self._in_step = None
         self.step_count = step
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
-            apply = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
+            own = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
         with self.timer.section("communication"):
-            apply = self._agree(step, needs_mean, exchange, agree) and apply
+            apply = self._agree(step, needs_mean, exchange, agree) & own
         with self.timer.section("update"):
             pull = self._update(step, apply, coupled, exchange)
         # Every replica moves at once, from the same mean.
@@ -352,42 +371,72 @@ class ReplicaCoupling:
             self._average(step, exchange)
         elif pull is not None:
             with self.timer.section("update"):
-                self.state.add(pull)
+                self.state.add(pull, alpha=self.eta)
+        if agree or observe:
+            self.guard.read_back(step)
         return apply
 
-    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> bool:
+    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
-        one buffer, so that all ranks skip or stop together: whether every replica may apply."""
-        guard, apply = self.guard, True
+        one buffer, so that all ranks skip or stop together: whether every replica may apply
+        (a device bool; the decision is taken on the device)."""
+        guard = self.guard
+        apply = guard.may_apply()
         if needs_mean:
             if not self.overlap:
                 exchange.start(guard.word())
-            mean_before, words = exchange.wait()
+            total, words = exchange.wait(divide=not self.form.pulls_before_step)
             apply = guard.decide(step, words)
-            if "before" in self.observed:
-                self.observed["mean_before"] = mean_before.clone()  # the buffer turns into the pull below
+            if "before" in self.observed:  # the buffer turns into the pull below
+                n = self.mesh.num_replicas
+                self.observed["mean_before"] = total / n if self.form.pulls_before_step else total.clone()
         if agree and (self.overlap or not needs_mean):
-            apply = guard.decide(step, dist.share_words(guard.word(), self._device, self.mesh)) and apply
+            apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
-    def _update(self, step: int, apply: bool, coupled: bool, exchange) -> torch.Tensor | None:
-        """The optimizer step, or a skipped one; returns the pull still to add, if any."""
+    def _update(self, step: int, apply: torch.Tensor, coupled: bool, exchange) -> torch.Tensor | None:
+        """The optimizer step, masked by `apply` on the device; returns the pull still to add,
+        divided by eta (zero where the step is not applied), if any."""
         state, pull = self.state, None
         self.guard.settle(step, apply)
-        if apply:
-            if coupled and self.form.pulls_before_step:
-                # Before the optimizer step, while the parameters still hold w_before.
-                gap = state.subtract_from(exchange.flat)  # mean - w_before, in place
-                pull = self.form.pull_(gap, self.eta)
-                if self.cfg.via_optimizer:
-                    state.pull_through_optimizer(pull)
-                    pull = None
-            self.optimizer.step()
-        else:
-            state.restore_buffers()
+        if coupled and self.form.pulls_before_step:
+            # Before the optimizer step, while the parameters still hold w_before.
+            direction = self.form.direction_(exchange.flat, state, self.mesh.num_replicas, apply)
+            if self.cfg.via_optimizer:
+                state.pull_through_optimizer(direction.mul_(self.eta))
+            else:
+                pull = direction
+        self._optimizer_step(apply)
+        state.restore_buffers_unless(apply)
         if "before" in self.observed:
             self.observed["after_optimizer"] = state.pack()
         return pull
+
+    def _optimizer_step(self, apply: torch.Tensor) -> None:
+        """optimizer.step(), or none where `apply` is false. A fused optimizer (SGD, Adam or
+        AdamW with fused=True) skips on the device through `found_inf`, the flag with which
+        torch.amp.GradScaler skips its steps; any other optimizer needs the flag on the host."""
+        optimizer = self.optimizer
+        if not self._skips_on_device():
+            if bool(apply):
+                optimizer.step()
+            return
+        optimizer.found_inf = (~apply).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+
+    def _skips_on_device(self) -> bool:
+        optimizer = self.optimizer
+        if not getattr(optimizer, "_step_supports_amp_scaling", False) or hasattr(optimizer, "found_inf"):
+            return False
+        # A fused optimizer's first step creates its state from the gradients whatever
+        # found_inf says (SGD's momentum buffers): that one step is decided on the host.
+        stateless = isinstance(optimizer, torch.optim.SGD) and all(
+            g["momentum"] == 0 for g in optimizer.param_groups
+        )
+        return stateless or bool(optimizer.state)
 
     def _average(self, step: int, exchange) -> None:
         """average: the weights after the step, replaced by their mean over the replicas."""

@@ -162,7 +162,7 @@ class ReplicaExchange:
     row (the guard's word: small integers, exact in any float type). The buffer is reduced in
     buckets of at most `bucket_bytes`, each an all_reduce of a slice of it (no copies), all in
     flight together; `start` returns at once, `wait` gives the mean and the table. On CUDA
-    the weights never leave the GPU; only the small table is copied to the host."""
+    nothing leaves the GPU."""
 
     def __init__(
         self,
@@ -178,33 +178,32 @@ class ReplicaExchange:
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
         self.flat = self.buffer[:numel]
         self.table = self.buffer[numel:].view(n, row_len)
-        self._own_row = list(self.table[self.mesh.replica])  # one view per number: filled without a host copy
         per_bucket = max(1, int(bucket_bytes // self.buffer.element_size()))
         self.buckets = list(self.buffer.split(per_bucket))
         self._works: list[tdist.Work] = []
 
-    def start(self, row: list[float]) -> None:
-        """Put `row` into this replica's row of the table and start reducing the buffer (its
-        `flat` part must hold this replica's weights). Touch nothing in it until `wait`."""
+    def start(self, row: torch.Tensor) -> None:
+        """Put `row` (a device vector) into this replica's row of the table and start reducing
+        the buffer (its `flat` part must hold this replica's weights). Touch nothing in it
+        until `wait`."""
         self.table.zero_()
-        for entry, value in zip(self._own_row, row):
-            entry.fill_(value)
+        self.table[self.mesh.replica].copy_(row)
         with _collective("all_reduce (replica mean)", self.mesh.step):
             self._works = [
                 tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=self.mesh.replicas, async_op=True)
                 for bucket in self.buckets
             ]
 
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The replicas' mean (in `flat`, overwritten) and every replica's row (on the host,
-        the same on every rank; with parallel.dp > 1 the largest over the replica's ranks)."""
+    def wait(self, divide: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replicas' mean (in `flat`, overwritten; their sum with divide=False) and every
+        replica's row (on the device, the same on every rank; with parallel.dp > 1 the
+        largest over the replica's ranks). Nothing is read back to the host."""
         with _collective("all_reduce (replica mean)", self.mesh.step):
             for work in self._works:
                 work.wait()
         self._works = []
-        # The host waits here for the all_reduce, not for the division below.
-        table = self.table.to("cpu", copy=True)
-        return self.flat.div_(self.mesh.num_replicas), _agree_within_replica(table, self.mesh)
+        flat = self.flat.div_(self.mesh.num_replicas) if divide else self.flat
+        return flat, _agree_within_replica(self.table, self.mesh)
 
 
 def _agree_within_replica(table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
@@ -248,9 +247,14 @@ def gather_rows(values: list[float], device: torch.device, mesh: Mesh) -> torch.
     return table.cpu()
 
 
-def share_words(word: list[float], device: torch.device, mesh: Mesh) -> torch.Tensor:
-    """Every replica's guard word, as `ReplicaExchange.wait` gives them, without the weights."""
-    return _agree_within_replica(gather_rows(word, device, mesh), mesh)
+def share_words(word: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Every replica's guard word, as `ReplicaExchange.wait` gives them (on the device),
+    without the weights: one small all_reduce."""
+    table = torch.zeros(mesh.num_replicas, len(word), dtype=word.dtype, device=word.device)
+    table[mesh.replica].copy_(word)
+    with _collective("all_reduce (guard words)", mesh.step):
+        tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
+    return _agree_within_replica(table, mesh)
 
 
 def first_failure(failure: str | None) -> str | None:

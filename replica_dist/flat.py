@@ -51,27 +51,33 @@ class FlatState:
         with torch.no_grad():
             torch._foreach_copy_(self.tensors, self.views(flat))
 
-    def add(self, flat: torch.Tensor) -> None:
-        """Add `flat` to the model's weights."""
+    def add(self, flat: torch.Tensor, alpha: float = 1.0) -> None:
+        """Add `alpha` * `flat` to the model's weights."""
         with torch.no_grad():
-            torch._foreach_add_(self.tensors, self.views(flat))
+            torch._foreach_add_(self.tensors, self.views(flat), alpha=alpha)
 
     def save_buffers(self) -> None:
         """Remember the floating buffers, which the forward pass is about to move."""
         if self._saved_buffers:
             torch._foreach_copy_(self._saved_buffers, self.floating_buffers)
 
-    def restore_buffers(self) -> None:
-        """Put back the floating buffers remembered by `save_buffers` (a skipped step)."""
+    def restore_buffers_unless(self, applied: torch.Tensor) -> None:
+        """Put back the floating buffers remembered by `save_buffers` where `applied` (a
+        device bool) is false: a skipped step, decided without a read back to the host."""
         if self._saved_buffers:
-            torch._foreach_copy_(self.floating_buffers, self._saved_buffers)
+            kept = [
+                torch.where(applied, b, saved) for b, saved in zip(self.floating_buffers, self._saved_buffers)
+            ]
+            torch._foreach_copy_(self.floating_buffers, kept)
 
-    def subtract_from(self, flat: torch.Tensor) -> torch.Tensor:
-        """`flat` minus the weights from before this step, in place (the gap to the mean).
+    def subtract_from(self, flat: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """`flat` minus `alpha` * the weights from before this step, in place (the gap to the mean).
         Valid between the forward pass and the optimizer step: the parameters have not moved
         yet, and the floating buffers' earlier values were kept by `save_buffers`."""
         with torch.no_grad():
-            torch._foreach_sub_(self.views(flat), self.tensors[: self.num_params] + self._saved_buffers)
+            torch._foreach_sub_(
+                self.views(flat), self.tensors[: self.num_params] + self._saved_buffers, alpha=alpha
+            )
         return flat
 
     def pull_through_optimizer(self, pull: torch.Tensor) -> None:

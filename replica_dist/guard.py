@@ -23,17 +23,27 @@ word tells of the steps before; this step's value is agreed on at the next excha
   - guard.nonfinite=skip: when the non-finite value is in this very step, every rank skips
     it (counted in guard/skipped_steps); an earlier one was already skipped by its replica.
     When some replica's count of steps not applied in a row has reached
-    guard.max_consecutive_skips, every rank raises the same SkipLimitError instead: at once
-    when every step communicates, else at the next step that does (a replica that
-    computes alone meanwhile only skips, never applies, a non-finite value).
+    guard.max_consecutive_skips, every rank raises the same SkipLimitError instead.
 A step can exchange words twice (average's second exchange, a checkpoint's own); the second
 only adds what the first could not know, and resets nothing.
+
+Every one of these decisions is taken on the device, so that a step makes the host wait for
+nothing (on a GPU the host then runs ahead of it). The host reads the outcome back only on
+the steps that log or checkpoint (in ReplicaCoupling: a step begun with observe=True or
+ended with agree=True). That is the lag: between the exchange that decides to end the run and
+the next read back, every replica skips every step (none applies anything), and the error is
+raised at that read back, naming the step of the value as before. With log.every=k the run
+ends at most k steps after the decision; a skip is never delayed.
 SIGTERM and SIGINT (Slurm preemption, Ctrl-C) are stop requests, decided the same way: every
-rank finishes the step, saves a checkpoint and exits cleanly.
+rank finishes the step, saves a checkpoint and exits cleanly, at the next read back.
+A replica's own skip, on a step that exchanges nothing, is on the device too: a fused
+optimizer (SGD, Adam, AdamW with fused=True, as the trainer builds them) skips through
+found_inf, GradScaler's flag; any other optimizer makes that step read its flag on the host.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Iterable
 
@@ -68,7 +78,18 @@ class StopRequested(Exception):
         self.step = step
 
 
+# Slots of the guard's state, a small vector on the model's device (see Guard).
+_FIRST, _KIND, _LATEST, _IN_ROW, _REQUESTED, _SKIPPED, _COUNTED, _FROZEN, _STOP, _UNCLEAN = range(10)
+_WORD_SLOTS = [_FIRST, _KIND, _REQUESTED, _IN_ROW, _LATEST]
+"""Where each number of a word comes from (see Guard.word)."""
+
+
 class Guard:
+    """The guard of one replica. Its state is a small tensor on the model's device and every
+    per-step decision is a device operation, so that a step reads nothing back to the host;
+    `read_back`, on the steps that log or checkpoint, brings the agreed outcome to the host
+    (and raises there). See the module's docstring for the rules."""
+
     WORD_LENGTH = 5
     """Numbers in a word: see `word`."""
 
@@ -76,21 +97,20 @@ class Guard:
         self.policy = policy
         self.max_consecutive_skips = max_consecutive_skips
         self.all_clean = True
-        """Whether no replica saw a non-finite value in the step of the latest exchange of words."""
-        self._decided_step = 0
-        self.unreported_bad_step = 0
-        """The step of this replica's first non-finite value not yet shared (0: none)."""
-        self.unreported_kind = 0
-        """What was non-finite at `unreported_bad_step`: 1 + its index in KINDS (0: none)."""
-        self.latest_bad_step = 0
-        """The step of this replica's latest non-finite value not yet shared (0: none)."""
+        """Whether no replica saw a non-finite value in the step of the latest read back."""
         self.stop_requested = False
         self.stop_agreed = False
-        self.skipped_steps = 0
-        """Steps this replica did not apply (counted by `settle`)."""
-        self.skips_in_row = 0
-        """Steps in a row this replica did not apply, up to the latest one it knows of."""
-        self._counted_step = 0
+        self._state = torch.zeros(_UNCLEAN + 1, dtype=torch.float64)
+        self._error_table: torch.Tensor | None = None
+        self._word_slots = torch.tensor(_WORD_SLOTS)
+        self._kind_rank = torch.tensor([len(KINDS) - k for k in range(len(KINDS))], dtype=torch.float64)
+
+    def to(self, device: torch.device) -> Guard:
+        """Keep the state on `device` (the model's), where the step's decisions are taken."""
+        self._state = self._state.to(device)
+        self._word_slots = self._word_slots.to(device)
+        self._kind_rank = self._kind_rank.to(device)
+        return self
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT ask for a stop at the next step boundary; a second SIGINT interrupts."""
@@ -103,13 +123,16 @@ class Guard:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
+    # ---- a step, on the device
+
     @torch.no_grad()
     def inspect(
         self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], buffers: list[torch.Tensor]
-    ) -> bool:
+    ) -> torch.Tensor:
         """Whether this replica's loss, its weights and their gradients, and every floating
-        buffer the forward pass updated (BatchNorm's running statistics) are finite. A step
-        that is not will not be applied by this replica: it counts as skipped from here on."""
+        buffer the forward pass updated (BatchNorm's running statistics) are finite, as a
+        0-dim bool tensor. A step that is not will not be applied by this replica: it counts
+        as skipped from here on."""
         params = list(params)
         groups = (
             [loss.detach()],
@@ -117,95 +140,141 @@ class Guard:
             list(buffers),
             [p.grad for p in params if p.grad is not None],
         )
-        # A sum is NaN or inf whenever one of its terms is, and costs a fraction of isfinite();
-        # only a sum that overflowed from finite terms needs the exact check.
-        if bool(torch.stack([v.sum() for group in groups for v in group]).isfinite().all()):
-            return True
-        kind = next(
-            (k for k, group in enumerate(groups, 1) if not all(bool(v.isfinite().all()) for v in group)), 0
+        # The largest magnitude is NaN or inf exactly when some value is (a sum could
+        # overflow from finite terms), and _foreach_norm takes a whole group in one kernel.
+        bad = torch.stack(
+            [
+                ~torch.stack([n.to(torch.float32) for n in torch._foreach_norm(group, math.inf)])
+                .isfinite()
+                .all()
+                if group
+                else torch.zeros((), dtype=torch.bool, device=self._state.device)
+                for group in groups
+            ]
         )
-        if not kind:
-            return True
-        if not self.unreported_bad_step:
-            self.unreported_bad_step, self.unreported_kind = step, kind
-        self.latest_bad_step = step
-        self._count_skip(step)
-        return False
+        top = (bad * self._kind_rank).amax()  # len(KINDS) for the first kind, ..., 0 for none
+        is_bad = top > 0
+        s = self._state
+        first = is_bad & (s[_FIRST] == 0)
+        s[_FIRST] = torch.where(first, step, s[_FIRST])
+        s[_KIND] = torch.where(first, len(KINDS) + 1 - top, s[_KIND])
+        s[_LATEST] = torch.where(is_bad, step, s[_LATEST])
+        self._count_skip(step, is_bad)
+        return ~is_bad
 
-    def _count_skip(self, step: int) -> None:
-        if self._counted_step != step:
-            self._counted_step = step
-            self.skips_in_row += 1
+    def _count_skip(self, step: int, skipped: torch.Tensor) -> None:
+        s = self._state
+        s[_IN_ROW] += skipped & (s[_COUNTED] != step)
+        s[_COUNTED] = torch.where(skipped, step, s[_COUNTED])
 
-    def settle(self, step: int, applied: bool) -> None:
+    def may_apply(self) -> torch.Tensor:
+        """False once the replicas agreed to end the run (raised at the next read back): from
+        then on no replica applies anything."""
+        return self._state[_FROZEN] == 0
+
+    @torch.no_grad()
+    def settle(self, step: int, applied: torch.Tensor) -> None:
         """Record whether this replica applied `step` (after every decision on it)."""
-        if applied:
-            self.skips_in_row = 0
-        else:
-            self.skipped_steps += 1
-            self._count_skip(step)
+        s = self._state
+        skipped = ~applied
+        s[_SKIPPED] += skipped
+        self._count_skip(step, skipped)
+        s[_IN_ROW] = torch.where(applied, 0, s[_IN_ROW])
 
-    def word(self) -> list[float]:
-        """What this rank tells the others in the exchange about to start: the step of its
-        first non-finite value since the last word (0: none) and its kind, whether it was
-        asked to stop, its steps not applied in a row, and the step of its latest non-finite
-        value. The non-finite values count as reported from here on; the count stays until
-        the replica applies a step."""
-        word = [
-            float(self.unreported_bad_step),
-            float(self.unreported_kind),
-            float(self.stop_requested),
-            float(self.skips_in_row),
-            float(self.latest_bad_step),
-        ]
-        self.unreported_bad_step = self.unreported_kind = self.latest_bad_step = 0
+    def word(self) -> torch.Tensor:
+        """What this rank tells the others in the exchange about to start (a device vector):
+        the step of its first non-finite value since the last word (0: none) and its kind,
+        whether it was asked to stop, its steps not applied in a row, and the step of its
+        latest non-finite value. The non-finite values count as reported from here on; the
+        count stays until the replica applies a step."""
+        s = self._state
+        s[_REQUESTED].fill_(float(self.stop_requested))  # a host flag, written without a read back
+        word = s[self._word_slots]
+        s[_FIRST : _LATEST + 1].zero_()
         return word
 
-    def decide(self, step: int, words: torch.Tensor) -> bool:
-        """From every rank's word (a (world_size, WORD_LENGTH) table, the same on every rank):
-        whether to apply this step. Raises NonFiniteError under the stop policy, SkipLimitError
-        when a replica has reached the skip limit; notes an agreed stop request."""
-        rows = [[int(v) for v in row] for row in words.tolist()]
-        self.stop_agreed = self.stop_agreed or any(row[2] for row in rows)
+    @torch.no_grad()
+    def decide(self, step: int, words: torch.Tensor) -> torch.Tensor:
+        """From every rank's word (a (replicas, WORD_LENGTH) table on the device, the same on
+        every rank): whether to apply this step, a 0-dim bool tensor. What ends the run (a
+        non-finite value under the stop policy, a replica at the skip limit) and a stop
+        request are noted on the device; `read_back` raises or reports them."""
+        s = self._state
+        words = words.to(s.dtype)
+        bad_now = (words[:, 4] == step).any()
+        error = (words[:, 3] >= self.max_consecutive_skips).any()
+        if self.policy == "stop":
+            error = error | (words[:, 0] > 0).any()
+        if self._error_table is None:
+            self._error_table = torch.zeros_like(words)
+        # The first table that ended the run names what ended it.
+        self._error_table = torch.where(error & (s[_FROZEN] == 0), words, self._error_table)
+        s[_FROZEN] = torch.where(error, 1.0, s[_FROZEN])
+        s[_STOP] = torch.where((words[:, 2] > 0).any(), 1.0, s[_STOP])
+        s[_UNCLEAN] = torch.where(bad_now, step, s[_UNCLEAN])
+        return ~bad_now & (s[_FROZEN] == 0)
+
+    # ---- on the host, at the steps that log or checkpoint
+
+    def read_back(self, step: int) -> None:
+        """Bring the decisions up to `step` to the host (one transfer): raises NonFiniteError
+        under the stop policy, SkipLimitError when a replica reached the skip limit; sets
+        `stop_agreed` and `all_clean`."""
+        table = self._error_table if self._error_table is not None else self._state.new_zeros(0, 5)
+        values = torch.cat([self._state, table.flatten()]).tolist()
+        state, rows = values[: len(self._state)], values[len(self._state) :]
+        self.stop_agreed = self.stop_agreed or bool(state[_STOP])
+        self.all_clean = int(state[_UNCLEAN]) != step
+        if state[_FROZEN]:
+            table = [[int(v) for v in rows[i : i + 5]] for i in range(0, len(rows), 5)]
+            raise self._error(table)
+
+    def _error(self, rows: list[list[int]]) -> NonFiniteError:
         bad = {replica: (row[0], row[1]) for replica, row in enumerate(rows) if row[0]}
-        # A non-finite value reported by either exchange of a step makes the step unclean.
-        already_unclean = self._decided_step == step and not self.all_clean
-        bad_now = any(row[4] == step for row in rows)
-        self.all_clean = not bad_now and not already_unclean
-        self._decided_step = step
         where = ", ".join(f"non-finite {_kind(k)} in replica {r} at step {s}" for r, (s, k) in bad.items())
         if bad and self.policy == "stop":
-            raise NonFiniteError(
+            return NonFiniteError(
                 f"{where} (guard.nonfinite=stop); {ADVICE}, or set guard.nonfinite=skip to skip such steps"
             )
+        # A replica that fails again and again (a diverged one, a fixed batch) would
+        # otherwise freeze, or leave the run to end with non-finite results.
         over = [(r, row[3]) for r, row in enumerate(rows) if row[3] >= self.max_consecutive_skips]
-        if over:
-            # A replica that fails again and again (a diverged one, a fixed batch) would
-            # otherwise freeze, or leave the run to end with non-finite results.
-            who = ", ".join(f"replica {r} skipped {n} steps in a row" for r, n in over)
-            seen = f": {where}" if where else ""
-            raise SkipLimitError(
-                f"{who} for non-finite values (guard.max_consecutive_skips={self.max_consecutive_skips})"
-                f"{seen}; training diverged: {ADVICE}"
-            )
-        return not bad_now
+        who = ", ".join(f"replica {r} skipped {n} steps in a row" for r, n in over)
+        seen = f": {where}" if where else ""
+        return SkipLimitError(
+            f"{who} for non-finite values (guard.max_consecutive_skips={self.max_consecutive_skips})"
+            f"{seen}; training diverged: {ADVICE}"
+        )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps this replica did not apply (reads the device)."""
+        return int(self._state[_SKIPPED])
+
+    @property
+    def skips_in_row(self) -> int:
+        """Steps in a row this replica did not apply, up to the latest one it knows of (reads the device)."""
+        return int(self._state[_IN_ROW])
+
+    _SAVED = {
+        "unreported_bad_step": _FIRST,
+        "unreported_kind": _KIND,
+        "latest_bad_step": _LATEST,
+        "skipped_steps": _SKIPPED,
+        "skips_in_row": _IN_ROW,
+    }
 
     def state_dict(self) -> dict:
-        return {
-            "unreported_bad_step": self.unreported_bad_step,
-            "unreported_kind": self.unreported_kind,
-            "latest_bad_step": self.latest_bad_step,
-            "skipped_steps": self.skipped_steps,
-            "skips_in_row": self.skips_in_row,
-        }
+        values = self._state.tolist()
+        return {key: int(values[slot]) for key, slot in self._SAVED.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.unreported_bad_step = state["unreported_bad_step"]
-        # Checkpoints written before these entries existed.
-        self.unreported_kind = state.get("unreported_kind", 0)
-        self.latest_bad_step = state.get("latest_bad_step", self.unreported_bad_step)
-        self.skipped_steps = state["skipped_steps"]
-        self.skips_in_row = state.get("skips_in_row", 0)
+        # Checkpoints written before some entries existed.
+        state = {"latest_bad_step": state["unreported_bad_step"]} | dict(state)
+        values = self._state.tolist()
+        for key, slot in self._SAVED.items():
+            values[slot] = float(state.get(key, 0))
+        self._state.copy_(torch.tensor(values, dtype=self._state.dtype))
 
 
 def _kind(code: int) -> str:

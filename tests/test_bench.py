@@ -9,7 +9,7 @@ import pytest
 from runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
-from replica_dist.experiments.bench import AVERAGER, VARIANTS, _step_stats
+from replica_dist.experiments.bench import AVERAGER, PLAIN, VARIANTS, _step_stats
 from replica_dist.experiments.commands import torchrun_command
 
 
@@ -35,7 +35,7 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     numbers = json.loads((tmp_path / "bench.json").read_text())
-    assert list(numbers["steps"]) == [*VARIANTS, AVERAGER]
+    assert list(numbers["steps"]) == [PLAIN, *VARIANTS, AVERAGER]
     for name, r in numbers["steps"].items():
         assert 0 < r["p50_ms"] <= r["p90_ms"], name
         sections = r["compute_ms"] + r["communication_ms"] + r["update_ms"]
@@ -50,6 +50,16 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
         assert b["busbw_GBps"] == pytest.approx(b["algbw_GBps"])  # 2(n-1)/n = 1 for 2 ranks
     report = (tmp_path / "report.md").read_text()
     assert report == done.stdout[done.stdout.index("Machine:") :]
-    for name in (*VARIANTS, AVERAGER, "coupling / raw all_reduce bus bandwidth"):
+    for name in (PLAIN, *VARIANTS, AVERAGER, "coupling / raw all_reduce bus bandwidth"):
         assert f"| {name} |" in report
+    # Every variant against the plain loop and against DDP, from the same run's means.
+    means = {name: r["mean_ms"] for name, r in numbers["steps"].items()}
+    for name, mean in means.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[4:6] == [f"{mean / means[PLAIN]:.3f}", f"{mean / means['ddp']:.3f}"], row
+    assert (
+        f"| independent / plain loop step time | {means['independent'] / means[PLAIN]:.3f} | <= 1.03 |"
+        in report
+    )
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # scratch runs removed

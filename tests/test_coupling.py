@@ -159,3 +159,26 @@ def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
     assert stability_note(cfg, first - 1) is None  # a run that ends before it is fine
     assert stability_note(CouplingConfig(name="tanh", temperature=0.1, eta_max=0.05), 1500) is None
     assert stability_note(CouplingConfig(name="linear", eta_max=1.0), 1500) is None
+
+
+@pytest.mark.parametrize(("form", "temperature"), [("tanh", 1.0), ("tanh", 0.3), ("linear", 1.0)])
+def test_the_fused_pull_equals_the_textbook_one(form, temperature):
+    # The trainer's pull works in place on the replicas' sum with the mean's division folded
+    # in; its result, times eta, must be `pull` of the weights and the mean.
+    from replica_dist.coupling import _Elastic
+    from replica_dist.flat import FlatState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    state = FlatState(model)
+    state.save_buffers()
+    w = state.pack()
+    others = [w + 0.3 * torch.randn_like(w) for _ in range(2)]
+    total = w + others[0] + others[1]
+    expected = pull(form, w, total / 3, eta=0.05, temperature=temperature)
+    elastic = _Elastic(CouplingConfig(name=form, temperature=temperature))
+    direction = elastic.direction_(total.clone(), state, 3, torch.tensor(True))
+    torch.testing.assert_close(0.05 * direction, expected, atol=1e-8, rtol=1e-6)
+    # Not applied: exactly zero, even where the gap is not finite.
+    total[0] = float("inf")
+    assert torch.equal(elastic.direction_(total, state, 3, torch.tensor(False)), torch.zeros_like(w))

@@ -301,10 +301,11 @@ def _stop_requested_on_one_rank_of_a_mesh(rank: int, world_size: int, root: str)
 
 def test_a_stop_seen_by_one_rank_of_a_mesh_stops_every_rank_at_the_same_step(tmp_path):
     # Rank 3 shares its mesh column with rank 1 only; its word reaches ranks 0 and 2 through
-    # the max over each replica's ranks. Overlapped, the word leaves with step 6's all_reduce.
+    # the max over each replica's ranks. Overlapped, the word leaves with step 6's all_reduce;
+    # the device's decision is read back at the next logging step, 7 (log.every=7).
     run_world(_stop_requested_on_one_rank_of_a_mesh, 4, str(tmp_path))
-    assert [(tmp_path / f"stopped.rank{r}").read_text() for r in range(4)] == ["6"] * 4
-    saved = sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000006").glob("replica-*.pt"))
+    assert [(tmp_path / f"stopped.rank{r}").read_text() for r in range(4)] == ["7"] * 4
+    saved = sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000007").glob("replica-*.pt"))
     assert saved == [f"replica-{r}.pt" for r in range(4)]
 
 

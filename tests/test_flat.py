@@ -145,7 +145,10 @@ def test_subtract_from_uses_the_buffers_saved_before_the_forward_pass():
     gap = mean.clone()
     assert state.subtract_from(gap) is gap
     assert torch.equal(gap, mean - before)
-    state.restore_buffers()
+    moved = _reference_flat(model).clone()
+    state.restore_buffers_unless(torch.tensor(True))  # an applied step keeps what the forward pass did
+    assert torch.equal(_reference_flat(model), moved)
+    state.restore_buffers_unless(torch.tensor(False))
     assert torch.equal(_reference_flat(model), before)
 
 

@@ -28,10 +28,18 @@ CLEAN = [0, 0, 0, 0, 0]
 LOSS, WEIGHT, BUFFER, GRADIENT = 1, 2, 3, 4
 
 
+def _decide(guard: Guard, step: int, words: torch.Tensor) -> bool:
+    """The device decision on one exchange of words, read back as a logging or checkpoint
+    step reads it (where the run ends, if it must)."""
+    apply = guard.decide(step, words)
+    guard.read_back(step)
+    return bool(apply)
+
+
 def test_decide_stop_names_what_every_bad_replica_saw_its_step_and_what_to_try():
     guard = Guard("stop")
     with pytest.raises(NonFiniteError) as caught:
-        guard.decide(5, _words(CLEAN, [5, LOSS, 0, 1, 5], CLEAN, [4, GRADIENT, 0, 2, 5]))
+        _decide(guard, 5, _words(CLEAN, [5, LOSS, 0, 1, 5], CLEAN, [4, GRADIENT, 0, 2, 5]))
     assert str(caught.value) == (
         "non-finite loss in replica 1 at step 5, non-finite gradient in replica 3 at step 4 "
         "(guard.nonfinite=stop); try a lower optim.lr, or set guard.nonfinite=skip to skip such steps"
@@ -41,35 +49,37 @@ def test_decide_stop_names_what_every_bad_replica_saw_its_step_and_what_to_try()
 
 def test_decide_skip_skips_only_a_bad_value_of_this_step():
     guard = Guard("skip")
-    assert guard.decide(5, _words(CLEAN, [5, LOSS, 0, 1, 5])) is False
+    assert _decide(guard, 5, _words(CLEAN, [5, LOSS, 0, 1, 5])) is False
     assert not guard.all_clean
-    assert guard.decide(8, _words(CLEAN, [5, LOSS, 0, 1, 5])) is True  # step 5 was skipped by replica 1 alone
+    assert (
+        _decide(guard, 8, _words(CLEAN, [5, LOSS, 0, 1, 5])) is True
+    )  # step 5 was skipped by replica 1 alone
     assert guard.all_clean
     # Replica 1 computed alone from step 5 on: its first bad step is old, its latest is this one.
-    assert guard.decide(9, _words(CLEAN, [5, LOSS, 0, 2, 9])) is False
-    assert guard.decide(10, _words(CLEAN, CLEAN)) is True
+    assert _decide(guard, 9, _words(CLEAN, [5, LOSS, 0, 2, 9])) is False
+    assert _decide(guard, 10, _words(CLEAN, CLEAN)) is True
     assert not guard.stop_agreed
-    guard.decide(11, _words(CLEAN, [0, 0, 1, 0, 0]))
+    _decide(guard, 11, _words(CLEAN, [0, 0, 1, 0, 0]))
     assert guard.stop_agreed
 
 
 def test_a_second_exchange_in_a_step_adds_and_resets_nothing():
     guard = Guard("skip", max_consecutive_skips=3)
-    assert guard.decide(4, _words(CLEAN, [4, LOSS, 0, 1, 4])) is False
-    assert guard.decide(4, _words([0, 0, 0, 1, 0], [0, 0, 0, 1, 0])) is True  # nothing new
+    assert _decide(guard, 4, _words(CLEAN, [4, LOSS, 0, 1, 4])) is False
+    assert _decide(guard, 4, _words([0, 0, 0, 1, 0], [0, 0, 0, 1, 0])) is True  # nothing new
     assert not guard.all_clean  # still the step that saw a non-finite value: no checkpoint
-    assert guard.decide(5, _words([0, 0, 0, 1, 0], [0, 0, 0, 2, 0])) is True
+    assert _decide(guard, 5, _words([0, 0, 0, 1, 0], [0, 0, 0, 2, 0])) is True
     assert guard.all_clean
-    assert guard.decide(6, _words(CLEAN, [0, 0, 0, 2, 0])) is True  # what would have reset the old count
+    assert _decide(guard, 6, _words(CLEAN, [0, 0, 0, 2, 0])) is True  # what would have reset the old count
     with pytest.raises(SkipLimitError):
-        guard.decide(6, _words(CLEAN, [6, LOSS, 0, 3, 6]))
+        _decide(guard, 6, _words(CLEAN, [6, LOSS, 0, 3, 6]))
 
 
 def test_skip_stops_when_a_replica_has_skipped_the_limit_in_a_row():
     guard = Guard("skip", max_consecutive_skips=3)
-    assert guard.decide(7, _words([0, 0, 0, 2, 0], [7, LOSS, 0, 2, 7])) is False
+    assert _decide(guard, 7, _words([0, 0, 0, 2, 0], [7, LOSS, 0, 2, 7])) is False
     with pytest.raises(SkipLimitError) as caught:
-        guard.decide(8, _words([0, 0, 0, 2, 0], [7, BUFFER, 0, 3, 8]))
+        _decide(guard, 8, _words([0, 0, 0, 2, 0], [7, BUFFER, 0, 3, 8]))
     assert str(caught.value) == (
         "replica 1 skipped 3 steps in a row for non-finite values (guard.max_consecutive_skips=3): "
         "non-finite buffer in replica 1 at step 7; training diverged: try a lower optim.lr"
@@ -81,7 +91,7 @@ def test_skip_stops_on_a_count_alone_and_names_every_replica_at_the_limit():
     # Every bad value was reported already; the counts alone say the replicas stopped learning.
     guard = Guard("skip", max_consecutive_skips=2)
     with pytest.raises(SkipLimitError) as caught:
-        guard.decide(9, _words([0, 0, 0, 2, 0], [0, 0, 0, 1, 0], [0, 0, 0, 5, 0]))
+        _decide(guard, 9, _words([0, 0, 0, 2, 0], [0, 0, 0, 1, 0], [0, 0, 0, 5, 0]))
     assert str(caught.value) == (
         "replica 0 skipped 2 steps in a row, replica 2 skipped 5 steps in a row for non-finite values "
         "(guard.max_consecutive_skips=2); training diverged: try a lower optim.lr"
@@ -97,11 +107,11 @@ def test_inspect_reports_the_first_non_finite_step_until_shared():
     assert not guard.inspect(4, torch.tensor(1.0), layer.parameters(), [])
     assert not guard.inspect(5, torch.tensor(float("nan")), layer.parameters(), [])
     word = guard.word()
-    assert word == [4.0, GRADIENT, 0.0, 2.0, 5.0]
-    assert guard.word() == [0.0, 0.0, 0.0, 2.0, 0.0]  # reported once; the count stays
+    assert word.tolist() == [4.0, GRADIENT, 0.0, 2.0, 5.0]
+    assert guard.word().tolist() == [0.0, 0.0, 0.0, 2.0, 0.0]  # reported once; the count stays
     assert not guard.inspect(6, torch.tensor(float("nan")), layer.parameters(), [])
-    guard.decide(6, torch.tensor([word]))  # the decision on step 4 keeps step 6 for the next word
-    assert guard.word() == [6.0, LOSS, 0.0, 3.0, 6.0]
+    _decide(guard, 6, word[None])  # the decision on step 4 keeps step 6 for the next word
+    assert guard.word().tolist() == [6.0, LOSS, 0.0, 3.0, 6.0]
 
 
 def test_inspect_is_exact_when_a_sum_of_finite_values_overflows():
@@ -115,7 +125,7 @@ def test_inspect_is_exact_when_a_sum_of_finite_values_overflows():
     with torch.no_grad():
         layer.weight[0, 1] = float("nan")
     assert not guard.inspect(10, torch.tensor(1.0), layer.parameters(), [])
-    assert guard.word() == [9.0, BUFFER, 0.0, 2.0, 10.0]
+    assert guard.word().tolist() == [9.0, BUFFER, 0.0, 2.0, 10.0]
 
 
 def test_inspect_sees_a_non_finite_batchnorm_statistic():
@@ -124,7 +134,7 @@ def test_inspect_sees_a_non_finite_batchnorm_statistic():
     layer(torch.ones(1, 2)).sum().backward()
     running_var = torch.tensor([1.0, float("inf")])
     assert not guard.inspect(7, torch.tensor(1.0), layer.parameters(), [running_var])
-    assert guard.word() == [7.0, BUFFER, 0.0, 1.0, 7.0]
+    assert guard.word().tolist() == [7.0, BUFFER, 0.0, 1.0, 7.0]
 
 
 def test_inspect_names_a_non_finite_weight():
@@ -133,7 +143,7 @@ def test_inspect_names_a_non_finite_weight():
     with torch.no_grad():
         layer.bias[0] = float("inf")
     assert not guard.inspect(2, torch.tensor(1.0), layer.parameters(), [])
-    assert guard.word()[:2] == [2.0, WEIGHT]
+    assert guard.word().tolist()[:2] == [2.0, WEIGHT]
 
 
 def test_steps_in_a_row_count_own_and_agreed_skips_once_each_and_reset_on_an_applied_step():
@@ -141,22 +151,29 @@ def test_steps_in_a_row_count_own_and_agreed_skips_once_each_and_reset_on_an_app
     layer = torch.nn.Linear(2, 1)
     layer(torch.ones(1, 2)).sum().backward()
     nan = torch.tensor(float("nan"))
-    guard.settle(1, True)
+    applied, skipped = torch.tensor(True), torch.tensor(False)
+    guard.settle(1, applied)
     assert not guard.inspect(2, nan, layer.parameters(), [])
     assert guard.skips_in_row == 1  # known to be skipped before any word is sent
-    guard.settle(2, False)
-    guard.settle(3, False)  # finite here, skipped because another replica was not
+    guard.settle(2, skipped)
+    guard.settle(3, skipped)  # finite here, skipped because another replica was not
     assert not guard.inspect(4, nan, layer.parameters(), [])
-    guard.settle(4, False)
+    guard.settle(4, skipped)
     assert (guard.skips_in_row, guard.skipped_steps) == (3, 3)
-    guard.settle(5, True)
+    guard.settle(5, applied)
     assert (guard.skips_in_row, guard.skipped_steps) == (0, 3)
 
 
 def test_guard_state_survives_a_checkpoint():
     guard = Guard("skip")
-    guard.unreported_bad_step, guard.unreported_kind, guard.latest_bad_step = 9, LOSS, 11
-    guard.skipped_steps, guard.skips_in_row = 2, 1
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    nan = torch.tensor(float("nan"))
+    guard.settle(8, torch.tensor(False))
+    guard.inspect(9, nan, layer.parameters(), [])  # a 2nd skip in a row, reported as a loss
+    guard.settle(9, torch.tensor(False))
+    guard.settle(10, torch.tensor(True))
+    guard.inspect(11, torch.tensor(1.0), [], [torch.tensor(float("inf"))])  # skipped since, not yet settled
     restored = Guard("skip")
     restored.load_state_dict(guard.state_dict())
     assert restored.state_dict() == {
@@ -166,12 +183,13 @@ def test_guard_state_survives_a_checkpoint():
         "skipped_steps": 2,
         "skips_in_row": 1,
     }
+    assert restored.word().tolist() == [9.0, LOSS, 0.0, 1.0, 11.0]
 
 
 def test_guard_state_of_an_older_checkpoint_loads():
     restored = Guard("skip")
     restored.load_state_dict({"unreported_bad_step": 0, "skipped_steps": 2, "consecutive_skips": 0})
-    assert restored.word() == [0.0, 0.0, 0.0, 0.0, 0.0] and restored.skipped_steps == 2
+    assert restored.word().tolist() == [0.0, 0.0, 0.0, 0.0, 0.0] and restored.skipped_steps == 2
 
 
 # ---- a NaN injected into replica 1's batch at step 5, in a real 2-process world
@@ -237,8 +255,10 @@ def _checkpoints_finite(run_dir: Path) -> list[int]:
 SYNC, OVERLAP = "dist.overlap=false", "dist.overlap=true"
 
 
-# Overlapped, step 5's all_reduce started before its NaN existed: step 6's carries the news.
-@pytest.mark.parametrize(("mode", "stop_step"), [(SYNC, 5), (OVERLAP, 6)])
+# Synchronous, step 5's all_reduce decides on the device; overlapped, step 5's started before
+# its NaN existed and step 6's carries the news. Either way the run ends at the read back of
+# the checkpoint step 6, and nothing was applied in between.
+@pytest.mark.parametrize(("mode", "stop_step"), [(SYNC, 6), (OVERLAP, 6)])
 def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path, mode, stop_step):
     run_world(_train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=stop", mode])
     errors = _errors(tmp_path)
@@ -359,14 +379,16 @@ STOP_ADVICE = "(guard.nonfinite=stop); try a lower optim.lr, or set guard.nonfin
 LOSS_AT_5 = "non-finite loss in replica 1 at step 5"
 # Where each form first exchanges words after step 5's NaN: in step 5 when it communicates
 # after the gradient (a synchronous pull, average's exchange after the step), else at the
-# checkpoint of step 6. DDP averages replica 1's NaN into replica 0's gradient.
+# checkpoint of step 6. The decision is taken on the device there; the run ends at the next
+# read back, a logging (every 4) or checkpoint (every 2) step: step 6 for every form. DDP
+# averages replica 1's NaN into replica 0's gradient.
 STOP_EXPECTED = {
-    "tanh-sync": (5, LOSS_AT_5),
+    "tanh-sync": (6, LOSS_AT_5),
     "tanh-overlap": (6, LOSS_AT_5),
-    "linear-sync": (5, LOSS_AT_5),
+    "linear-sync": (6, LOSS_AT_5),
     "linear-overlap": (6, LOSS_AT_5),
-    "average-sync": (5, LOSS_AT_5),
-    "average-overlap": (5, LOSS_AT_5),
+    "average-sync": (6, LOSS_AT_5),
+    "average-overlap": (6, LOSS_AT_5),
     "none-sync": (6, LOSS_AT_5),
     "none-overlap": (6, LOSS_AT_5),
     "ddp-sync": (6, "non-finite gradient in replica 0 at step 5, " + LOSS_AT_5),
@@ -424,28 +446,33 @@ def _limit_message(counts: dict[int, int], seen: str) -> str:
 
 LOSS_AT_7 = "non-finite loss in replica 1 at step 7"
 # (step of the stop, replicas at or over the limit with their counts, what the last words
-# reported, steps replica 0 and replica 1 skipped before it). Replica 1 is NaN from step 5 on.
-#  - Every step communicates after the gradient (sync pulls, average): the 3rd skip in a row,
-#    step 7, is the stop. All skip 5 and 6 with a sync pull; average applies replica 0's 5.
-#  - Overlapped pulls: step 7's word tells of step 6 (count 2): step 8's tells of 7 (3).
+# reported, steps replica 0 and replica 1 skipped, the stop's step included). Replica 1 is NaN
+# from step 5 on, so it skips 5 to 8. The limit is reached on the device at:
+#  - step 7 when every step communicates after the gradient (sync pulls, average): the 3rd
+#    skip in a row. A sync pull makes replica 0 skip 5, 6 and 7 with it; average only the
+#    checkpoint step 6 (agreed before its update);
+#  - step 8 with overlapped pulls: step 7's word tells of step 6 (count 2), step 8's of 7 (3).
+#    Replica 0 skips 6 (checkpoint) only;
 #  - none/ddp exchange words at checkpoint (even) and logging (1, 4, 8) steps only: at step 8,
-#    overlapped, through step 7 (3); synchronous, through step 8 (4). Both skip the
-#    checkpoint step 6 (agreed before its update); with ddp replica 0 is NaN too.
+#    overlapped, through step 7 (3); synchronous, through step 8 (4). With ddp replica 0 is
+#    NaN too.
+# The run ends at the next read back, step 8 (logging and checkpoint), and every replica skips
+# every step from the decision to there.
 SKIP_EXPECTED = {
-    "tanh-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "tanh-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "linear-sync": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "linear-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "average-sync": (7, {1: 3}, LOSS_AT_7, 1, 3),
-    "average-overlap": (7, {1: 3}, LOSS_AT_7, 1, 3),
-    "none-sync": (8, {1: 4}, LOSS_AT_7, 1, 3),
-    "none-overlap": (8, {1: 3}, LOSS_AT_7, 1, 3),
-    "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
-    "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 3, 3),
-    "average-every-4": (8, {1: 4}, LOSS_AT_7, 1, 3),  # like none-sync: words at 6 and 8 only
-    # Words on every step (a checkpoint each): the limit holds exactly whatever the form.
-    "none-every-step": (7, {1: 3}, LOSS_AT_7, 2, 2),
-    "cnn-batchnorm": (7, {1: 3}, LOSS_AT_7, 2, 2),
+    "tanh-sync": (8, {1: 3}, LOSS_AT_7, 4, 4),
+    "tanh-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "linear-sync": (8, {1: 3}, LOSS_AT_7, 4, 4),
+    "linear-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "average-sync": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "average-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "none-sync": (8, {1: 4}, LOSS_AT_7, 2, 4),
+    "none-overlap": (8, {1: 3}, LOSS_AT_7, 2, 4),
+    "ddp-sync": (8, {0: 4, 1: 4}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 4, 4),
+    "ddp-overlap": (8, {0: 3, 1: 3}, "non-finite gradient in replica 0 at step 7, " + LOSS_AT_7, 4, 4),
+    "average-every-4": (8, {1: 4}, LOSS_AT_7, 2, 4),  # like none-sync: words at 6 and 8 only
+    # Words on every step (a checkpoint each): no lag; the limit holds exactly whatever the form.
+    "none-every-step": (7, {1: 3}, LOSS_AT_7, 3, 3),
+    "cnn-batchnorm": (8, {1: 3}, LOSS_AT_7, 4, 4),
 }
 
 

@@ -17,6 +17,8 @@ into compute / communication / update):
     ddp                  coupling=ddp (DistributedDataParallel, gradients bucketed and overlapped)
     PyTorch averager     torch's PeriodicModelAverager(period=4) after each optimizer step,
                          in a plain loop (it is not part of the trainer)
+    plain loop           the loop a user writes with no coupling at all: zero_grad, forward,
+                         backward, optimizer.step (the trainer's fused optimizer), nothing else
 
 then times a raw all_reduce of a flat buffer as large as the coupling's next to the
 coupling's own exchange (`dist.ReplicaExchange`: buckets, guard words, the division),
@@ -68,6 +70,7 @@ VARIANTS = {
     "average every 4": ["coupling=average", "coupling.every=4"],
     "ddp": ["coupling=ddp"],
 }
+PLAIN = "plain loop"
 AVERAGER = "PyTorch averager every 4"
 AVERAGER_PERIOD = 4
 HOST_COPY_STEPS = 10
@@ -123,15 +126,15 @@ def _step_stats(steps: list[dict[str, float]], peak_bytes: list[int], samples_pe
     }
 
 
-def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
-    """The plain loop PyTorch's model-averaging docs show, on the trainer's data and model."""
+def _run_plain_loop(cfg: Config, device: torch.device, timer: StepTimer, averager=None) -> None:
+    """The loop a user writes with no coupling, on the trainer's data, model and optimizer;
+    with `averager`, the plain loop PyTorch's model-averaging docs show."""
     mesh = dist.init_mesh(1, device)
     data = load_dataset(cfg.data, cfg.seed, torch.float32)
     batches = rank_batches(cfg, data, device, mesh)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, dist.rank()))
     model = model.to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    averager = PeriodicModelAverager(period=AVERAGER_PERIOD, warmup_steps=0)
     loss_fn = LOSSES[data.loss]
     for _ in range(cfg.train.steps):
         timer.start_step()
@@ -142,8 +145,9 @@ def _run_averager(cfg: Config, device: torch.device, timer: StepTimer) -> None:
             loss.backward()
         with timer.section("update"):
             optimizer.step()
-        with timer.section("communication"):
-            averager.average_parameters(model.parameters())
+        if averager is not None:
+            with timer.section("communication"):
+                averager.average_parameters(model.parameters())
         timer.end_step()
 
 
@@ -191,7 +195,7 @@ def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iteration
         tdist.all_reduce(raw)
 
     def coupling_exchange():
-        exchange.start([0.0] * Guard.WORD_LENGTH)
+        exchange.start(torch.zeros(Guard.WORD_LENGTH, device=device))
         exchange.wait()
 
     pair = [("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)]
@@ -233,14 +237,19 @@ def _machine(device: torch.device, backend: str) -> str:
 
 def _table(results: dict, param_bytes: int) -> list[str]:
     lines = [
-        "| variant | p50 ms | p90 ms | mean ms | samples/s | compute ms | comm ms | update ms "
-        "| peak MiB | overhead / param bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | p50 ms | p90 ms | mean ms | x plain | x ddp | samples/s | compute ms | comm ms "
+        "| update ms | peak MiB | overhead / param bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = results.get("independent", next(iter(results.values())))["peak_bytes"]
+
+    def against(name: str, r: dict) -> str:  # mean step time over that of `name`
+        return f"{r['mean_ms'] / results[name]['mean_ms']:.3f}" if name in results else "-"
+
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['mean_ms']:.2f} | {r['samples_per_s']:.0f} "
+            f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['mean_ms']:.2f} | {against(PLAIN, r)} "
+            f"| {against('ddp', r)} | {r['samples_per_s']:.0f} "
             f"| {r['compute_ms']:.2f} | {r['communication_ms']:.2f} | {r['update_ms']:.2f} "
             f"| {r['peak_bytes'] / 2**20:.1f} | {(r['peak_bytes'] - base) / param_bytes:.2f} |"
         )
@@ -258,6 +267,7 @@ def _ratios(results: dict, bandwidth: dict, param_bytes: int) -> dict[str, tuple
         )
     }
     for name, (variant, base, values, target) in {
+        "independent / plain loop step time": ("independent", PLAIN, mean, "<= 1.03"),
         "overlapped / ddp step time": ("coupled overlapped", "ddp", mean, "<= 1.0"),
         "linear overlapped / ddp step time": ("linear overlapped", "ddp", mean, "<= 1.0"),
         "every 16 / independent step time": ("coupled every 16", "independent", mean, "<= 1.10"),
@@ -324,16 +334,16 @@ def _parse(argv: list[str]):
     parser.add_argument("--batch", type=int, default=64, help="minibatch per rank")
     parser.add_argument("--rounds", type=int, default=2, help="passes through all variants")
     parser.add_argument("--bandwidth-iterations", type=int, default=50)
-    parser.add_argument("--variants", default=",".join([*VARIANTS, AVERAGER]), help="comma-separated")
+    parser.add_argument("--variants", default=",".join([PLAIN, *VARIANTS, AVERAGER]), help="comma-separated")
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--json", type=Path, help="also write every number (JSON) here")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scratch run directories")
     args, overrides = parser.parse_known_args(argv)
     if args.warmup >= args.steps - 1:
         parser.error(f"--warmup ({args.warmup}) must be below --steps - 1 ({args.steps - 1})")
-    unknown = set(args.variants.split(",")) - {*VARIANTS, AVERAGER}
+    unknown = set(args.variants.split(",")) - {PLAIN, *VARIANTS, AVERAGER}
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {[*VARIANTS, AVERAGER]}")
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {[PLAIN, *VARIANTS, AVERAGER]}")
     return args, overrides
 
 
@@ -363,8 +373,11 @@ def main(argv: list[str]) -> int:
             for name in names:
                 cfg, _ = load_config(common + VARIANTS.get(name, []))
                 timer = StepTimer(device, peak_memory)
-                if name == AVERAGER:
-                    _run_averager(cfg, device, timer)
+                if name == PLAIN:
+                    _run_plain_loop(cfg, device, timer)
+                elif name == AVERAGER:
+                    averager = PeriodicModelAverager(period=AVERAGER_PERIOD, warmup_steps=0)
+                    _run_plain_loop(cfg, device, timer, averager)
                 else:
                     train(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer=timer)
                 # The last step logs and evaluates (full-size copies of the weights): not counted.
