@@ -6,6 +6,7 @@ so a single process can rebuild exactly the data every replica of a distributed 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
@@ -343,13 +344,10 @@ def build_datasets(
 def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDataset]:
     """data._target_ called with data.kwargs: with train=True/False when it takes `train`,
     otherwise once and split by data.test_fraction (the split is seeded as the built-ins')."""
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
 
     key = f"data._target_={cfg._target_}"
-    try:
-        target = get_object(cfg._target_)
-    except Exception as err:  # ImportError, AttributeError, ValueError of a malformed path
-        raise ConfigError(f"{key} cannot be imported: {_one_line(err.__cause__ or err)}") from None
+    target = _locate(cfg._target_, key)
     try:
         takes_train = "train" in inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -372,6 +370,29 @@ def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDat
     order = _rng(seed, _SPLIT).permutation(len(whole))
     num_test = max(1, int(round(cfg.test_fraction * len(whole))))
     return Subset(whole, order[num_test:].tolist()), Subset(whole, order[:num_test].tolist())
+
+
+def _locate(path: str, key: str):
+    """The object at a dotted path, imported quietly (Hydra's own lookup logs the failure)."""
+    parts = path.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"{key} is not a dotted path pkg.module.Name")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module_name.startswith(err.name):
+                continue  # not a module: the rest may be attributes of a shorter prefix
+            raise ConfigError(f"{key} cannot be imported: {_one_line(err)}") from None
+        except Exception as err:  # the module exists but fails as it is imported
+            raise ConfigError(f"{key} cannot be imported: {type(err).__name__}: {_one_line(err)}") from None
+        for name in parts[split:]:
+            if not hasattr(found, name):
+                raise ConfigError(f"{key} cannot be imported: {module_name} has no {'.'.join(parts[split:])}")
+            found = getattr(found, name)
+        return found
+    raise ConfigError(f"{key} cannot be imported: no module named {parts[0]}")
 
 
 DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[TorchDataset, TorchDataset]]] = {
