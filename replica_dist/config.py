@@ -158,6 +158,10 @@ class DataConfig:
             self.name = "dataset"
         _check_choices(self, "data.")
         _check(
+            not self._target_ or all(part.isidentifier() for part in self._target_.split(".")),
+            f"data._target_ must be a dotted path pkg.module.Name; got {self._target_!r}",
+        )
+        _check(
             self.name != "dataset" or self._target_ != "",
             "data._target_ must be set for data.name=dataset (a pkg.module.DatasetClass)",
         )
