@@ -318,11 +318,12 @@ class DataInfo:
     num_outputs: int
     input_shape: tuple[int, ...]
     source: str = "the data"
+    shapes: str = ""
+    """What check_model says of the inputs' shape (the default: the samples of `source`)."""
 
     def check_model(self, cfg: ModelConfig) -> None:
-        check_input_shape(
-            cfg, self.input_shape, f"the samples of {self.source} have shape {self.input_shape}"
-        )
+        shapes = self.shapes or f"the samples of {self.source} have shape {self.input_shape}"
+        check_input_shape(cfg, self.input_shape, shapes)
 
 
 def build_datasets(
@@ -337,7 +338,8 @@ def build_datasets(
         train_set, test_set = DATASET_BUILDERS[cfg.name](cfg, seed)
         return train_set, test_set, dataset_info(cfg, train_set, test_set)
     data = load_dataset(cfg, seed, dtype)
-    info = DataInfo(data.task, data.loss, data.num_outputs, data.input_shape, data.source)
+    shapes = f"X_train of {data.source} has shape {tuple(data.x_train.shape)}"
+    info = DataInfo(data.task, data.loss, data.num_outputs, data.input_shape, data.source, shapes)
     return TensorDataset(data.x_train, data.y_train), TensorDataset(data.x_test, data.y_test), info
 
 
