@@ -43,6 +43,15 @@ def _memory(monkeypatch, nbytes: int, processes: int | None = None) -> None:
 ACCEPTED = [
     ["data=file", "data.path=x.npz", "data.task=regression", "data.split=full"],
     [
+        "data._target_=pkg.Data",
+        "data.kwargs={}",
+        "data.num_workers=2",
+        "data.pin_memory=true",
+        "data.persistent_workers=true",
+        "data.test_fraction=0.3",
+        "data.task=classification",
+    ],
+    [
         "data=teacher",
         "data.num_samples=100",
         "data.input_dim=5",
