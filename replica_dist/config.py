@@ -45,7 +45,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 # values, which `_check_choices` enforces with a message naming the key.
 ModelName = Literal["mlp", "cnn"]
 Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
-DataName = Literal["digits", "seed", "teacher", "file"]
+DataName = Literal["digits", "seed", "teacher", "file", "dataset"]
 Split = Literal["shard", "full"]
 Task = Literal["auto", "classification", "regression"]
 CouplingName = Literal["tanh", "linear", "average", "none", "ddp"]
@@ -181,12 +181,31 @@ def _one_line_error(err: BaseException) -> str:
 class DataConfig:
     name: DataName = "digits"
     """Dataset: digits (scikit-learn's 8x8 digits), seed (the note's random regression),
-    teacher (labels from a fixed random network) or file (a user's .npz)."""
+    teacher (labels from a fixed random network), file (a user's .npz) or dataset (any
+    map-style torch Dataset, `_target_`; set by giving `data._target_`)."""
+    _target_: str = ""
+    """A map-style torch.utils.data.Dataset class or function (pkg.mod.Name) whose items are
+    (x, y): y an integer label (classification) or a float target (regression). Called with
+    `kwargs`; if it takes a `train` argument, with train=True for the training set and
+    train=False for the test set (as torchvision's datasets), otherwise once and split by
+    `test_fraction`. Setting it selects data.name=dataset."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """dataset: keyword arguments of `_target_` (e.g. +data.kwargs.root=/data); values with
+    their own _target_ are instantiated too (Hydra's instantiate)."""
+    num_workers: int = 0
+    """dataset: DataLoader worker processes of each rank (0 loads in the training process).
+    Each sample is drawn under its own seed, so random transforms do not depend on the
+    number of workers, and resume is bit for bit."""
+    pin_memory: bool = False
+    """dataset: pinned host memory for batches copied to a CUDA device."""
+    persistent_workers: bool = False
+    """dataset: keep the DataLoader workers between evaluations (needs num_workers > 0)."""
     split: Split = "shard"
     """How replicas share the training set: `shard` (disjoint, deterministic from `seed`)
     or `full` (every replica sees all of it, in its own order)."""
     test_fraction: float = 0.2
-    """digits, teacher: fraction of the samples held out as the shared test set."""
+    """digits, teacher, and a dataset whose `_target_` takes no `train` argument: fraction of
+    the samples held out as the shared test set."""
     path: str = ""
     """file: path of a .npz holding X_train, y_train, X_test, y_test (see `task`)."""
     task: Task = "auto"
@@ -207,7 +226,22 @@ class DataConfig:
     """seed: size of each replica's fixed batch, drawn with replacement from the library."""
 
     def __post_init__(self) -> None:
+        if self._target_:
+            self.name = "dataset"
         _check_choices(self, "data.")
+        _check(
+            not self._target_ or all(part.isidentifier() for part in self._target_.split(".")),
+            f"data._target_ must be a dotted path pkg.module.Name; got {self._target_!r}",
+        )
+        _check(
+            self.name != "dataset" or self._target_ != "",
+            "data._target_ must be set for data.name=dataset (a pkg.module.DatasetClass)",
+        )
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
+        _check(
+            not self.persistent_workers or self.num_workers > 0,
+            "data.persistent_workers needs data.num_workers > 0",
+        )
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
         _check(self.name != "file" or self.path != "", "data.path must be set for data.name=file")
         for key in ("num_samples", "input_dim", "num_outputs", "library_size", "fixed_batch"):
@@ -377,9 +411,13 @@ class LogConfig:
 class EvalConfig:
     every: int = 100
     """Test-set evaluation of replicas, center and ensemble every k steps and at the end."""
+    batch_size: int = 1024
+    """Samples per forward pass in evaluation: it streams over the training and test sets,
+    so no dataset has to fit in memory at once."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"eval.every must be >= 1; got {self.every}")
+        _check(self.batch_size >= 1, f"eval.batch_size must be >= 1; got {self.batch_size}")
 
 
 @dataclass
@@ -573,10 +611,14 @@ def _one_line(err: BaseException) -> str:
 
 APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.batch_norm": ("model", ("cnn",)),
-    "data.split": ("data", ("digits", "teacher", "file")),
-    "data.test_fraction": ("data", ("digits", "teacher")),
+    "data.split": ("data", ("digits", "teacher", "file", "dataset")),
+    "data.test_fraction": ("data", ("digits", "teacher", "dataset")),
     "data.path": ("data", ("file",)),
-    "data.task": ("data", ("file",)),
+    "data.task": ("data", ("file", "dataset")),
+    "data.kwargs": ("data", ("dataset",)),
+    "data.num_workers": ("data", ("dataset",)),
+    "data.pin_memory": ("data", ("dataset",)),
+    "data.persistent_workers": ("data", ("dataset",)),
     "data.num_samples": ("data", ("teacher",)),
     "data.input_dim": ("data", ("seed", "teacher")),
     "data.num_outputs": ("data", ("seed", "teacher")),

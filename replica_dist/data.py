@@ -6,14 +6,19 @@ so a single process can rebuild exactly the data every replica of a distributed 
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from replica_dist.config import ConfigError, DataConfig, ModelConfig
 from replica_dist.model import check_input_shape
@@ -22,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Independent random streams per purpose, so that e.g. changing the world size does not
 # change the test split.
-_SPLIT, _SHARD, _ORDER, _SEED_LIBRARY, _SEED_BATCH, _TEACHER = range(6)
+_SPLIT, _SHARD, _ORDER, _SEED_LIBRARY, _SEED_BATCH, _TEACHER, _AUGMENT, _EVAL, _WORKERS = range(9)
 
 
 @dataclass
@@ -52,6 +57,10 @@ class Dataset:
 
 def _rng(seed: int, purpose: int, *extra: int) -> np.random.Generator:
     return np.random.default_rng([seed, purpose, *extra])
+
+
+def _sample_seed(seed: int, purpose: int, *extra: int) -> int:
+    return int(np.random.SeedSequence([seed, purpose, *extra]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -297,6 +306,161 @@ def load_dataset(cfg: DataConfig, seed: int, dtype: torch.dtype) -> Dataset:
     )
 
 
+# ---- any map-style torch Dataset (data._target_), and the one interface the loop uses
+
+
+@dataclass
+class DataInfo:
+    """What the loop needs to know about a dataset besides its samples."""
+
+    task: str
+    loss: str
+    num_outputs: int
+    input_shape: tuple[int, ...]
+    source: str = "the data"
+    shapes: str = ""
+    """What check_model says of the inputs' shape (the default: the samples of `source`)."""
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        shapes = self.shapes or f"the samples of {self.source} have shape {self.input_shape}"
+        check_input_shape(cfg, self.input_shape, shapes)
+
+
+def build_datasets(
+    cfg: DataConfig, seed: int, dtype: torch.dtype
+) -> tuple[TorchDataset, TorchDataset, DataInfo]:
+    """The training set, the shared test set and what they hold, identical on every rank.
+
+    Built-in data (digits, seed, teacher, file) come back as TensorDatasets, which the loop
+    trains on from device memory; any other map-style Dataset (data._target_, or a builder
+    registered in DATASET_BUILDERS) is read through a DataLoader. Items are (x, y) pairs."""
+    if cfg.name in DATASET_BUILDERS:
+        train_set, test_set = DATASET_BUILDERS[cfg.name](cfg, seed)
+        return train_set, test_set, dataset_info(cfg, train_set, test_set)
+    data = load_dataset(cfg, seed, dtype)
+    shapes = f"X_train of {data.source} has shape {tuple(data.x_train.shape)}"
+    info = DataInfo(data.task, data.loss, data.num_outputs, data.input_shape, data.source, shapes)
+    return TensorDataset(data.x_train, data.y_train), TensorDataset(data.x_test, data.y_test), info
+
+
+def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDataset]:
+    """data._target_ called with data.kwargs: with train=True/False when it takes `train`,
+    otherwise once and split by data.test_fraction (the split is seeded as the built-ins')."""
+    from hydra.utils import instantiate
+
+    key = f"data._target_={cfg._target_}"
+    target = _locate(cfg._target_, key)
+    try:
+        takes_train = "train" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        takes_train = False
+
+    def build(**extra) -> TorchDataset:
+        try:
+            dataset = instantiate({"_target_": cfg._target_, **cfg.kwargs}, **extra)
+        except Exception as err:
+            raise ConfigError(f"{key} cannot be built: {_one_line(err.__cause__ or err)}") from None
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise ConfigError(
+                f"{key} built a {type(dataset).__name__}, not a map-style Dataset (__getitem__ and __len__)"
+            )
+        return dataset
+
+    if takes_train:
+        return build(train=True), build(train=False)
+    whole = build()
+    order = _rng(seed, _SPLIT).permutation(len(whole))
+    num_test = max(1, int(round(cfg.test_fraction * len(whole))))
+    return Subset(whole, order[num_test:].tolist()), Subset(whole, order[:num_test].tolist())
+
+
+def _locate(path: str, key: str):
+    """The object at a dotted path, imported quietly (Hydra's own lookup logs the failure)."""
+    parts = path.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"{key} is not a dotted path pkg.module.Name")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and module_name.startswith(err.name):
+                continue  # not a module: the rest may be attributes of a shorter prefix
+            raise ConfigError(f"{key} cannot be imported: {_one_line(err)}") from None
+        except Exception as err:  # the module exists but fails as it is imported
+            raise ConfigError(f"{key} cannot be imported: {type(err).__name__}: {_one_line(err)}") from None
+        for name in parts[split:]:
+            if not hasattr(found, name):
+                raise ConfigError(f"{key} cannot be imported: {module_name} has no {'.'.join(parts[split:])}")
+            found = getattr(found, name)
+        return found
+    raise ConfigError(f"{key} cannot be imported: no module named {parts[0]}")
+
+
+DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[TorchDataset, TorchDataset]]] = {
+    "dataset": _target_datasets
+}
+"""data.name -> (train set, test set) of map-style Datasets, read through a DataLoader."""
+
+
+def _underlying(dataset):
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _num_classes(dataset, key: str) -> int:
+    """From the dataset's own `num_classes`, `classes` or `targets`, or else its labels read."""
+    base = _underlying(dataset)
+    if isinstance(getattr(base, "num_classes", None), int):
+        return base.num_classes
+    if getattr(base, "classes", None) is not None:
+        return len(base.classes)
+    targets = getattr(base, "targets", None)
+    if targets is None:
+        log.info("%s has no num_classes, classes or targets: reading every label to count classes", key)
+        targets = [int(torch.as_tensor(dataset[i][1])) for i in range(len(dataset))]
+    return int(torch.as_tensor(targets).max()) + 1
+
+
+def dataset_info(cfg: DataConfig, train_set: TorchDataset, test_set: TorchDataset) -> DataInfo:
+    """Task, loss, outputs and input shape of a Dataset, from its first training sample."""
+    key = f"data._target_={cfg._target_}" if cfg._target_ else f"data.name={cfg.name}"
+    for name, dataset in (("training", train_set), ("test", test_set)):
+        if len(dataset) == 0:
+            raise ConfigError(f"{key} gives an empty {name} set")
+    sample = train_set[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise ConfigError(f"{key}: each item must be an (x, y) pair; item 0 is a {type(sample).__name__}")
+    x, y = (torch.as_tensor(v) for v in sample)
+    if x.dim() == 0 or not x.is_floating_point():
+        raise ConfigError(
+            f"{key}: x must be a floating tensor of at least 1 dimension; got {x.dtype} {tuple(x.shape)}"
+        )
+    task = cfg.task
+    if task == "auto":
+        task = "regression" if y.is_floating_point() else "classification"
+    if task == "classification":
+        if y.is_floating_point() or y.dim() != 0:
+            raise ConfigError(
+                f"{key}: classification needs y an integer class label; item 0 has {y.dtype} {tuple(y.shape)}"
+            )
+        num_outputs = _num_classes(train_set, key)
+        if num_outputs < 2:
+            raise ConfigError(f"{key}: classification needs at least two classes; got {num_outputs}")
+        loss = "cross_entropy"
+    else:
+        if not y.is_floating_point() or y.dim() > 1:
+            raise ConfigError(
+                f"{key}: regression needs y a float scalar or vector; item 0 has {y.dtype} {tuple(y.shape)}"
+            )
+        num_outputs, loss = max(1, y.numel()), "mse"
+    return DataInfo(task, loss, num_outputs, tuple(x.shape), key)
+
+
+# ---- which samples each rank trains on, in which order: the one home of both
+
+
 def replica_indices(cfg: DataConfig, num_train: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
     """Indices into the training set that belong to replica `rank`."""
     if cfg.name == "seed":
@@ -313,10 +477,185 @@ def replica_indices(cfg: DataConfig, num_train: int, seed: int, rank: int, world
     return torch.as_tensor(np.array_split(order, world_size)[rank])
 
 
-class ReplicaBatches:
-    """Minibatches of one replica, reshuffled each pass over its data by its own stream.
+def rank_indices(
+    cfg: DataConfig, num_train: int, seed: int, replica: int, num_replicas: int, dp_rank: int, dp: int
+) -> torch.Tensor:
+    """Indices into the training set of one rank: its replica's shard, split among the
+    replica's `dp` ranks (parallel.dp)."""
+    return replica_indices(cfg, num_train, seed, replica, num_replicas)[dp_rank::dp]
 
-    A replica whose data is not larger than the batch size trains on all of it every step
+
+class EpochOrder:
+    """A rank's position in its endless sequence of minibatches over `n` samples: epoch e
+    visits them in the e-th permutation of the rank's own stream, n // batch_size batches
+    (the rest waits for a later epoch's order). With batch_size >= n every batch is all n
+    samples in their own order (the note's fixed batch) and the position does not move."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int):
+        self.n, self.whole = n, batch_size >= n
+        self.batch_size = min(batch_size, n)
+        self.per_epoch = n // self.batch_size
+        self.seed, self.rank = seed, rank
+        self.epoch, self.batch = 0, 0  # of the next batch
+        self._rng, self._drawn = _rng(seed, _ORDER, rank), -1
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order: the stream replayed from its start when asked to go back."""
+        if epoch < self._drawn or self._drawn < 0:
+            self._rng, self._drawn = _rng(self.seed, _ORDER, self.rank), -1
+        while self._drawn < epoch:
+            self._permutation = self._rng.permutation(self.n)
+            self._drawn += 1
+        return self._permutation
+
+    def advance(self, position: tuple[int, int]) -> tuple[int, int]:
+        epoch, batch = position
+        if self.whole:
+            return position
+        return (epoch + 1, 0) if batch + 1 == self.per_epoch else (epoch, batch + 1)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class ReplicaSampler:
+    """A batch sampler (for DataLoader's `batch_sampler`) of one rank's training indices:
+    endless, deterministic from the seed and the rank, starting from `order`'s position.
+    Iterating does not move that position: the consumer advances it per batch it used, so
+    batches a DataLoader prefetched and never handed out do not count."""
+
+    def __init__(self, indices: torch.Tensor, batch_size: int, seed: int, rank: int):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.order = EpochOrder(len(self.indices), batch_size, seed, rank)
+        self.seed, self.rank = seed, rank
+
+    def batch_indices(self, position: tuple[int, int]) -> np.ndarray:
+        """The dataset indices of the batch at `position` (epoch, batch within the epoch)."""
+        order = self.order
+        if order.whole:
+            return self.indices
+        epoch, batch = position
+        chosen = order.permutation(epoch)[batch * order.batch_size : (batch + 1) * order.batch_size]
+        return self.indices[chosen]
+
+    def __iter__(self):
+        position = (self.order.epoch, self.order.batch)
+        while True:
+            base = _sample_seed(self.seed, _AUGMENT, self.rank, *position)
+            yield [((base + j) % 2**63, int(i)) for j, i in enumerate(self.batch_indices(position))]
+            position = self.order.advance(position)
+
+
+class _SeededSamples(TorchDataset):
+    """Reads item `index` of `dataset` for a key (seed, index), under torch's random state set
+    to `seed`: a random transform then draws the same numbers whichever process (worker or
+    not) reads the sample, and whatever was read before, so resume is bit for bit."""
+
+    def __init__(self, dataset: TorchDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        seed, index = key
+        with torch.random.fork_rng(devices=[]):  # the training process's own stream is left alone
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _loader(
+    dataset: TorchDataset, batch_sampler, cfg: DataConfig, device: torch.device, seed: int
+) -> DataLoader:
+    return DataLoader(
+        _SeededSamples(dataset),
+        batch_sampler=batch_sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.persistent_workers,
+        generator=torch.Generator().manual_seed(seed),  # the workers' base seed
+    )
+
+
+def to_device(x, y, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch on `device`: inputs in the run's dtype; integer labels as int64, float
+    targets in the run's dtype as (batch, outputs)."""
+    x = torch.as_tensor(x).to(device=device, dtype=dtype, non_blocking=True)
+    y = torch.as_tensor(y)
+    if y.is_floating_point():
+        y = y.to(device=device, dtype=dtype, non_blocking=True).reshape(len(y), -1)
+    else:
+        y = y.to(device=device, dtype=torch.long, non_blocking=True)
+    return x, y
+
+
+class TensorStream:
+    """(x, y) in consecutive slices of tensors already on the device: evaluation's batches."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.x), self.batch_size):
+            yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+
+
+class _InOrder:
+    """Batch sampler: every index once, in order, each under its own seed."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, self.n, self.batch_size):
+            yield [
+                (_sample_seed(self.seed, _EVAL, i), i)
+                for i in range(start, min(start + self.batch_size, self.n))
+            ]
+
+
+class DatasetStream:
+    """(x, y) batches of a map-style Dataset read in order through a DataLoader, on the device."""
+
+    def __init__(
+        self, dataset: TorchDataset, batch_size: int, cfg: DataConfig, device: torch.device, dtype, seed: int
+    ):
+        self.dataset, self.device, self.dtype = dataset, device, dtype
+        self.loader = _loader(dataset, _InOrder(len(dataset), batch_size, seed), cfg, device, seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield to_device(x, y, self.device, self.dtype)
+
+
+def stream(
+    dataset: TorchDataset, batch_size: int, cfg: DataConfig, device: torch.device, dtype, seed: int
+) -> TensorStream | DatasetStream:
+    """Evaluation's batches of a dataset: slices of device tensors for in-memory data."""
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors
+        return TensorStream(x.to(device), y.to(device), batch_size)
+    return DatasetStream(dataset, batch_size, cfg, device, dtype, seed)
+
+
+class ReplicaBatches:
+    """Minibatches of one rank from tensors it holds on the device (its part of in-memory
+    data), in ReplicaSampler's order: the permutation of an epoch goes to the device once, and
+    each step slices it there.
+
+    A rank whose data is not larger than the batch size trains on all of it every step
     (the note's fixed batch)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, rank: int):
@@ -328,32 +667,72 @@ class ReplicaBatches:
                 batch_size,
                 len(x),
             )
-        self.batch_size = min(batch_size, len(x))
-        self._rng = _rng(seed, _ORDER, rank)
-        self._order = np.arange(len(x))
-        self._position = len(x)  # forces a shuffle on the first draw
+        self.sampler = ReplicaSampler(torch.arange(len(x)), batch_size, seed, rank)
+        self.batch_size = self.sampler.order.batch_size
+        self._order, self._order_epoch = None, -1
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_size == len(self.x):
+        order = self.sampler.order
+        if order.whole:
             return self.x, self.y
-        if self._position + self.batch_size > len(self.x):
-            self._order = self._rng.permutation(len(self.x))
-            self._position = 0
-        chosen = torch.as_tensor(
-            self._order[self._position : self._position + self.batch_size], device=self.x.device
-        )
-        self._position += self.batch_size
+        if self._order_epoch != order.epoch:
+            self._order = torch.as_tensor(order.permutation(order.epoch), device=self.x.device)
+            self._order_epoch = order.epoch
+        start = order.batch * self.batch_size
+        chosen = self._order[start : start + self.batch_size]
+        order.epoch, order.batch = order.advance((order.epoch, order.batch))
         return self.x[chosen], self.y[chosen]
 
+    def own_data(self, batch_size: int) -> TensorStream:
+        """This rank's training data, for evaluation."""
+        return TensorStream(self.x, self.y, batch_size)
+
     def state_dict(self) -> dict:
-        """Where this replica is in its data order: enough to continue bit for bit."""
-        return {
-            "rng": self._rng.bit_generator.state,
-            "order": self._order.tolist(),
-            "position": self._position,
-        }
+        """Where this rank is in its data order (epoch, batch within it): enough to continue bit
+        for bit."""
+        return self.sampler.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self._rng.bit_generator.state = state["rng"]
-        self._order = np.asarray(state["order"], dtype=np.int64)
-        self._position = int(state["position"])
+        self.sampler.order.load_state_dict(state)
+        self._order_epoch = -1
+
+
+class LoaderBatches:
+    """Minibatches of one rank from a map-style Dataset, through one DataLoader over its
+    ReplicaSampler. The position advances per batch the loop takes, not per batch the
+    loader's workers prepared, and resuming rebuilds the loader's iterator from it."""
+
+    def __init__(
+        self,
+        dataset: TorchDataset,
+        sampler: ReplicaSampler,
+        cfg: DataConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.dataset, self.sampler, self.cfg = dataset, sampler, cfg
+        self.device, self.dtype = device, dtype
+        self.batch_size = sampler.order.batch_size
+        seed = _sample_seed(sampler.seed, _WORKERS, sampler.rank)
+        self.loader = _loader(dataset, sampler, cfg, device, seed)
+        self._batches = None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        x, y = next(self._batches)
+        order = self.sampler.order
+        order.epoch, order.batch = order.advance((order.epoch, order.batch))
+        return to_device(x, y, self.device, self.dtype)
+
+    def own_data(self, batch_size: int) -> DatasetStream:
+        """This rank's training data, for evaluation."""
+        subset = Subset(self.dataset, self.sampler.indices.tolist())
+        return DatasetStream(subset, batch_size, self.cfg, self.device, self.dtype, self.sampler.seed)
+
+    def state_dict(self) -> dict:
+        return self.sampler.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.order.load_state_dict(state)
+        self._batches = None  # the next batch comes from a fresh iterator, from this position

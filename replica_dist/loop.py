@@ -18,14 +18,25 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import TensorDataset
 
 from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ReplicaCoupling
-from replica_dist.data import Dataset, ReplicaBatches, load_dataset, replica_indices
+from replica_dist.data import (
+    DataInfo,
+    Dataset,
+    LoaderBatches,
+    ReplicaBatches,
+    ReplicaSampler,
+    build_datasets,
+    rank_indices,
+    stream,
+)
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.errors import RunError
-from replica_dist.evaluate import predict, score
+from replica_dist.evaluate import stream_score
 from replica_dist.flat import FlatState
 from replica_dist.guard import DivergedError, Guard
 from replica_dist.model import build_model
@@ -57,15 +68,27 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     )
 
 
-def rank_batches(cfg: Config, data: Dataset, device: torch.device, mesh: dist.Mesh) -> ReplicaBatches:
-    """This rank's minibatches: its replica's shard, split among the replica's dp ranks."""
-    mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, mesh.replica, mesh.num_replicas)
-    mine = mine[mesh.dp_rank :: cfg.parallel.dp]
-    x, y = data.x_train[mine].to(device), data.y_train[mine].to(device)
-    return ReplicaBatches(x, y, cfg.train.batch_size, cfg.seed, dist.rank())
+def rank_batches(
+    cfg: Config, data: Dataset | TorchDataset, device: torch.device, mesh: dist.Mesh
+) -> ReplicaBatches | LoaderBatches:
+    """This rank's minibatches: its replica's shard, split among the replica's dp ranks. In-memory
+    data (a TensorDataset, or load_dataset's arrays) trains from the device; any other Dataset
+    through a DataLoader."""
+    if isinstance(data, Dataset):
+        data = TensorDataset(data.x_train, data.y_train)
+    mine = rank_indices(
+        cfg.data, len(data), cfg.seed, mesh.replica, mesh.num_replicas, mesh.dp_rank, cfg.parallel.dp
+    )
+    if isinstance(data, TensorDataset):
+        x, y = data.tensors
+        return ReplicaBatches(
+            x[mine].to(device), y[mine].to(device), cfg.train.batch_size, cfg.seed, dist.rank()
+        )
+    sampler = ReplicaSampler(mine, cfg.train.batch_size, cfg.seed, dist.rank())
+    return LoaderBatches(data, sampler, cfg.data, device, getattr(torch, cfg.train.dtype))
 
 
-def build_replica(cfg: Config, data: Dataset, device: torch.device, mesh: dist.Mesh) -> nn.Module:
+def build_replica(cfg: Config, data: Dataset | DataInfo, device: torch.device, mesh: dist.Mesh) -> nn.Module:
     """This replica's network, on `device` in the run's dtype: from its own seed (init=independent)
     or, with init=same, rank 0's weights broadcast to all."""
     init_replica = mesh.replica if cfg.init == "independent" else 0
@@ -90,21 +113,23 @@ def train(
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
     mesh = dist.init_mesh(cfg.parallel.dp, device)
     precision = recipe.Precision(cfg.train.precision, device)  # refuses fp16 off CUDA, before any write
-    # This rank's part of its replica's training data; evaluation covers the whole training
-    # set (all shards) and the shared test set.
-    data = load_dataset(cfg.data, cfg.seed, getattr(torch, cfg.train.dtype))
+    # Before anything is written: a dataset that cannot be built is a config error.
+    dtype = getattr(torch, cfg.train.dtype)
+    train_set, test_set, data = build_datasets(cfg.data, cfg.seed, dtype)
     data.check_model(cfg.model)
     loss_fn = recipe.loss_function(cfg.optim, data.loss, data.task)
-    batches = rank_batches(cfg, data, device, mesh)
-    recipe.resolve_steps(cfg, len(batches.x), device, mesh)  # train.epochs -> train.steps, once
+    # This rank's part of its replica's training data; evaluation covers the whole training
+    # set (all shards) and the shared test set.
+    batches = rank_batches(cfg, train_set, device, mesh)
+    recipe.resolve_steps(cfg, len(batches.sampler.indices), device, mesh)  # train.epochs -> train.steps, once
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
     if start.finished:
         run_lock.release()
         return run_state.finished_summary(run_dir)
     splits = {
-        "train_set": (data.x_train.to(device), data.y_train.to(device)),
-        "test": (data.x_test.to(device), data.y_test.to(device)),
+        name: stream(dataset, cfg.eval.batch_size, cfg.data, device, dtype, cfg.seed)
+        for name, dataset in (("train_set", train_set), ("test", test_set))
     }
 
     model = build_replica(cfg, data, device, mesh)
@@ -243,7 +268,7 @@ def _summary(
     cfg: Config,
     mesh: dist.Mesh,
     model,
-    batches: ReplicaBatches,
+    batches: ReplicaBatches | LoaderBatches,
     evaluation,
     data,
     wall_seconds,
@@ -254,7 +279,7 @@ def _summary(
     parallel.dp > 1, own_data_loss is on the data of each replica's rank in this mesh column).
     `status` is "diverged" (with a `reason`) when any of them is not finite: every rank
     decides so from the gathered table, so that all raise together."""
-    own_data_loss = score(predict(model, batches.x, data.task), batches.y, data.task, data.loss)["loss"]
+    own_data_loss = stream_score(model, batches.own_data(cfg.eval.batch_size), data.task, data.loss)["loss"]
     keys = sorted(evaluation["replica"])
     # The center's and the ensemble's numbers ride along as one flag per rank, so that the
     # status is read from the one table every rank holds.

@@ -190,9 +190,25 @@ BAD_OVERRIDES = [
     (["=0.1"], r"^cannot parse override '=0\.1': no key before '='"),
     (["optim.lr"], r"^cannot parse override 'optim\.lr': "),
     (["model=[cnn,mlp]"], r"^model takes one option; got 'model=\[cnn,mlp\]'"),
+    # any map-style Dataset (data._target_) and its DataLoader; evaluation's batches
+    (
+        ["data._target_=my data.Set"],
+        r"^data\._target_ must be a dotted path pkg\.module\.Name; got 'my data\.Set'",
+    ),
+    (["data=dataset"], r"^data\._target_ must be set for data\.name=dataset"),
+    (["data._target_=a.B", "data.kwargs=3"], r"Cannot assign int to Dict.*data\.kwargs"),
+    (["data._target_=a.B", "data.num_workers=-1"], r"^data\.num_workers must be >= 0; got -1"),
+    (["data._target_=a.B", "data.pin_memory=1"], r"^data\.pin_memory must be true or false"),
+    (
+        ["data._target_=a.B", "data.persistent_workers=true"],
+        r"^data\.persistent_workers needs data\.num_workers > 0",
+    ),
+    (["data.num_workers=2"], r"^data\.num_workers is only used with data=dataset; got data=digits"),
+    (["data.kwargs={}"], r"^data\.kwargs is only used with data=dataset; got data=digits"),
+    (["eval.batch_size=0"], r"^eval\.batch_size must be >= 1; got 0"),
     # keys for another option of their group (config.APPLIES_TO), when set on the command line
     (["data.path=my.npz"], r"^data\.path is only used with data=file; got data=digits"),
-    (["data.task=regression"], r"^data\.task is only used with data=file; got data=digits"),
+    (["data.task=regression"], r"^data\.task is only used with data=file or dataset; got data=digits"),
     (["data.num_samples=100"], r"^data\.num_samples is only used with data=teacher; got data=digits"),
     (
         ["data=seed", "data.num_samples=100"],
@@ -207,11 +223,11 @@ BAD_OVERRIDES = [
     (["data.fixed_batch=8"], r"^data\.fixed_batch is only used with data=seed"),
     (
         ["data=seed", "data.test_fraction=0.5"],
-        r"^data\.test_fraction is only used with data=digits or teacher",
+        r"^data\.test_fraction is only used with data=digits, teacher or dataset",
     ),
     (
         ["+experiment=note", "data.split=full"],
-        r"^data\.split is only used with data=digits, teacher or file; got data=seed",
+        r"^data\.split is only used with data=digits, teacher, file or dataset; got data=seed",
     ),
     (["model.batch_norm=false"], r"^model\.batch_norm is only used with model=cnn; got model=mlp"),
     (

@@ -43,6 +43,15 @@ def _memory(monkeypatch, nbytes: int, processes: int | None = None) -> None:
 ACCEPTED = [
     ["data=file", "data.path=x.npz", "data.task=regression", "data.split=full"],
     [
+        "data._target_=pkg.Data",
+        "data.kwargs={}",
+        "data.num_workers=2",
+        "data.pin_memory=true",
+        "data.persistent_workers=true",
+        "data.test_fraction=0.3",
+        "data.task=classification",
+    ],
+    [
         "data=teacher",
         "data.num_samples=100",
         "data.input_dim=5",
@@ -204,7 +213,7 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     # a choice shows its values in place of its type
     assert "coupling.name (tanh|linear|average|none|ddp, default tanh): Coupling form." in flat
     assert "train.dtype (float32|float64, default float32): Floating-point type" in flat
-    assert "data.split (shard|full, default shard, data=digits|teacher|file only)" in flat
+    assert "data.split (shard|full, default shard, data=digits|teacher|file|dataset only)" in flat
     assert "init (independent|same, default independent)" in flat
     for key, f in _leaf_fields():
         kind = "|".join(CHOICES[f.type]) if f.type in CHOICES else f.type
