@@ -149,7 +149,7 @@ class DataConfig:
     mnist: MNIST/raw/; fashionmnist: FashionMNIST/raw/ (the layouts torchvision's download writes)."""
     augment: bool = True
     """vision presets: train-time random crop (crop_padding) and horizontal flip (flip); test
-    images are never augmented. Each sample's draw is seeded by (seed, epoch, index)."""
+    images are never augmented. The loader seeds each sample's draw (see data.num_workers)."""
     crop_padding: int | None = None
     """vision presets: pad by this many pixels, then crop back to size at a random place; 0 turns
     it off; null: the preset's (4 for CIFAR and imagefolder, 2 for MNIST and FashionMNIST)."""

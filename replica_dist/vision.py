@@ -15,9 +15,9 @@ torchvision works as is):
   mnist         MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
   fashionmnist  FashionMNIST/raw/ (the same four files)
 
-Train-time augmentation is a pure function of (seed, epoch, index): each sample's random crop
-and flip are drawn from its own seeded stream, so a run resumed mid-epoch, with any number of
-DataLoader workers (persistent or not), sees exactly the images an uninterrupted run sees.
+Train-time augmentation (random crop, flip) draws from torch's default generator, which the data
+module's loader seeds for each sample it reads: a run resumed mid-epoch, with any number of
+DataLoader workers, sees exactly the images an uninterrupted run sees.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from replica_dist.config import ConfigError, DataConfig
 VISION_NAMES = ("imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
 INSTALL = 'pip install "replica_dist[vision]" (in a checkout: pip install -e ".[vision]")'
 """The extra pins torch==2.14.1 with torchvision==0.29.1: a venv of its own, beside the CPU torch."""
-
-_AUGMENT_STREAM = 7  # keeps the augmentation seeds apart from the data module's streams
 
 
 @dataclass(frozen=True)
@@ -287,41 +285,10 @@ def _imagefolder(cfg: DataConfig, datasets):
 # ---- transforms
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(
-        np.random.SeedSequence([seed, _AUGMENT_STREAM, epoch, index]).generate_state(1, np.uint64)[0] >> 1
-    )
-
-
-class Augmented(torch.utils.data.Dataset):
-    """Train items through a random transform drawn from the sample's own stream.
-
-    A key is an index (the epoch set by `set_epoch`, 0 by default) or an (index, epoch) pair:
-    a sampler that yields pairs needs no set_epoch, which persistent DataLoader workers (each
-    holding its own copy of the dataset) would never see."""
-
-    def __init__(self, base, transform, seed: int):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-        self.targets, self.classes = [int(t) for t in base.targets], tuple(base.classes)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
-        image, target = self.base[index]
-        # torchvision's random transforms draw from the default CPU generator; fork it so that
-        # this sample's seed leaves no trace on the caller's stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
-            return self.transform(image), target
-
-
 class Transformed(torch.utils.data.Dataset):
-    """Test items through a deterministic transform."""
+    """Items of `base` through `transform`. Random transforms draw from torch's default CPU
+    generator, which the data module's loader seeds per sample (data._SeededSamples), so the
+    draw does not depend on the DataLoader's workers or on where a run was resumed."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -330,8 +297,7 @@ class Transformed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key):
-        index = key[0] if isinstance(key, tuple) else key
+    def __getitem__(self, index: int):
         image, target = self.base[index]
         return self.transform(image), target
 
@@ -392,7 +358,13 @@ def build_transforms(cfg: DataConfig, transforms):
     return transforms.Compose(common + augment + tail), transforms.Compose(common + tail)
 
 
-def build_datasets(cfg: DataConfig, seed: int):
+def datasets(cfg: DataConfig, seed: int) -> tuple[Transformed, Transformed]:
+    """(train Dataset, test Dataset) of preset data.name: the data module's DATASET_BUILDERS
+    signature (`seed` is unused: the images are read, not drawn)."""
+    return build_datasets(cfg, seed)[:2]
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0):
     """(train Dataset, test Dataset, VisionInfo) of preset data.name, read from data.root."""
     check_root(cfg)
     datasets, transforms = _torchvision(cfg.name)
@@ -405,7 +377,7 @@ def build_datasets(cfg: DataConfig, seed: int):
     if len(train) == 0 or len(test) == 0:
         raise _refuse(cfg, f"holds {len(train)} training and {len(test)} test images")
     train_transform, test_transform = build_transforms(cfg, transforms)
-    train_set, test_set = Augmented(train, train_transform, seed), Transformed(test, test_transform)
+    train_set, test_set = Transformed(train, train_transform), Transformed(test, test_transform)
     try:
         input_shape = tuple(test_set[0][0].shape)
     except (OSError, ValueError) as err:

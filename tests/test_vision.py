@@ -242,32 +242,33 @@ def _shifts_and_flips(image: torch.Tensor, padding: int, flip: bool):
 
 @vision
 @needs_torchvision
-def test_augmentation_is_a_crop_and_flip_drawn_from_the_samples_own_stream(tmp_path):
+def test_augmentation_is_a_crop_and_flip_drawn_from_torchs_stream(tmp_path):
     from replica_dist.vision import build_datasets
 
     files = write_imagefolder(tmp_path, per_class=4, test_per_class=1)
-    cfg = _cfg("imagefolder", tmp_path, normalize=False, crop_padding=3, flip=True)
-    train, _, info = build_datasets(cfg, seed=5)
-    again, _, _ = build_datasets(cfg, seed=5)
-    other_seed, _, _ = build_datasets(cfg, seed=6)
+    train, test, info = build_datasets(
+        _cfg("imagefolder", tmp_path, normalize=False, crop_padding=3, flip=True)
+    )
     assert info.input_shape == (3, 32, 32)
-    before = torch.random.get_rng_state()
     differs = 0
     for index in range(len(train)):
         original = _as_tensor(_pixels(files["train"][index][0]))
-        x = train[index]
-        assert x[0].shape == original.shape and x[1] == files["train"][index][1]
-        assert any(torch.equal(x[0], c) for c in _shifts_and_flips(original, 3, True))
-        # A pure function of (seed, epoch, index): the same in any instance, any order, any worker.
-        assert torch.equal(again[(index, 0)][0], x[0])
-        train.set_epoch(1)
-        assert torch.equal(train[index][0], again[(index, 1)][0])
-        differs += not torch.equal(train[index][0], x[0]) or not torch.equal(other_seed[index][0], x[0])
-        train.set_epoch(0)
-    assert differs >= len(train) - 1  # 49 * 2 placements: a repeat of both is rare
-    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
-    plain, _, _ = build_datasets(_cfg("imagefolder", tmp_path, normalize=False, augment=False), seed=5)
+        torch.manual_seed(100 + index)
+        x, y = train[index]
+        assert y == files["train"][index][1]
+        assert any(torch.equal(x, c) for c in _shifts_and_flips(original, 3, True))
+        # the loader seeds each sample (data._SeededSamples): the same seed, the same image
+        torch.manual_seed(100 + index)
+        assert torch.equal(train[index][0], x)
+        torch.manual_seed(200 + index)
+        differs += not torch.equal(train[index][0], x)
+    assert differs >= len(train) - 2  # 49 * 2 placements: a repeat is rare
+    # test images are never augmented
+    assert torch.equal(test[0][0], _as_tensor(_pixels(files["val"][0][0])))
+    plain, _, _ = build_datasets(_cfg("imagefolder", tmp_path, normalize=False, augment=False))
     assert torch.equal(plain[3][0], _as_tensor(_pixels(files["train"][3][0])))
+    no_flip, _, _ = build_datasets(_cfg("imagefolder", tmp_path, normalize=False, crop_padding=0, flip=False))
+    assert torch.equal(no_flip[5][0], _as_tensor(_pixels(files["train"][5][0])))
 
 
 @vision
@@ -438,14 +439,18 @@ def test_mnist_defaults_crop_without_flip_and_normalise(tmp_path):
     from replica_dist.vision import build_datasets
 
     written = write_mnist(tmp_path)
-    train, _, _ = build_datasets(_cfg("mnist", tmp_path), seed=1)
+    train, _, _ = build_datasets(_cfg("mnist", tmp_path))
+    torch.manual_seed(1)
+    moved = 0
     for index in range(len(train)):
         original = (_as_tensor(written["train"][0][index]) - 0.1307) / 0.3081
         x = train[index][0]
+        assert x.shape == original.shape
         # padding is applied before normalising: padded pixels are (0 - mean) / std
         candidates = _shifts_and_flips(_as_tensor(written["train"][0][index]), 2, False)
         assert any(torch.allclose(x, (c - 0.1307) / 0.3081, atol=1e-6) for c in candidates), index
-        assert x.shape == original.shape
+        moved += not torch.allclose(x, original, atol=1e-6)
+    assert moved >= len(train) - 3  # 1 in 25 placements is the unshifted one
 
 
 @vision
