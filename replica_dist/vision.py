@@ -303,14 +303,16 @@ class Transformed(torch.utils.data.Dataset):
 
 
 class _PadCrop:
-    """Pad by `padding` on every side, then crop back to the image's own size at a random place."""
+    """Pad by `padding` on every side, then crop back to the image's own size at a random place.
+    Holds no module, so DataLoader workers started by spawn or forkserver can receive it."""
 
-    def __init__(self, transforms, padding: int):
-        self.transforms, self.padding = transforms, padding
+    def __init__(self, padding: int):
+        self.padding = padding
 
     def __call__(self, image):
-        size = (image.height, image.width)
-        return self.transforms.RandomCrop(size, padding=self.padding)(image)
+        from torchvision import transforms
+
+        return transforms.RandomCrop((image.height, image.width), padding=self.padding)(image)
 
     def __repr__(self) -> str:
         return f"PadCrop(padding={self.padding})"
@@ -348,7 +350,7 @@ def build_transforms(cfg: DataConfig, transforms):
         padding = preset.crop_padding if cfg.crop_padding is None else cfg.crop_padding
         flip = preset.flip if cfg.flip is None else cfg.flip
         if padding > 0:
-            augment.append(_PadCrop(transforms, padding))
+            augment.append(_PadCrop(padding))
         if flip:
             augment.append(transforms.RandomHorizontalFlip())
     tail = [transforms.ToTensor()]
