@@ -45,7 +45,18 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 # values, which `_check_choices` enforces with a message naming the key.
 ModelName = Literal["mlp", "cnn"]
 Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
-DataName = Literal["digits", "seed", "teacher", "file", "dataset"]
+DataName = Literal[
+    "digits",
+    "seed",
+    "teacher",
+    "file",
+    "dataset",
+    "imagefolder",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashionmnist",
+]
 Split = Literal["shard", "full"]
 Task = Literal["auto", "classification", "regression"]
 CouplingName = Literal["tanh", "linear", "average", "none", "ddp"]
@@ -177,12 +188,18 @@ def _one_line_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
+# The torchvision presets (replica_dist/vision.py) and the keys only they read.
+VISION_DATA = ("imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
+_VISION_KEYS = ("root", "augment", "crop_padding", "flip", "normalize", "mean", "std", "image_size")
+
+
 @dataclass
 class DataConfig:
     name: DataName = "digits"
     """Dataset: digits (scikit-learn's 8x8 digits), seed (the note's random regression),
-    teacher (labels from a fixed random network), file (a user's .npz) or dataset (any
-    map-style torch Dataset, `_target_`; set by giving `data._target_`)."""
+    teacher (labels from a fixed random network), file (a user's .npz), dataset (any
+    map-style torch Dataset, `_target_`; set by giving `data._target_`); imagefolder, cifar10,
+    cifar100, mnist, fashionmnist: torchvision presets read from data.root (the vision extra)."""
     _target_: str = ""
     """A map-style torch.utils.data.Dataset class or function (pkg.mod.Name) whose items are
     (x, y): y an integer label (classification) or a float target (regression). Called with
@@ -224,6 +241,30 @@ class DataConfig:
     """seed: number of random (input, target) pairs in the library the replicas draw from."""
     fixed_batch: int = 64
     """seed: size of each replica's fixed batch, drawn with replacement from the library."""
+    # ---- torchvision presets (replica_dist/vision.py; needs the `vision` extra)
+    root: str = ""
+    """imagefolder, cifar10, cifar100, mnist, fashionmnist: local directory the images are read
+    from, never downloaded. imagefolder: train/<class>/ and val/<class>/ (or test/), the same
+    class folders (at least 2); cifar10: cifar-10-batches-py/; cifar100: cifar-100-python/;
+    mnist: MNIST/raw/; fashionmnist: FashionMNIST/raw/ (the layouts torchvision's download writes)."""
+    augment: bool = True
+    """vision presets: train-time random crop (crop_padding) and horizontal flip (flip); test
+    images are never augmented. The loader seeds each sample's draw (see data.num_workers)."""
+    crop_padding: int | None = None
+    """vision presets: pad by this many pixels, then crop back to size at a random place; 0 turns
+    it off; null: the preset's (4 for CIFAR and imagefolder, 2 for MNIST and FashionMNIST)."""
+    flip: bool | None = None
+    """vision presets: random horizontal flip; null: the preset's (off for mnist only)."""
+    normalize: bool = True
+    """vision presets: subtract mean and divide by std per channel after scaling pixels to [0, 1]."""
+    mean: list[float] = field(default_factory=list)
+    """vision presets: per-channel mean for normalize; empty: the preset's (the training set's
+    statistics; ImageNet's for imagefolder)."""
+    std: list[float] = field(default_factory=list)
+    """vision presets: per-channel standard deviation for normalize; empty: the preset's."""
+    image_size: int = 0
+    """vision presets: resize the shorter side to this and center-crop a square (train and test);
+    0 keeps the stored size (an imagefolder's images must then share one size)."""
 
     def __post_init__(self) -> None:
         if self._target_:
@@ -251,6 +292,16 @@ class DataConfig:
             self.name != "teacher" or self.num_outputs >= 2,
             f"data.num_outputs must be >= 2 classes for data.name=teacher; got {self.num_outputs}",
         )
+        # torchvision presets: ranges here; the root and the channel count in replica_dist/vision.py
+        _check(
+            self.name not in VISION_DATA or self.root != "", f"data.root must be set for data.name={self.name}"
+        )
+        _check(
+            self.crop_padding is None or self.crop_padding >= 0,
+            f"data.crop_padding must be >= 0; got {self.crop_padding}",
+        )
+        _check(self.image_size >= 0, f"data.image_size must be >= 0; got {self.image_size}")
+        _check(all(s > 0 for s in self.std), f"data.std must hold values > 0; got {list(self.std)}")
 
 
 @dataclass
@@ -611,19 +662,20 @@ def _one_line(err: BaseException) -> str:
 
 APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.batch_norm": ("model", ("cnn",)),
-    "data.split": ("data", ("digits", "teacher", "file", "dataset")),
+    "data.split": ("data", ("digits", "teacher", "file", "dataset", *VISION_DATA)),
     "data.test_fraction": ("data", ("digits", "teacher", "dataset")),
     "data.path": ("data", ("file",)),
     "data.task": ("data", ("file", "dataset")),
     "data.kwargs": ("data", ("dataset",)),
-    "data.num_workers": ("data", ("dataset",)),
-    "data.pin_memory": ("data", ("dataset",)),
-    "data.persistent_workers": ("data", ("dataset",)),
+    "data.num_workers": ("data", ("dataset", *VISION_DATA)),
+    "data.pin_memory": ("data", ("dataset", *VISION_DATA)),
+    "data.persistent_workers": ("data", ("dataset", *VISION_DATA)),
     "data.num_samples": ("data", ("teacher",)),
     "data.input_dim": ("data", ("seed", "teacher")),
     "data.num_outputs": ("data", ("seed", "teacher")),
     "data.library_size": ("data", ("seed",)),
     "data.fixed_batch": ("data", ("seed",)),
+    **{f"data.{key}": ("data", VISION_DATA) for key in _VISION_KEYS},
     "coupling.eta": ("coupling", ("tanh", "linear")),
     "coupling.eta_growth": ("coupling", ("tanh", "linear")),
     "coupling.eta_final": ("coupling", ("tanh", "linear")),
@@ -692,10 +744,14 @@ def _check_override_values(parsed: list, schema: dict) -> None:
             raise ConfigError(f"{key} takes one option; got {override.input_line!r}")
         declared = schema.get(key, ("",))[0]
         is_interpolation = isinstance(value, str) and "${" in value
-        if declared == "bool" and not isinstance(value, bool) and not is_interpolation:
+        if (
+            declared.removesuffix(" | None") == "bool"
+            and not isinstance(value, bool | None)
+            and not is_interpolation
+        ):
             raise ConfigError(f"{key} must be true or false; got {override.input_line!r}")
         items = value if declared == "list[int]" and isinstance(value, list) else [value]
-        if declared in ("int", "list[int]") and any(isinstance(item, float) for item in items):
+        if declared in ("int", "int | None", "list[int]") and any(isinstance(item, float) for item in items):
             kind = "hold integers" if declared == "list[int]" else "be an integer"
             raise ConfigError(f"{key} must {kind}; got {override.input_line!r}")
 
@@ -954,6 +1010,10 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     _check_applies(cfg, parsed)
     _check_length_set_once(cfg, parsed)
     _check_memory(cfg)
+    if cfg.data.name in VISION_DATA:  # torchvision and the root's layout, before anything is written
+        from replica_dist.vision import check_root
+
+        check_root(cfg.data)
     return cfg, run_dir
 
 
@@ -1001,6 +1061,16 @@ def help_text() -> str:
             scope = f", {selector}={'|'.join(choices)} only"
         doc = docs.get(cls.__name__, {}).get(key.rsplit(".", 1)[-1], "")
         kind = "|".join(CHOICES[annotation]) if annotation in CHOICES else annotation
-        text = f"{key} ({kind}, default {shown}{scope}): {doc}"
-        lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      "))
+        # The head (key, type, default, the doc's first word) stays on one line however long, so
+        # `KEY (TYPE, default` can be found with a grep: textwrap does not break at no-break spaces.
+        first, _, rest = doc.partition(" ")
+        head = f"{key} ({kind}, default {shown}{scope}): {first}".replace(" ", "\xa0")
+        text = textwrap.fill(
+            f"{head} {rest}",
+            width=100,
+            initial_indent="  ",
+            subsequent_indent="      ",
+            break_long_words=False,
+        )
+        lines.append(text.replace("\xa0", " "))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
+from replica_dist import vision
 from replica_dist.config import ConfigError, DataConfig, ModelConfig
 from replica_dist.model import check_input_shape
 
@@ -398,7 +399,8 @@ def _locate(path: str, key: str):
 
 
 DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[TorchDataset, TorchDataset]]] = {
-    "dataset": _target_datasets
+    "dataset": _target_datasets,
+    **dict.fromkeys(vision.VISION_NAMES, vision.datasets),  # torchvision is imported only when used
 }
 """data.name -> (train set, test set) of map-style Datasets, read through a DataLoader."""
 

@@ -227,8 +227,21 @@ BAD_OVERRIDES = [
     ),
     (
         ["+experiment=note", "data.split=full"],
-        r"^data\.split is only used with data=digits, teacher, file or dataset; got data=seed",
+        r"^data\.split is only used with data=digits, teacher, file, dataset, imagefolder, .* or fashionmnist; got data=seed",
     ),
+    # the torchvision presets' keys (replica_dist/vision.py)
+    (["data.root=/data"], r"^data\.root is only used with data=imagefolder, cifar10, .*; got data=digits"),
+    (["data.augment=1"], r"^data\.augment must be true or false"),
+    (["data.flip=1"], r"^data\.flip must be true or false"),
+    (
+        ["data=cifar10", "data.root=/data", "data.crop_padding=-1"],
+        r"^data\.crop_padding must be >= 0; got -1",
+    ),
+    (["data=cifar10", "data.root=/data", "data.crop_padding=1.5"], r"^data\.crop_padding must be an integer"),
+    (["data.normalize=false"], r"^data\.normalize is only used with data=imagefolder"),
+    (["data.mean=[0.5]"], r"^data\.mean is only used with data=imagefolder"),
+    (["data=mnist", "data.root=/data", "data.std=[0]"], r"^data\.std must hold values > 0; got \[0\.0\]"),
+    (["data=mnist", "data.root=/data", "data.image_size=-2"], r"^data\.image_size must be >= 0; got -2"),
     (["model.batch_norm=false"], r"^model\.batch_norm is only used with model=cnn; got model=mlp"),
     (
         ["coupling=linear", "coupling.temperature=0.1"],

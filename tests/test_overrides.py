@@ -61,6 +61,19 @@ ACCEPTED = [
     ["data=seed", "data.input_dim=5", "data.num_outputs=2", "data.library_size=10", "data.fixed_batch=4"],
     ["+experiment=note", "data.input_dim=500", "data.library_size=100"],
     ["model=cnn", "model.batch_norm=true"],
+    # torchvision presets: the root's layout is checked in tests/test_vision.py (needs torchvision)
+    [
+        "data=imagefolder",
+        "data.root=/data",
+        "data.split=full",
+        "data.augment=false",
+        "data.crop_padding=0",
+        "data.flip=true",
+        "data.normalize=true",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.2,0.2,0.2]",
+        "data.image_size=64",
+    ],
     ["coupling=tanh", "coupling.temperature=0.5", "coupling.eta=0.1", "coupling.eta_growth=0"],
     ["coupling=linear", "coupling.eta_final=0.4", "coupling.eta_max=0.5", "coupling.via_optimizer=true"],
     ["coupling=average", "coupling.every=3"],
@@ -85,7 +98,8 @@ def test_accepted_overrides_cover_every_scoped_key():
 
 
 @pytest.mark.parametrize("overrides", ACCEPTED, ids=[" ".join(o) for o in ACCEPTED])
-def test_override_accepted(tmp_path, overrides):
+def test_override_accepted(tmp_path, monkeypatch, overrides):
+    monkeypatch.setattr("replica_dist.vision.check_root", lambda data: None)
     cfg, _ = _load(tmp_path, *overrides)
     for override in overrides:
         key, value = override.split("=", 1)
@@ -213,7 +227,9 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     # a choice shows its values in place of its type
     assert "coupling.name (tanh|linear|average|none|ddp, default tanh): Coupling form." in flat
     assert "train.dtype (float32|float64, default float32): Floating-point type" in flat
-    assert "data.split (shard|full, default shard, data=digits|teacher|file|dataset only)" in flat
+    assert (
+        "data.split (shard|full, default shard, data=digits|teacher|file|dataset|imagefolder|cifar10|" in flat
+    )
     assert "init (independent|same, default independent)" in flat
     for key, f in _leaf_fields():
         kind = "|".join(CHOICES[f.type]) if f.type in CHOICES else f.type
