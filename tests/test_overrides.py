@@ -88,6 +88,8 @@ ACCEPTED = [
     ["dist.timeout_s=2592000", "dist.bucket_mb=1048576"],
     ["seed=9223372036854775807"],
     ["hydra.job.name=x"],
+    ["optim.schedule=cosine", "optim.warmup_steps=10", "optim.min_lr=0.001"],
+    ["optim.schedule=step", "optim.step_size=10", "optim.gamma=0.5"],
 ]
 
 
