@@ -282,6 +282,10 @@ _GENERATED = {"digits": _digits, "teacher": _teacher, "seed": _seed_library}
 
 def load_dataset(cfg: DataConfig, seed: int, dtype: torch.dtype) -> Dataset:
     """The whole dataset, identical on every rank."""
+    if cfg.name in DATASET_BUILDERS:
+        raise ConfigError(
+            f"data.name={cfg.name} is read through a DataLoader, not held in memory: use build_datasets"
+        )
     if cfg.name == "file":
         x_train, y_train, x_test, y_test, task, loss = _file(cfg, seed, dtype)
     else:

@@ -159,23 +159,25 @@ def test_streaming_evaluation_equals_whole_tensor_evaluation():
         assert streamed["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
 
-def test_a_target_without_train_is_split_by_test_fraction():
-    class Whole(MyDataset):
-        def __init__(self, size: int = 96):
-            super().__init__(size)
+class WholeDataset(MyDataset):
+    """One set, no `train` argument: split by data.test_fraction."""
 
-    cfg = DataConfig(name="dataset", _target_=f"{__name__}.MyDataset", kwargs={"size": 30})
+    def __init__(self, size: int = 96):
+        super().__init__(size)
+
+
+def test_a_target_with_train_gives_both_sets_and_one_without_is_split():
+    cfg = DataConfig(name="dataset", _target_="tests.test_loader.MyDataset", kwargs={"size": 30})
     train_set, test_set, info = build_datasets(cfg, 0, torch.float32)
-    assert (len(train_set), len(test_set)) == (30, 30)  # MyDataset takes `train`: two sets
+    assert (len(train_set), len(test_set)) == (30, 30)
+    assert not torch.equal(train_set.x, test_set.x)  # built with train=True, then train=False
     assert (info.task, info.loss, info.num_outputs, info.input_shape) == (
         "classification",
         "cross_entropy",
         3,
         (6,),
     )
-    globals()["_Whole"] = Whole
-    Whole.__qualname__ = "_Whole"
-    cfg = DataConfig(name="dataset", _target_=f"{__name__}._Whole", kwargs={"size": 30}, test_fraction=0.2)
+    cfg = DataConfig(name="dataset", _target_="tests.test_loader.WholeDataset", kwargs={"size": 30})
     train_set, test_set, _ = build_datasets(cfg, 0, torch.float32)
     assert (len(train_set), len(test_set)) == (24, 6)
     assert sorted(train_set.indices + test_set.indices) == list(range(30))
