@@ -294,7 +294,8 @@ class DataConfig:
         )
         # torchvision presets: ranges here; the root and the channel count in replica_dist/vision.py
         _check(
-            self.name not in VISION_DATA or self.root != "", f"data.root must be set for data.name={self.name}"
+            self.name not in VISION_DATA or self.root != "",
+            f"data.root must be set for data.name={self.name}",
         )
         _check(
             self.crop_padding is None or self.crop_padding >= 0,

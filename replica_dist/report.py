@@ -102,6 +102,12 @@ def coupling_text(coupling: dict, steps: int) -> str:
     return ", ".join(words)
 
 
+def _named(part: dict) -> str:
+    """A model or data set as the config chose it: its _target_'s last name, else its preset."""
+    target = part.get("_target_") or ""
+    return target.rsplit(".", 1)[-1] if target else part["name"]
+
+
 def run_title(run_dir: str | Path, runs: dict[str, Scalars]) -> str:
     """What the run was, from its config.yaml: coupling, replicas, steps, optimizer and lr,
     model and data; the directory's name when there is no readable config.yaml."""
@@ -113,7 +119,7 @@ def run_title(run_dir: str | Path, runs: dict[str, Scalars]) -> str:
         optim, model, data = cfg["optim"], cfg["model"], cfg["data"]
         return (
             f"{coupling_text(cfg['coupling'], steps)}; {count} replicas, {steps} steps, "
-            f"{optim['name']} lr {_g(optim['lr'])}; {model['name']} on {data['name']}"
+            f"{optim['name']} lr {_g(optim['lr'])}; {_named(model)} on {_named(data)}"
         )
     except (OSError, KeyError, TypeError, ValueError, AttributeError):
         return f"{run_dir.resolve().name} ({count} replicas)"

@@ -203,7 +203,10 @@ BAD_OVERRIDES = [
         ["data._target_=a.B", "data.persistent_workers=true"],
         r"^data\.persistent_workers needs data\.num_workers > 0",
     ),
-    (["data.num_workers=2"], r"^data\.num_workers is only used with data=dataset, imagefolder, .* or fashionmnist; got data=digits"),
+    (
+        ["data.num_workers=2"],
+        r"^data\.num_workers is only used with data=dataset, imagefolder, .* or fashionmnist; got data=digits",
+    ),
     (["data.kwargs={}"], r"^data\.kwargs is only used with data=dataset; got data=digits"),
     (["eval.batch_size=0"], r"^eval\.batch_size must be >= 1; got 0"),
     # keys for another option of their group (config.APPLIES_TO), when set on the command line

@@ -13,7 +13,7 @@ from runs import REPO, events, torchrun
 from torch.utils.tensorboard import SummaryWriter
 
 from replica_dist import report
-from replica_dist.config import Config, CouplingConfig, OptimConfig, TrainConfig
+from replica_dist.config import Config, CouplingConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from replica_dist.experiments import note_figure
 from replica_dist.experiments.note_figure import markdown_table, pooled_median, rate_rows, tables
 
@@ -148,6 +148,13 @@ def write_config(run_dir: Path, cfg: Config) -> None:
         (
             Config(coupling=CouplingConfig(name="none")),
             "none; 2 replicas, 1500 steps, sgd lr 0.05; mlp on digits",
+        ),
+        (
+            Config(
+                model=ModelConfig(_target_="torchvision.models.resnet18"),
+                data=DataConfig(_target_="my_pkg.data.Photos"),
+            ),
+            "tanh, eta 0.001 to 0.397; 2 replicas, 1500 steps, sgd lr 0.05; resnet18 on Photos",
         ),
     ],
 )
