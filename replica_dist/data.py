@@ -22,6 +22,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from replica_dist import vision
 from replica_dist.config import ConfigError, DataConfig, ModelConfig
+from replica_dist.errors import RunError
 from replica_dist.model import check_input_shape
 
 log = logging.getLogger(__name__)
@@ -524,6 +525,11 @@ class EpochOrder:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:  # {"rng", "order", "position"}: a shuffle this version cannot continue
+            raise RunError(
+                "this checkpoint was written by replica_dist 0.1 before its data order became "
+                "(epoch, batch): resume it with the version that wrote it, or start over in a new run directory"
+            )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 

@@ -284,3 +284,12 @@ def test_bad_inputs_are_one_line_naming_the_key(tmp_path, override, expected):
 def test_num_workers_without_a_dataset_is_refused():
     with pytest.raises(ConfigError, match="data.num_workers is only used with data=dataset"):
         load_config(["data.num_workers=2"])
+
+
+def test_a_checkpoint_of_the_older_data_order_is_refused_in_one_line():
+    from replica_dist.data import EpochOrder
+    from replica_dist.errors import RunError
+
+    order = EpochOrder(10, 3, 0, 0)
+    with pytest.raises(RunError, match=r"^this checkpoint was written by replica_dist 0\.1 before"):
+        order.load_state_dict({"rng": {}, "order": [0, 1], "position": 2})

@@ -52,7 +52,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from replica_dist import dist
 from replica_dist.config import Config, load_config
-from replica_dist.data import load_dataset
+from replica_dist.data import build_datasets
 from replica_dist.evaluate import LOSSES
 from replica_dist.flat import FlatState
 from replica_dist.guard import Guard
@@ -71,6 +71,38 @@ VARIANTS = {
     "ddp": ["coupling=ddp"],
 }
 PLAIN = "plain loop"
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Random 3x32x32 images with labels of 10 classes, made once from a fixed seed: the
+    ResNet-18 workload's data (the benchmark times steps; what they learn does not matter)."""
+
+    def __init__(self, train: bool = True, size: int = 4096):
+        generator = torch.Generator().manual_seed(0 if train else 1)
+        self.x = torch.randn(size, 3, 32, 32, generator=generator)
+        self.y = torch.randint(0, 10, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        return self.x[index], int(self.y[index])
+
+
+WORKLOADS = {
+    "mlp": {"title": "mlp {hidden} on digits", "overrides": [], "batch": 64},
+    "resnet18": {
+        "title": "torchvision resnet18 on synthetic 3x32x32 images (10 classes)",
+        "overrides": [
+            "model._target_=torchvision.models.resnet18",
+            "model.num_classes=10",
+            "data._target_=replica_dist.experiments.bench.SyntheticImages",
+            "+data.kwargs.size=1024",
+        ],
+        "batch": 128,
+    },
+}
+"""What the benchmark trains: the ~1M-weight mlp on digits, or what users train on GPUs."""
 AVERAGER = "PyTorch averager every 4"
 AVERAGER_PERIOD = 4
 HOST_COPY_STEPS = 10
@@ -130,8 +162,8 @@ def _run_plain_loop(cfg: Config, device: torch.device, timer: StepTimer, average
     """The loop a user writes with no coupling, on the trainer's data, model and optimizer;
     with `averager`, the plain loop PyTorch's model-averaging docs show."""
     mesh = dist.init_mesh(1, device)
-    data = load_dataset(cfg.data, cfg.seed, torch.float32)
-    batches = rank_batches(cfg, data, device, mesh)
+    train_set, _, data = build_datasets(cfg.data, cfg.seed, torch.float32)
+    batches = rank_batches(cfg, train_set, device, mesh)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, dist.rank()))
     model = model.to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -285,7 +317,7 @@ def report(
 ) -> str:
     lines = [
         f"Machine: {machine}.",
-        f"Model: mlp {args.hidden} on digits, {numel:,} weights ({param_bytes / 2**20:.2f} MiB float32); "
+        f"Model: {WORKLOADS[args.workload]['title'].format(hidden=args.hidden)}, {numel:,} weights ({param_bytes / 2**20:.2f} MiB float32); "
         f"batch {args.batch} per rank; {args.rounds} rounds of {args.steps} steps per variant, "
         f"the first {args.warmup} and the last (it logs) of each not counted.",
         "",
@@ -331,7 +363,15 @@ def _parse(argv: list[str]):
     parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
-    parser.add_argument("--batch", type=int, default=64, help="minibatch per rank")
+    parser.add_argument(
+        "--batch", type=int, help="minibatch per rank (default: 64 for mlp, 128 for resnet18)"
+    )
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="mlp",
+        help="resnet18 needs torchvision (the vision extra)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="passes through all variants")
     parser.add_argument("--bandwidth-iterations", type=int, default=50)
     parser.add_argument("--variants", default=",".join([PLAIN, *VARIANTS, AVERAGER]), help="comma-separated")
@@ -339,6 +379,8 @@ def _parse(argv: list[str]):
     parser.add_argument("--json", type=Path, help="also write every number (JSON) here")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="scratch run directories")
     args, overrides = parser.parse_known_args(argv)
+    if args.batch is None:
+        args.batch = WORKLOADS[args.workload]["batch"]
     if args.warmup >= args.steps - 1:
         parser.error(f"--warmup ({args.warmup}) must be below --steps - 1 ({args.steps - 1})")
     unknown = set(args.variants.split(",")) - {PLAIN, *VARIANTS, AVERAGER}
@@ -352,7 +394,8 @@ def main(argv: list[str]) -> int:
     args, overrides = _parse(argv)
     logging.getLogger("replica_dist").setLevel(logging.WARNING)  # the trainer's progress lines
     common = [
-        f"model.hidden=[{args.hidden}]",
+        *WORKLOADS[args.workload]["overrides"],
+        *([f"model.hidden=[{args.hidden}]"] if args.workload == "mlp" else []),
         f"train.batch_size={args.batch}",
         "log.every=1000000",
         "eval.every=1000000",
@@ -391,7 +434,7 @@ def main(argv: list[str]) -> int:
         results = {
             name: _step_stats(steps[name], peaks[name], args.batch * dist.world_size()) for name in names
         }
-        data = load_dataset(base_cfg.data, base_cfg.seed, torch.float32)
+        _, _, data = build_datasets(base_cfg.data, base_cfg.seed, torch.float32)
         model = build_model(base_cfg.model, data.input_shape, data.num_outputs, 0)
         numel = FlatState(model).numel
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
