@@ -497,7 +497,9 @@ def _loader_path_missing() -> str | None:
     return None
 
 
-E2E_STEPS = 6
+E2E_STEPS = 4
+E2E_CHECKPOINT_EVERY = 2
+E2E_PER_CLASS = 8  # 24 training images: a shard of 6 (4 replicas) or 12 (2) per replica
 
 
 def _e2e_overrides(root: str, run_dir: str) -> list[str]:
@@ -510,11 +512,11 @@ def _e2e_overrides(root: str, run_dir: str) -> list[str]:
         "model._target_=torchvision.models.resnet18",
         "+model.num_classes=3",
         f"train.steps={E2E_STEPS}",
-        "train.batch_size=8",
+        "train.batch_size=4",
         "log.every=1",
         f"eval.every={E2E_STEPS}",
         "eval.batch_size=64",
-        "checkpoint.every=3",
+        f"checkpoint.every={E2E_CHECKPOINT_EVERY}",
         "optim.lr=0.01",
         "optim.momentum=0.9",
         "coupling.eta=0.01",
@@ -578,7 +580,7 @@ def _reference_steps(root: str, world_size: int) -> list[dict[str, torch.Tensor]
     for step in range(1, cfg.train.steps + 1):
         eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
-        mean = [torch.stack(ts).mean(0) for ts in zip(*before)]
+        mean = _gloo_mean(before, cfg.dist.bucket_mb)
         for model, optimizer, replica_batches in zip(models, optimizers, batches):
             x, y = replica_batches.next()
             optimizer.zero_grad(set_to_none=True)
@@ -589,6 +591,56 @@ def _reference_steps(root: str, world_size: int) -> list[dict[str, torch.Tensor]
                 for t, w, m in zip(_weights(model), before[r], mean):
                     t.add_(eta * torch.tanh((m - w) / c.temperature))
     return [m.state_dict() for m in models]
+
+
+def _gloo_ring_sum(xs: list[torch.Tensor], max_segment_bytes: int = 1 << 20) -> torch.Tensor:
+    """The sum of equally long flat tensors (one per rank) in the order in which gloo's ring
+    all_reduce (gloo/allreduce.cc, ring(); 1 MiB segments) adds them for 4 ranks: the buffer is
+    cut into 4 chunks of whole segments, and chunk c is summed as
+    ((x[c+2] + x[c+3]) + x[c+1]) + x[c] (indices mod 4) as it travels the ring. Float addition
+    is commutative but not associative, so this order, not torch.sum's ((x0 + x1) + x2) + x3,
+    is what makes the reference agree bit for bit (checked against gloo for buffers of 1 to
+    6.5M elements; were gloo to change its algorithm, the test below would fail at the first
+    coupled step). For 2 ranks every order is x0 + x1."""
+    world = len(xs)
+    if world <= 2:
+        return torch.stack(xs).sum(0)
+    assert world == 4, "the order is established for 2 and 4 ranks only"
+    n, size = xs[0].numel(), xs[0].element_size()
+    segments = max(-(-n * size // max_segment_bytes), 2 * world)
+    segments = -(-segments // world) * world
+    per_chunk = -(-n // segments) * (segments // world)
+    total = torch.empty_like(xs[0])
+    for c in range(world):
+        part = [x[c * per_chunk : (c + 1) * per_chunk] for x in xs]
+        total[c * per_chunk : (c + 1) * per_chunk] = (
+            (part[(c + 2) % 4] + part[(c + 3) % 4]) + part[(c + 1) % 4]
+        ) + part[c]
+    return total
+
+
+def _gloo_mean(before: list[list[torch.Tensor]], bucket_mb: float) -> list[torch.Tensor]:
+    """The replicas' mean of the pre-step weights as the trainer forms it: every replica's
+    weights flattened into one buffer (replica_dist/dist.py, ReplicaExchange: the weights, then
+    the guard's table of small integers, which any order sums exactly), all_reduced in buckets
+    of at most bucket_mb MiB, each its own ring, then divided by the number of replicas (a
+    power of two here: exact)."""
+    from replica_dist.guard import Guard
+
+    world = len(before)
+    flats = [
+        torch.cat([t.reshape(-1) for t in ts] + [torch.zeros(world * Guard.WORD_LENGTH)]) for ts in before
+    ]
+    per_bucket = max(1, int(bucket_mb * 2**20 // flats[0].element_size()))
+    total = (
+        torch.cat(
+            [_gloo_ring_sum(list(bucket)) for bucket in zip(*(flat.split(per_bucket) for flat in flats))]
+        )
+        / world
+    )
+    shapes = [t.shape for t in before[0]]
+    sizes = [s.numel() for s in shapes]
+    return [m.view(shape) for m, shape in zip(total[: sum(sizes)].split(sizes), shapes)]
 
 
 @vision
@@ -606,30 +658,30 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     from replica_dist.data import rank_indices
 
     root = tmp_path / "images"
-    write_imagefolder(root, per_class=40, test_per_class=4, size=16)
+    write_imagefolder(root, per_class=E2E_PER_CLASS, test_per_class=2, size=16)
     cfg, _ = load_config(_e2e_overrides(str(root), str(tmp_path / "unused")))
     assert cfg.data.num_workers == 2
+    num_train = 3 * E2E_PER_CLASS
 
-    # each replica's shard: disjoint from the others', together all 120 training images
+    # each replica's shard: disjoint from the others', together all training images
     shards = [
-        set(rank_indices(cfg.data, 120, cfg.seed, r, world_size, 0, 1).tolist()) for r in range(world_size)
+        set(rank_indices(cfg.data, num_train, cfg.seed, r, world_size, 0, 1).tolist())
+        for r in range(world_size)
     ]
-    assert sum(len(s) for s in shards) == 120 and set().union(*shards) == set(range(120))
+    assert sum(len(s) for s in shards) == num_train and set().union(*shards) == set(range(num_train))
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_world(_e2e_train, world_size, str(root), str(reference), timeout_s=600)
     trained = replica_weights(reference, world_size)
     assert not torch.equal(trained[0]["conv1.weight"], trained[1]["conv1.weight"])
+    # The mean summed in gloo's order (_gloo_mean): bit for bit, for 2 ranks as for 4.
     for got, expected in zip(trained, _reference(str(root), world_size)):
         for name in expected:
-            if world_size == 2:  # a mean of two is the same sum in any order: bit for bit
-                assert torch.equal(got[name], expected[name]), name
-            else:
-                torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[name], expected[name]), name
 
-    # interrupted after the step-3 checkpoint, resumed with 2 workers: bit for bit
+    # interrupted after the first checkpoint, resumed with 2 workers: bit for bit
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
-        run_world(_e2e_train, world_size, str(root), str(resumed), 5, timeout_s=600)
+        run_world(_e2e_train, world_size, str(root), str(resumed), E2E_CHECKPOINT_EVERY + 1, timeout_s=600)
     assert not (resumed / "summary.json").exists()
     run_world(_e2e_train, world_size, str(root), str(resumed), timeout_s=600)
     for got, expected in zip(replica_weights(resumed, world_size), trained):
