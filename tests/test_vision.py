@@ -560,6 +560,7 @@ def _reference(root: str, world_size: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _reference_steps(root: str, world_size: int) -> list[dict[str, torch.Tensor]]:
+    from replica_dist.coupling import eta_at
     from replica_dist.data import LoaderBatches, ReplicaSampler, build_datasets, rank_indices
     from replica_dist.evaluate import LOSSES
     from replica_dist.loop import build_optimizer, replica_seed
@@ -576,20 +577,22 @@ def _reference_steps(root: str, world_size: int) -> list[dict[str, torch.Tensor]
         mine = rank_indices(cfg.data, len(train_set), cfg.seed, r, world_size, 0, 1)
         sampler = ReplicaSampler(mine, cfg.train.batch_size, cfg.seed, r)
         batches.append(LoaderBatches(train_set, sampler, cfg.data, torch.device("cpu"), torch.float32))
-    c, loss_fn = cfg.coupling, LOSSES[info.loss]
+    c, loss_fn, n = cfg.coupling, LOSSES[info.loss], world_size
     for step in range(1, cfg.train.steps + 1):
-        eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
+        eta = eta_at(c, step, cfg.train.steps)
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
-        mean = _gloo_mean(before, cfg.dist.bucket_mb)
+        total = _gloo_sum(before, cfg.dist.bucket_mb)
         for model, optimizer, replica_batches in zip(models, optimizers, batches):
             x, y = replica_batches.next()
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             optimizer.step()
+        # w += eta * tanh((mean - w) / T), in the trainer's floating-point order: with the mean
+        # = total / n folded into the scale, tanh((total - n w) / (n T)), and eta into the add.
         with torch.no_grad():
             for r, model in enumerate(models):
-                for t, w, m in zip(_weights(model), before[r], mean):
-                    t.add_(eta * torch.tanh((m - w) / c.temperature))
+                for t, w, s in zip(_weights(model), before[r], total):
+                    t.add_(torch.sub(s, w, alpha=n).mul_(1.0 / (n * c.temperature)).tanh_(), alpha=eta)
     return [m.state_dict() for m in models]
 
 
@@ -619,12 +622,11 @@ def _gloo_ring_sum(xs: list[torch.Tensor], max_segment_bytes: int = 1 << 20) -> 
     return total
 
 
-def _gloo_mean(before: list[list[torch.Tensor]], bucket_mb: float) -> list[torch.Tensor]:
-    """The replicas' mean of the pre-step weights as the trainer forms it: every replica's
+def _gloo_sum(before: list[list[torch.Tensor]], bucket_mb: float) -> list[torch.Tensor]:
+    """The replicas' sum of the pre-step weights as the trainer forms it: every replica's
     weights flattened into one buffer (replica_dist/dist.py, ReplicaExchange: the weights, then
     the guard's table of small integers, which any order sums exactly), all_reduced in buckets
-    of at most bucket_mb MiB, each its own ring, then divided by the number of replicas (a
-    power of two here: exact)."""
+    of at most bucket_mb MiB, each its own ring."""
     from replica_dist.guard import Guard
 
     world = len(before)
@@ -632,11 +634,8 @@ def _gloo_mean(before: list[list[torch.Tensor]], bucket_mb: float) -> list[torch
         torch.cat([t.reshape(-1) for t in ts] + [torch.zeros(world * Guard.WORD_LENGTH)]) for ts in before
     ]
     per_bucket = max(1, int(bucket_mb * 2**20 // flats[0].element_size()))
-    total = (
-        torch.cat(
-            [_gloo_ring_sum(list(bucket)) for bucket in zip(*(flat.split(per_bucket) for flat in flats))]
-        )
-        / world
+    total = torch.cat(
+        [_gloo_ring_sum(list(bucket)) for bucket in zip(*(flat.split(per_bucket) for flat in flats))]
     )
     shapes = [t.shape for t in before[0]]
     sizes = [s.numel() for s in shapes]
@@ -674,7 +673,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     run_world(_e2e_train, world_size, str(root), str(reference), timeout_s=600)
     trained = replica_weights(reference, world_size)
     assert not torch.equal(trained[0]["conv1.weight"], trained[1]["conv1.weight"])
-    # The mean summed in gloo's order (_gloo_mean): bit for bit, for 2 ranks as for 4.
+    # The sum in gloo's order (_gloo_sum): bit for bit, for 2 ranks as for 4.
     for got, expected in zip(trained, _reference(str(root), world_size)):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
