@@ -25,6 +25,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from replica_dist.errors import one_line
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error; its message names the offending key."""
@@ -144,14 +146,15 @@ MODEL_DATA_ARGUMENTS = ("num_classes", "num_outputs")
 set them, take the data's number of outputs."""
 
 
-def locate_model_target(path: str):
-    """The callable that model._target_ names, imported; one ConfigError naming the key and why
-    not. Like Hydra's own lookup (the longest importable module, then attributes), without its
-    multi-line messages."""
-    key = f"model._target_={path}"
+def locate_target(key: str, path: str, builds: str):
+    """The callable that the `_target_` setting `key` names (`path`), imported; one ConfigError
+    naming `key=path` and why not. Like Hydra's own lookup (the longest importable module,
+    then attributes), without its multi-line messages and its logged failure. `builds` says
+    what the callable is for ("a model")."""
+    where = f"{key}={path}"
     parts = path.split(".")
     if len(parts) < 2 or not all(part.isidentifier() for part in parts):
-        raise ConfigError(f"{key}: not a dotted path to a class or function (module.Name)")
+        raise ConfigError(f"{where}: not a dotted path to a class or function (module.Name)")
     obj = None
     for i in range(len(parts), 0, -1):
         module_name = ".".join(parts[:i])
@@ -161,18 +164,26 @@ def locate_model_target(path: str):
             # Missing itself (or a parent): try a shorter module. Missing inside it: its problem.
             if err.name is not None and (module_name + ".").startswith(err.name + "."):
                 continue
-            raise ConfigError(f"{key}: cannot import {module_name}: {_one_line_error(err)}") from None
+            raise ConfigError(
+                f"{where}: cannot import {module_name}: {one_line(err, with_type=True)}"
+            ) from None
         except Exception as err:  # the module exists but fails to import
-            raise ConfigError(f"{key}: cannot import {module_name}: {_one_line_error(err)}") from None
+            raise ConfigError(
+                f"{where}: cannot import {module_name}: {one_line(err, with_type=True)}"
+            ) from None
         break
     if obj is None:
-        raise ConfigError(f"{key}: cannot import it: no module named {parts[0]!r}")
+        raise ConfigError(f"{where}: cannot import it: no module named {parts[0]!r}")
     for j in range(i, len(parts)):
         if not hasattr(obj, parts[j]):
-            raise ConfigError(f"{key}: cannot import it: {'.'.join(parts[:j])} has no attribute {parts[j]!r}")
+            raise ConfigError(
+                f"{where}: cannot import it: {'.'.join(parts[:j])} has no attribute {parts[j]!r}"
+            )
         obj = getattr(obj, parts[j])
     if not callable(obj) or inspect.ismodule(obj):
-        raise ConfigError(f"{key}: names a {type(obj).__name__}, not a class or function that builds a model")
+        raise ConfigError(
+            f"{where}: names a {type(obj).__name__}, not a class or function that builds {builds}"
+        )
     return obj
 
 
@@ -182,10 +193,6 @@ def model_signature(target) -> inspect.Signature | None:
         return inspect.signature(target)
     except (TypeError, ValueError):
         return None
-
-
-def _one_line_error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 # The torchvision presets (replica_dist/vision.py) and the keys only they read.
@@ -838,7 +845,7 @@ def _check_model_target(cfg: Config, parsed: list) -> None:
                 f"model._target_={m._target_} (drop it; an argument of the target by that name "
                 f"is model.kwargs.{parts[1]}=VALUE)"
             )
-    target = locate_model_target(m._target_)
+    target = locate_target("model._target_", m._target_, "a model")
     signature = model_signature(target)
     if signature is None:
         return

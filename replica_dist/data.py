@@ -6,7 +6,6 @@ so a single process can rebuild exactly the data every replica of a distributed 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import os
@@ -21,8 +20,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from replica_dist import vision
-from replica_dist.config import ConfigError, DataConfig, ModelConfig
-from replica_dist.errors import RunError
+from replica_dist.config import ConfigError, DataConfig, ModelConfig, locate_target
+from replica_dist.errors import RunError, one_line
 from replica_dist.model import check_input_shape
 
 log = logging.getLogger(__name__)
@@ -108,10 +107,6 @@ MAX_CLASSES = 100_000
 _TARGET_HEADROOM = 2.0**16
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _file(cfg: DataConfig, seed: int, dtype: torch.dtype):
     arrays = _read_npz(cfg.path)
     task = _check_file_arrays(cfg.path, cfg.task, dtype, *(arrays[key] for key in _REQUIRED))
@@ -133,7 +128,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             head = f.read(len(_NPY_MAGIC))
     except OSError as err:
-        raise bad(f"cannot be read ({_one_line(err)})") from None
+        raise bad(f"cannot be read ({one_line(err)})") from None
     if not head:
         raise bad("the file is empty; it needs a .npz archive of arrays " + ", ".join(_REQUIRED))
     if head.startswith(_NPY_MAGIC):
@@ -161,11 +156,11 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                         raise bad(
                             f"{key} holds Python objects, which are never loaded; store numbers"
                         ) from None
-                    raise bad(f"{key}.npy is not a readable .npy array ({_one_line(err)})") from None
+                    raise bad(f"{key}.npy is not a readable .npy array ({one_line(err)})") from None
     except ConfigError:
         raise
     except (OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
-        raise bad(f"is a damaged or truncated .npz archive ({_one_line(err)})") from None
+        raise bad(f"is a damaged or truncated .npz archive ({one_line(err)})") from None
     return arrays
 
 
@@ -355,7 +350,7 @@ def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDat
     from hydra.utils import instantiate
 
     key = f"data._target_={cfg._target_}"
-    target = _locate(cfg._target_, key)
+    target = locate_target("data._target_", cfg._target_, "a Dataset")
     try:
         takes_train = "train" in inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -365,7 +360,7 @@ def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDat
         try:
             dataset = instantiate({"_target_": cfg._target_, **cfg.kwargs}, **extra)
         except Exception as err:
-            raise ConfigError(f"{key} cannot be built: {_one_line(err.__cause__ or err)}") from None
+            raise ConfigError(f"{key} cannot be built: {one_line(err.__cause__ or err)}") from None
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise ConfigError(
                 f"{key} built a {type(dataset).__name__}, not a map-style Dataset (__getitem__ and __len__)"
@@ -378,29 +373,6 @@ def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDat
     order = _rng(seed, _SPLIT).permutation(len(whole))
     num_test = max(1, int(round(cfg.test_fraction * len(whole))))
     return Subset(whole, order[num_test:].tolist()), Subset(whole, order[:num_test].tolist())
-
-
-def _locate(path: str, key: str):
-    """The object at a dotted path, imported quietly (Hydra's own lookup logs the failure)."""
-    parts = path.split(".")
-    if not all(part.isidentifier() for part in parts):
-        raise ConfigError(f"{key} is not a dotted path pkg.module.Name")
-    for split in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            found = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module_name.startswith(err.name):
-                continue  # not a module: the rest may be attributes of a shorter prefix
-            raise ConfigError(f"{key} cannot be imported: {_one_line(err)}") from None
-        except Exception as err:  # the module exists but fails as it is imported
-            raise ConfigError(f"{key} cannot be imported: {type(err).__name__}: {_one_line(err)}") from None
-        for name in parts[split:]:
-            if not hasattr(found, name):
-                raise ConfigError(f"{key} cannot be imported: {module_name} has no {'.'.join(parts[split:])}")
-            found = getattr(found, name)
-        return found
-    raise ConfigError(f"{key} cannot be imported: no module named {parts[0]}")
 
 
 DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[TorchDataset, TorchDataset]]] = {

@@ -10,6 +10,15 @@ all stop at once; the entry point prints its message once, from rank 0, as
 from __future__ import annotations
 
 
+def one_line(err: BaseException, with_type: bool = False) -> str:
+    """An exception's message folded onto one line (the type's name where it is empty, or
+    before it with `with_type`), to quote inside our own one-line messages."""
+    text = " ".join(str(err).split())
+    if with_type:
+        return f"{type(err).__name__}: {text}"
+    return text or type(err).__name__
+
+
 class RunError(RuntimeError):
     """A run-time failure with a one-line message (what, where, what to try)."""
 

@@ -13,9 +13,10 @@ from replica_dist.config import (
     MODEL_DATA_ARGUMENTS,
     ConfigError,
     ModelConfig,
-    locate_model_target,
+    locate_target,
     model_signature,
 )
+from replica_dist.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ def check_input_shape(cfg: ModelConfig, input_shape: tuple[int, ...], what: str)
         raise ConfigError(f"model.name=cnn needs image-shaped inputs (N, C, H, W); {what}")
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
-
-
 def instantiate(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """model._target_ built with Hydra's instantiate from model.kwargs (plus the data's number of
     outputs for a `num_classes`/`num_outputs` its signature names and the user left out), then
@@ -65,7 +62,7 @@ def instantiate(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int
     from hydra.utils import instantiate as hydra_instantiate
 
     key = f"model._target_={cfg._target_}"
-    signature = model_signature(locate_model_target(cfg._target_))
+    signature = model_signature(locate_target("model._target_", cfg._target_, "a model"))
     kwargs = dict(cfg.kwargs)
     if signature is not None:
         for name in MODEL_DATA_ARGUMENTS:
@@ -75,9 +72,11 @@ def instantiate(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int
     try:
         model = hydra_instantiate({"_target_": cfg._target_, **kwargs}, _convert_="all")
     except InstantiationException as err:
-        raise ConfigError(f"{key}: cannot build it: {_one_line(err.__cause__ or err)}") from None
+        raise ConfigError(
+            f"{key}: cannot build it: {one_line(err.__cause__ or err, with_type=True)}"
+        ) from None
     except Exception as err:  # whatever the user's constructor raised, in one line
-        raise ConfigError(f"{key}: cannot build it: {_one_line(err)}") from None
+        raise ConfigError(f"{key}: cannot build it: {one_line(err, with_type=True)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{key}: built a {type(model).__name__}, not a torch.nn.Module")
     # Lazy modules take their shapes here, from the same seed, before anything counts weights.
@@ -89,7 +88,7 @@ def instantiate(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int
             output = model(sample)
     except Exception as err:  # the model cannot take this data: its own message
         raise ConfigError(
-            f"{key}: fails on a batch of the data's shape {tuple(sample.shape)}: {_one_line(err)}"
+            f"{key}: fails on a batch of the data's shape {tuple(sample.shape)}: {one_line(err, with_type=True)}"
         ) from None
     model.train(was_training)
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None

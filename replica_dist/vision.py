@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from replica_dist.config import VISION_DATA, ConfigError, DataConfig
+from replica_dist.errors import one_line
 
 VISION_NAMES = VISION_DATA
 INSTALL = 'pip install "replica_dist[vision]" (in a checkout: pip install -e ".[vision]")'
@@ -72,10 +73,6 @@ def is_vision(name: str) -> bool:
     return name in VISION_NAMES
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _torchvision(name: str):
     """torchvision's datasets and transforms, or one line saying how to install them."""
     try:
@@ -83,7 +80,7 @@ def _torchvision(name: str):
         from torchvision import datasets, transforms
     except Exception as err:  # ImportError; or RuntimeError from a torchvision built for another torch
         raise ConfigError(
-            f"data.name={name} needs torchvision, which cannot be imported here ({_one_line(err)}); "
+            f"data.name={name} needs torchvision, which cannot be imported here ({one_line(err)}); "
             f"install it with torch 2.14.1: {INSTALL}"
         ) from None
     return datasets, transforms
@@ -223,7 +220,7 @@ def _read_cifar_batch(cfg: DataConfig, relative: str, label_key: str) -> tuple[n
         IndexError,
         AttributeError,
     ) as err:
-        raise _refuse(cfg, f"{relative} is not a readable CIFAR batch ({_one_line(err)})") from None
+        raise _refuse(cfg, f"{relative} is not a readable CIFAR batch ({one_line(err)})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise _refuse(
             cfg,
@@ -271,7 +268,7 @@ def _mnist(cfg: DataConfig, datasets):
     try:
         return cls(cfg.root, train=True, download=False), cls(cfg.root, train=False, download=False)
     except (RuntimeError, OSError, ValueError, AssertionError, EOFError) as err:
-        raise _refuse(cfg, f"its files cannot be read as MNIST's idx format ({_one_line(err)})") from None
+        raise _refuse(cfg, f"its files cannot be read as MNIST's idx format ({one_line(err)})") from None
 
 
 def _imagefolder(cfg: DataConfig, datasets):
@@ -279,7 +276,7 @@ def _imagefolder(cfg: DataConfig, datasets):
     try:
         return datasets.ImageFolder(train), datasets.ImageFolder(test)
     except (FileNotFoundError, OSError) as err:  # a class folder without a single image file
-        raise _refuse(cfg, _one_line(err)) from None
+        raise _refuse(cfg, one_line(err)) from None
 
 
 # ---- transforms
@@ -383,7 +380,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0):
     try:
         input_shape = tuple(test_set[0][0].shape)
     except (OSError, ValueError) as err:
-        raise _refuse(cfg, f"its first test image cannot be read ({_one_line(err)})") from None
+        raise _refuse(cfg, f"its first test image cannot be read ({one_line(err)})") from None
     info = VisionInfo(
         num_outputs=len(train_set.classes),
         input_shape=input_shape,

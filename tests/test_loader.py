@@ -252,10 +252,10 @@ def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("data._target_=no_such_module.Data", "data._target_=no_such_module.Data cannot be imported"),
+        ("data._target_=no_such_module.Data", "data._target_=no_such_module.Data: cannot import it"),
         (
             "data._target_=tests.test_loader.NoSuchClass",
-            "data._target_=tests.test_loader.NoSuchClass cannot be",
+            "data._target_=tests.test_loader.NoSuchClass: cannot import it: tests.test_loader has no attribute",
         ),
         ("data._target_=tests.test_loader.MyDataset +data.kwargs.sise=3", "cannot be built"),
         (
