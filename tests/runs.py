@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,15 @@ def run_sh(
     return subprocess.run(
         [RUN_SH, *args], cwd=cwd, env=env or user_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def assert_refused_launch(args: list[str], key: str, cwd: Path) -> None:
+    """`launch/run.sh --nproc 2 *args`, run in the empty folder `cwd`, is refused the way every
+    bad input is: one line `replica_dist: error: ...` matching the regex `key`, exit status 2,
+    and no run directory left behind."""
+    done = run_sh("--nproc", "2", *args, cwd=cwd, timeout=180)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(output) == 1, output
+    assert re.match(r"replica_dist: error: .*" + key, output[0]), output[0]
+    assert list(cwd.iterdir()) == [], "a refused launch left a directory behind"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from runs import RUN_SH, replica_weights, run_sh, user_env
+from runs import RUN_SH, assert_refused_launch, replica_weights, run_sh, user_env
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist import launch
@@ -327,13 +327,7 @@ BAD_LAUNCHES = [
 def test_a_bad_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    args, key = _bad_launches(tmp_path)[case]
-    done = run_sh("--nproc", "2", *args, cwd=cwd, timeout=180)
-    output = (done.stdout + done.stderr).strip().splitlines()
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert len(output) == 1, output
-    assert re.match(r"replica_dist: error: .*" + key, output[0]), output[0]
-    assert list(cwd.iterdir()) == [], "a refused launch left a directory behind"
+    assert_refused_launch(*_bad_launches(tmp_path)[case], cwd)
 
 
 def test_help_and_cfg_job_answer_without_training(tmp_path):

@@ -311,14 +311,8 @@ LAUNCH_REFUSALS = {
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LAUNCH_REFUSALS))
 def test_a_bad_target_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
-    from runs import run_sh
+    from runs import assert_refused_launch
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    args, key = LAUNCH_REFUSALS[case]
-    done = run_sh("--nproc", "2", *args, cwd=cwd, timeout=180)
-    output = (done.stdout + done.stderr).strip().splitlines()
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert len(output) == 1, output
-    assert re.match(r"replica_dist: error: .*" + key, output[0]), output[0]
-    assert list(cwd.iterdir()) == [], "a refused launch left a directory behind"
+    assert_refused_launch(*LAUNCH_REFUSALS[case], cwd)
