@@ -268,7 +268,7 @@ BAD_OVERRIDES = [
     ),
     (
         ["coupling=none", "coupling.every=2"],
-        r"^coupling\.every is only used with coupling=tanh, linear or average; got coupling=none",
+        r"^coupling\.every is only used with coupling=tanh, linear, average or diloco; got coupling=none",
     ),
     (["coupling=ddp", "coupling.every=2"], r"^coupling\.every is only used with .*; got coupling=ddp"),
     (
@@ -527,7 +527,10 @@ def test_choice_fields_are_typed_for_checkers_and_plain_str_for_hydra(tmp_path):
     ("override", "message"),
     [
         ("train.dtype=float16", "train.dtype must be one of float32, float64; got 'float16'"),
-        ("coupling.name=mean", "coupling.name must be one of tanh, linear, average, none, ddp; got 'mean'"),
+        (
+            "coupling.name=mean",
+            "coupling.name must be one of tanh, linear, average, none, ddp, diloco; got 'mean'",
+        ),
         ("dist.device=tpu", "dist.device must be one of auto, cpu, cuda; got 'tpu'"),
         ("init=foo", "init must be one of independent, same; got 'foo'"),
         ("model.activation=elu", "model.activation must be one of relu, tanh, sigmoid, gelu; got 'elu'"),

@@ -211,7 +211,9 @@ def test_help_lists_groups_with_their_options():
     text = help_text()
     coupling = re.search(r"^  coupling: (.*)$", text, re.MULTILINE)
     assert coupling, text
-    assert {"tanh", "linear", "average", "none", "ddp"} <= set(re.findall(r"\w+", coupling.group(1)))
+    assert {"tanh", "linear", "average", "none", "ddp", "diloco"} <= set(
+        re.findall(r"\w+", coupling.group(1))
+    )
     assert re.search(r"^  optim: adam, sgd \(default sgd\)$", text, re.MULTILINE)
     assert re.search(r"^  experiment: note$", text, re.MULTILINE)
 
@@ -227,7 +229,7 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     assert "data.path (str, default '', data=file only): file: path of a .npz" in flat
     assert "optim.nesterov (bool, default false, optim=sgd only)" in flat
     # a choice shows its values in place of its type
-    assert "coupling.name (tanh|linear|average|none|ddp, default tanh): Coupling form." in flat
+    assert "coupling.name (tanh|linear|average|none|ddp|diloco, default tanh): Coupling form." in flat
     assert "train.dtype (float32|float64, default float32): Floating-point type" in flat
     assert (
         "data.split (shard|full, default shard, data=digits|teacher|file|dataset|imagefolder|cifar10|" in flat
