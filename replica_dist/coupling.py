@@ -299,9 +299,14 @@ class ReplicaCoupling:
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 
-    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp) and the
-    schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
-    eta_final, eta_max, temperature, every, via_optimizer); `steps`, the run's length (needed
+    With ``"diloco"`` the constructor sets every replica's weights to their mean (the first
+    anchor; one all_reduce), and ``state_dict()`` holds the anchor and the outer optimizer's
+    momentum too: construct the coupling first, then load the saved state dicts.
+
+    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp, diloco)
+    and the schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
+    eta_final, eta_max, temperature, every, via_optimizer, outer_lr, outer_momentum,
+    outer_nesterov); `steps`, the run's length (needed
     by eta_final); `overlap` and `bucket_mb` (DistConfig); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
@@ -560,8 +565,9 @@ class ReplicaCoupling:
         return self.guard.all_clean
 
     def state_dict(self) -> dict:
-        """The step (the schedule's phase) and the guard's state: with the model's and the
-        optimizer's state dicts, enough to continue bit for bit."""
+        """The step (the schedule's phase) and the guard's state (for diloco also the anchor
+        and the outer optimizer's state): with the model's and the optimizer's state dicts,
+        enough to continue bit for bit."""
         state = {"step": self.step_count, "guard": self.guard.state_dict()}
         if isinstance(self.form, _DiLoCo):
             state["diloco"] = self.form.state_dict()

@@ -77,6 +77,13 @@ ACCEPTED = [
     ["coupling=tanh", "coupling.temperature=0.5", "coupling.eta=0.1", "coupling.eta_growth=0"],
     ["coupling=linear", "coupling.eta_final=0.4", "coupling.eta_max=0.5", "coupling.via_optimizer=true"],
     ["coupling=average", "coupling.every=3"],
+    [
+        "coupling=diloco",
+        "coupling.every=10",
+        "coupling.outer_lr=1.0",
+        "coupling.outer_momentum=0.5",
+        "coupling.outer_nesterov=false",
+    ],
     ["optim=adam", "optim.betas=[0.8,0.9]"],
     ["optim=sgd", "optim.momentum=0.5", "optim.nesterov=true"],
     ["guard.nonfinite=skip", "guard.max_consecutive_skips=3"],
