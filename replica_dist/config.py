@@ -61,7 +61,7 @@ DataName = Literal[
 ]
 Split = Literal["shard", "full"]
 Task = Literal["auto", "classification", "regression"]
-CouplingName = Literal["tanh", "linear", "average", "none", "ddp"]
+CouplingName = Literal["tanh", "linear", "average", "none", "ddp", "diloco"]
 OptimName = Literal["sgd", "adam"]
 Dtype = Literal["float32", "float64"]
 Schedule = Literal["constant", "cosine", "step"]
@@ -317,7 +317,10 @@ class CouplingConfig:
     name: CouplingName = "tanh"
     """Coupling form. tanh: w += eta*tanh((mean - w)/T), the note's rule. linear:
     w += eta*(mean - w), elastic averaging. average: w = mean of the post-step weights
-    (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model."""
+    (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model.
+    diloco: every `every` (= H) steps an outer SGD step with Nesterov momentum on the shared
+    weights, along the replicas' mean pseudo-gradient (weights at the last sync minus now);
+    every replica continues from the result (DiLoCo, arXiv 2311.08105)."""
     eta: float = 0.001
     """Coupling strength eta_0 (tanh, linear); for tanh it bounds the pull per weight and step
     (chosen by the study: docs/study.md)."""
@@ -332,12 +335,21 @@ class CouplingConfig:
     temperature: float = 1.0
     """tanh only: T in tanh((mean - w)/T). Small T gives a sign-like, clipped pull."""
     every: int = 1
-    """Couple on every k-th step, steps counted from 1 (chosen by the study: docs/study.md)."""
+    """Couple on every k-th step, steps counted from 1 (chosen by the study: docs/study.md).
+    For diloco the outer period H: one outer step every H inner steps."""
     via_optimizer: bool = False
     """tanh, linear: apply the pull as a gradient term (minus the pull, i.e. the gradient
     of the coupling potential), so momentum and weight decay see it (with SGD a parameter
     then moves by lr*pull; floating buffers, which no optimizer steps, still take the pull
     directly). Default: added to the weights directly after the optimizer step."""
+    outer_lr: float = 0.7
+    """diloco: the outer optimizer's learning rate (DiLoCo's 0.7). With outer_lr=1 and
+    outer_momentum=0 the outer step lands on the replicas' mean: diloco is then average."""
+    outer_momentum: float = 0.9
+    """diloco: the outer optimizer's momentum, in [0, 1) (DiLoCo's 0.9)."""
+    outer_nesterov: bool = True
+    """diloco: Nesterov momentum for the outer step (DiLoCo's choice); false: heavy ball.
+    Without momentum (outer_momentum=0) both are plain SGD."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "coupling.")
@@ -357,7 +369,16 @@ class CouplingConfig:
             f"coupling.eta_final must be in (0, coupling.eta_max={self.eta_max}]; got {self.eta_final}",
         )
         _check(self.temperature > 0, f"coupling.temperature must be > 0; got {self.temperature}")
+        _check(
+            self.every >= 1 or self.name != "diloco",
+            f"coupling.every (the outer period H of coupling.name=diloco) must be >= 1; got {self.every}",
+        )
         _check(self.every >= 1, f"coupling.every must be >= 1; got {self.every}")
+        _check(self.outer_lr > 0, f"coupling.outer_lr must be > 0; got {self.outer_lr}")
+        _check(
+            0 <= self.outer_momentum < 1,
+            f"coupling.outer_momentum must be in [0, 1); got {self.outer_momentum}",
+        )
         _check(
             not self.via_optimizer or self.name in ("tanh", "linear"),
             f"coupling.via_optimizer is only for coupling.name=tanh or linear; got {self.name}",
@@ -613,6 +634,11 @@ class Config:
             "checkpoint.remap is not available for coupling.name=ddp (its replicas must stay identical)",
         )
         _check(
+            not (self.checkpoint.remap and self.coupling.name == "diloco"),
+            "checkpoint.remap is not available for coupling.name=diloco (its outer state, the weights at "
+            "the last sync and their momentum, belongs to the replicas that saved it)",
+        )
+        _check(
             self.parallel.dp == 1 or self.coupling.name != "ddp",
             "parallel.dp must be 1 for coupling.name=ddp (ddp is data parallel over the whole world already)",
         )
@@ -689,8 +715,11 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "coupling.eta_final": ("coupling", ("tanh", "linear")),
     "coupling.eta_max": ("coupling", ("tanh", "linear")),
     "coupling.temperature": ("coupling", ("tanh",)),
-    "coupling.every": ("coupling", ("tanh", "linear", "average")),
+    "coupling.every": ("coupling", ("tanh", "linear", "average", "diloco")),
     "coupling.via_optimizer": ("coupling", ("tanh", "linear")),
+    "coupling.outer_lr": ("coupling", ("diloco",)),
+    "coupling.outer_momentum": ("coupling", ("diloco",)),
+    "coupling.outer_nesterov": ("coupling", ("diloco",)),
     "optim.momentum": ("optim", ("sgd",)),
     "optim.nesterov": ("optim", ("sgd",)),
     "optim.betas": ("optim", ("adam",)),

@@ -6,10 +6,13 @@ moved by `pull(...)`:
     tanh     w <- w_opt + eta * tanh((mean - w) / T)    the note's rule (T = 1)
     linear   w <- w_opt + eta * (mean - w)              elastic averaging (eta = lr*gamma)
     average  w <- mean of the post-step weights         local SGD / model averaging
+    diloco   anchor <- OuterSGD(anchor, mean(anchor - w)) and w <- anchor, after the step
 
 For tanh and linear, `w` and `mean` are the weights *before* the step, so all replicas move
 at once from the same mean (the note's loop let replica 2 see replica 1's new weights; we
 do not). `none` never couples and `ddp` averages gradients instead (DistributedDataParallel).
+For diloco (DiLoCo, arXiv 2311.08105) `anchor` is the weights at the last sync, the same on
+every replica, and OuterSGD one step of SGD with (Nesterov) momentum; see _DiLoCo.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def stability_note(cfg: CouplingConfig, steps: int) -> str | None:
 
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:
     """Whether the replicas are coupled at `step` (counted from 1)."""
-    return cfg.name in (*ELASTIC_FORMS, "average") and step % cfg.every == 0
+    return cfg.name in (*ELASTIC_FORMS, "average", "diloco") and step % cfg.every == 0
 
 
 class CouplingError(ValueError):
@@ -154,6 +157,69 @@ class _Average(_Form):
     averages_after_step = True
 
 
+class _DiLoCo(_Average):
+    """diloco: every H = `every` steps, after the optimizer step, one outer step on the anchor
+    (the weights at the last sync, the same on every replica) along the replicas' mean
+    pseudo-gradient, anchor - w; then every replica loads the new anchor.
+
+    The outer optimizer is torch.optim.SGD (momentum outer_momentum, Nesterov unless
+    outer_nesterov=false, lr outer_lr) on the anchor's parameters, so the update is PyTorch's:
+    buf <- mu*buf + delta; anchor <- anchor - lr*(delta + mu*buf) (Nesterov), or
+    anchor - lr*buf. It holds two more copies of the parameters (the anchor, the momentum).
+
+    Floating buffers (BatchNorm's running statistics) are no parameters: they take the
+    replicas' mean at each sync (as with average), not the outer step, whose momentum could
+    extrapolate a running variance below zero. With outer_lr=1 and outer_momentum=0 the
+    outer step lands on the mean too, and diloco is average up to rounding.
+
+    The first anchor is the replicas' mean of their starting weights (one all_reduce at
+    construction), loaded into every replica, so all begin identical as under DDP."""
+
+    def attach(self, state: FlatState, mesh: dist.Mesh) -> None:
+        self.state = state
+        self.num_params = sum(t.numel() for t in state.tensors[: state.num_params])
+        self.anchor = dist.replica_mean(state.pack(), mesh)
+        state.load(self.anchor)
+        cfg = self.cfg
+        self.outer = torch.optim.SGD(
+            [self.anchor[: self.num_params]],
+            lr=cfg.outer_lr,
+            momentum=cfg.outer_momentum,
+            nesterov=cfg.outer_nesterov and cfg.outer_momentum > 0,
+            fused=True,
+        )
+        if cfg.outer_momentum > 0:
+            # A fused SGD's first step would fill the buffer from the gradient whatever its
+            # found_inf says; a zero buffer gives the same first step (mu*0 + delta) and lets
+            # a skipped first step leave it untouched, on the device.
+            (params,) = self.outer.param_groups[0]["params"]
+            self.outer.state[params]["momentum_buffer"] = torch.zeros_like(params)
+
+    def outer_step_(self, mean_delta: torch.Tensor, apply: torch.Tensor) -> None:
+        """The outer step along `mean_delta` (the replicas' mean of anchor - w, laid out as
+        the state; its buffer part overwritten), only where `apply` (a device bool) holds: a
+        skipped sync leaves the anchor and the momentum as they were, on the device."""
+        (params,) = self.outer.param_groups[0]["params"]
+        params.grad = mean_delta[: self.num_params]
+        self.outer.found_inf = (~apply).to(torch.float32)
+        try:
+            self.outer.step()
+        finally:
+            del self.outer.found_inf
+            params.grad = None
+        buffers = self.anchor[self.num_params :]
+        if buffers.numel():
+            mean_buffers = torch.sub(buffers, mean_delta[self.num_params :])
+            buffers.copy_(torch.where(apply, mean_buffers, buffers))
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchor.copy_(state["anchor"])
+        self.outer.load_state_dict(state["outer_optimizer"])
+
+
 class _Uncoupled(_Form):
     """none: independent replicas; they exchange only the guard's words, on the steps that
     ask for it (observed or agreed steps)."""
@@ -182,6 +248,7 @@ _FORMS: dict[str, type[_Form]] = {
     "average": _Average,
     "none": _Uncoupled,
     "ddp": _DataParallel,
+    "diloco": _DiLoCo,
 }
 
 
@@ -232,9 +299,14 @@ class ReplicaCoupling:
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 
-    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp) and the
-    schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
-    eta_final, eta_max, temperature, every, via_optimizer); `steps`, the run's length (needed
+    With ``"diloco"`` the constructor sets every replica's weights to their mean (the first
+    anchor; one all_reduce), and ``state_dict()`` holds the anchor and the outer optimizer's
+    momentum too: construct the coupling first, then load the saved state dicts.
+
+    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp, diloco)
+    and the schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
+    eta_final, eta_max, temperature, every, via_optimizer, outer_lr, outer_momentum,
+    outer_nesterov); `steps`, the run's length (needed
     by eta_final); `overlap` and `bucket_mb` (DistConfig); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
@@ -278,6 +350,8 @@ class ReplicaCoupling:
         self.guard = (guard or Guard(nonfinite, max_consecutive_skips)).to(self._device)
         self._bucket_bytes = bucket_mb * 2**20
         self._check_same_model()
+        if isinstance(self.form, _DiLoCo):
+            self.form.attach(self.state, self.mesh)
         # Allocated once: the weights sent, the mean received, then the pull, all in this
         # buffer. Uncoupled forms communicate only when asked, into a buffer of the moment.
         self._exchange = self._new_exchange() if not isinstance(self.form, _Uncoupled) else None
@@ -367,7 +441,9 @@ class ReplicaCoupling:
         with self.timer.section("update"):
             pull = self._update(step, apply, coupled, exchange)
         # Every replica moves at once, from the same mean.
-        if coupled and self.form.averages_after_step:
+        if coupled and isinstance(self.form, _DiLoCo):
+            self._outer_step(step, exchange)
+        elif coupled and self.form.averages_after_step:
             self._average(step, exchange)
         elif pull is not None:
             with self.timer.section("update"):
@@ -449,6 +525,27 @@ class ReplicaCoupling:
         with self.timer.section("update"):
             self.state.load(mean_after_step)
 
+    def _outer_step(self, step: int, exchange) -> None:
+        """diloco: the replicas' mean pseudo-gradient (anchor - w after the step), as one
+        exchange that carries the guard's words as _average's does; the outer step on the
+        anchor where every replica agrees to apply this step (else the sync is skipped: the
+        anchor and momentum stay, each replica keeps its weights and the next sync spans
+        2H steps); then every replica loads the anchor."""
+        form = self.form
+        with self.timer.section("update"):
+            self.state.pack(out=exchange.flat)
+            torch.sub(form.anchor, exchange.flat, out=exchange.flat)
+        with self.timer.section("communication"):
+            exchange.start(self.guard.word())
+            mean_delta, words = exchange.wait()
+            apply = self.guard.decide(step, words)
+        with self.timer.section("update"):
+            form.outer_step_(mean_delta, apply)
+            # A skipped sync keeps each replica's own weights: chosen on the device, in the
+            # exchange's buffer (free until the next step packs it), with no read back.
+            weights = self.state.pack(out=exchange.flat)
+            self.state.load(torch.where(apply, form.anchor, weights, out=weights))
+
     # ---- what a loop reads
 
     @property
@@ -468,13 +565,19 @@ class ReplicaCoupling:
         return self.guard.all_clean
 
     def state_dict(self) -> dict:
-        """The step (the schedule's phase) and the guard's state: with the model's and the
-        optimizer's state dicts, enough to continue bit for bit."""
-        return {"step": self.step_count, "guard": self.guard.state_dict()}
+        """The step (the schedule's phase) and the guard's state (for diloco also the anchor
+        and the outer optimizer's state): with the model's and the optimizer's state dicts,
+        enough to continue bit for bit."""
+        state = {"step": self.step_count, "guard": self.guard.state_dict()}
+        if isinstance(self.form, _DiLoCo):
+            state["diloco"] = self.form.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
         self.guard.load_state_dict(state["guard"])
+        if isinstance(self.form, _DiLoCo):
+            self.form.load_state_dict(state["diloco"])
 
     # ---- internals
 

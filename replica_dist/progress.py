@@ -25,7 +25,7 @@ WARMUP_STEPS = 1
 MIN_TIMED_STEPS = 3
 """Steps after the warm-up before the time left is shown at all."""
 
-COUPLED_FORMS = ("tanh", "linear", "average")
+COUPLED_FORMS = ("tanh", "linear", "average", "diloco")
 """Forms whose center is meant to work: an uncoupled run's mean of weights is no model."""
 
 

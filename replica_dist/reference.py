@@ -5,6 +5,10 @@ before the step, w̄ = mean_a w_a:
     tanh     w_a <- w_a - lr*g_a + eta_t * tanh((w̄ - w_a) / T)
     linear   w_a <- w_a - lr*g_a + eta_t * (w̄ - w_a)
     average  w_a <- mean of the post-step weights (every k steps)
+    diloco   every H = k steps, after the step: delta = mean_a (anchor - w_a); an outer SGD
+             step with (Nesterov) momentum on the anchor along delta (floating buffers: the
+             anchor's minus delta, their mean); w_a <- anchor. The first anchor is the mean
+             of the starting weights, where every replica begins.
 (with momentum, weight decay or Adam, "- lr*g_a" is that optimizer's step; with
 via_optimizer the pull enters as the gradient term instead). The distributed trainer
 (replica_dist.loop on replica_dist.coupling.ReplicaCoupling) must equal this to 1e-6; the
@@ -53,8 +57,12 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         )
 
     c = cfg.coupling
+    if c.name == "diloco":
+        anchor = [torch.stack(ts).mean(0) for ts in zip(*(_weights(m) for m in models))]
+        momentum = [torch.zeros_like(a) for a in anchor]
+        _load(models, anchor)
     for step in range(1, cfg.train.steps + 1):
-        coupled = c.name in ("tanh", "linear", "average") and step % c.every == 0
+        coupled = c.name in ("tanh", "linear", "average", "diloco") and step % c.every == 0
         if c.eta_final is None:
             eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
         elif cfg.train.steps == 1:
@@ -96,12 +104,31 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                 for model in models:
                     for t, m in zip(_weights(model), mean_after):
                         t.copy_(m)
+            elif coupled and c.name == "diloco":
+                num_params = len(list(models[0].parameters()))
+                for i, ts in enumerate(zip(*(_weights(m) for m in models))):
+                    delta = torch.stack([anchor[i] - t for t in ts]).mean(0)
+                    if i >= num_params:  # a floating buffer: the mean
+                        anchor[i] = anchor[i] - delta
+                        continue
+                    momentum[i] = c.outer_momentum * momentum[i] + delta
+                    nesterov = c.outer_nesterov and c.outer_momentum > 0
+                    move = delta + c.outer_momentum * momentum[i] if nesterov else momentum[i]
+                    anchor[i] = anchor[i] - c.outer_lr * move
+                _load(models, anchor)
             elif coupled and not c.via_optimizer:
                 for r, model in enumerate(models):
                     for t, w, m in zip(_weights(model), before[r], mean_before):
                         t.add_(elastic_pull(w, m))
     assert all(math.isfinite(t.sum().item()) for m in models for t in _weights(m))
     return [m.state_dict() for m in models]
+
+
+@torch.no_grad()
+def _load(models, flat: list[torch.Tensor]) -> None:
+    for model in models:
+        for t, value in zip(_weights(model), flat):
+            t.copy_(value)
 
 
 def _weights(model) -> list[torch.Tensor]:

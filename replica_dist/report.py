@@ -99,6 +99,13 @@ def coupling_text(coupling: dict, steps: int) -> str:
             words.append("via optimizer")
     if name in (*ELASTIC_FORMS, "average") and coupling.get("every", 1) != 1:
         words.append(f"every {coupling['every']}")
+    if name == "diloco":
+        defaults = CouplingConfig()
+        words.append(f"H {coupling.get('every', defaults.every)}")
+        words.append(f"outer lr {_g(coupling.get('outer_lr', defaults.outer_lr))}")
+        momentum = coupling.get("outer_momentum", defaults.outer_momentum)
+        nesterov = coupling.get("outer_nesterov", defaults.outer_nesterov) and momentum > 0
+        words.append(f"{'Nesterov ' if nesterov else ''}momentum {_g(momentum)}")
     return ", ".join(words)
 
 

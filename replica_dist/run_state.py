@@ -3,7 +3,8 @@
 A replica's state is everything that makes its next step identical to an uninterrupted
 run: weights and buffers, optimizer state, the step, its data order, the RNG states, and
 the recipe's parts (the lr scheduler, the fp16 gradient scaler).
-The coupling's schedule is a function of the step alone, so the step restores it.
+The coupling's schedule is a function of the step alone, so the step restores it; diloco's
+outer state (the anchor, the outer momentum) is in the coupling's state_dict.
 """
 
 from __future__ import annotations

@@ -78,6 +78,14 @@ BAD_OVERRIDES = [
     (["coupling.eta_final=0"], r"coupling\.eta_final"),
     (["coupling.eta_final=2"], r"coupling\.eta_final"),
     (["coupling=average", "coupling.via_optimizer=true"], r"coupling\.via_optimizer"),
+    (
+        ["coupling=diloco", "coupling.every=0"],
+        r"^coupling\.every \(the outer period H of coupling\.name=diloco\)",
+    ),
+    (["coupling=diloco", "coupling.outer_lr=0"], r"^coupling\.outer_lr must be > 0; got 0\.0$"),
+    (["coupling=diloco", "coupling.outer_lr=-1"], r"^coupling\.outer_lr must be > 0; got -1\.0$"),
+    (["coupling=diloco", "coupling.outer_momentum=1"], r"^coupling\.outer_momentum must be in \[0, 1\)"),
+    (["coupling=diloco", "coupling.outer_nesterov=maybe"], r"coupling\.outer_nesterov"),
     (["model=foo"], r"model"),
     (["model.name=foo"], r"model\.name"),
     (["model.hidden=[0]"], r"model\.hidden"),
@@ -268,7 +276,7 @@ BAD_OVERRIDES = [
     ),
     (
         ["coupling=none", "coupling.every=2"],
-        r"^coupling\.every is only used with coupling=tanh, linear or average; got coupling=none",
+        r"^coupling\.every is only used with coupling=tanh, linear, average or diloco; got coupling=none",
     ),
     (["coupling=ddp", "coupling.every=2"], r"^coupling\.every is only used with .*; got coupling=ddp"),
     (
@@ -527,7 +535,10 @@ def test_choice_fields_are_typed_for_checkers_and_plain_str_for_hydra(tmp_path):
     ("override", "message"),
     [
         ("train.dtype=float16", "train.dtype must be one of float32, float64; got 'float16'"),
-        ("coupling.name=mean", "coupling.name must be one of tanh, linear, average, none, ddp; got 'mean'"),
+        (
+            "coupling.name=mean",
+            "coupling.name must be one of tanh, linear, average, none, ddp, diloco; got 'mean'",
+        ),
         ("dist.device=tpu", "dist.device must be one of auto, cpu, cuda; got 'tpu'"),
         ("init=foo", "init must be one of independent, same; got 'foo'"),
         ("model.activation=elu", "model.activation must be one of relu, tanh, sigmoid, gelu; got 'elu'"),

@@ -77,6 +77,13 @@ ACCEPTED = [
     ["coupling=tanh", "coupling.temperature=0.5", "coupling.eta=0.1", "coupling.eta_growth=0"],
     ["coupling=linear", "coupling.eta_final=0.4", "coupling.eta_max=0.5", "coupling.via_optimizer=true"],
     ["coupling=average", "coupling.every=3"],
+    [
+        "coupling=diloco",
+        "coupling.every=10",
+        "coupling.outer_lr=1.0",
+        "coupling.outer_momentum=0.5",
+        "coupling.outer_nesterov=false",
+    ],
     ["optim=adam", "optim.betas=[0.8,0.9]"],
     ["optim=sgd", "optim.momentum=0.5", "optim.nesterov=true"],
     ["guard.nonfinite=skip", "guard.max_consecutive_skips=3"],
@@ -211,7 +218,9 @@ def test_help_lists_groups_with_their_options():
     text = help_text()
     coupling = re.search(r"^  coupling: (.*)$", text, re.MULTILINE)
     assert coupling, text
-    assert {"tanh", "linear", "average", "none", "ddp"} <= set(re.findall(r"\w+", coupling.group(1)))
+    assert {"tanh", "linear", "average", "none", "ddp", "diloco"} <= set(
+        re.findall(r"\w+", coupling.group(1))
+    )
     assert re.search(r"^  optim: adam, sgd \(default sgd\)$", text, re.MULTILINE)
     assert re.search(r"^  experiment: note$", text, re.MULTILINE)
 
@@ -227,7 +236,7 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     assert "data.path (str, default '', data=file only): file: path of a .npz" in flat
     assert "optim.nesterov (bool, default false, optim=sgd only)" in flat
     # a choice shows its values in place of its type
-    assert "coupling.name (tanh|linear|average|none|ddp, default tanh): Coupling form." in flat
+    assert "coupling.name (tanh|linear|average|none|ddp|diloco, default tanh): Coupling form." in flat
     assert "train.dtype (float32|float64, default float32): Floating-point type" in flat
     assert (
         "data.split (shard|full, default shard, data=digits|teacher|file|dataset|imagefolder|cifar10|" in flat

@@ -40,6 +40,7 @@ CASES = {
         "optim.weight_decay=0.01",
     ],
     "average_every_4": ["coupling=average", "coupling.every=4"],
+    "diloco_every_3": ["coupling=diloco", "coupling.every=3"],
     # float64, as in test_distributed: BatchNorm amplifies summation-order differences.
     "tanh_cnn_batchnorm": [
         "coupling=tanh",
@@ -50,7 +51,18 @@ CASES = {
         "train.dtype=float64",
     ],
 }
-SCHEDULE = ("eta", "eta_growth", "eta_final", "eta_max", "temperature", "every", "via_optimizer")
+SCHEDULE = (
+    "eta",
+    "eta_growth",
+    "eta_final",
+    "eta_max",
+    "temperature",
+    "every",
+    "via_optimizer",
+    "outer_lr",
+    "outer_momentum",
+    "outer_nesterov",
+)
 
 
 def config(case: str):

@@ -127,6 +127,8 @@ def coupling(form: str, eta: float = 0.0, eta_growth: float = 0.0, every: int = 
         return (f"coupling={form}",)
     if form == "average":
         return ("coupling=average", f"coupling.every={every}")
+    if form == "diloco":  # DiLoCo's outer lr 0.7, Nesterov momentum 0.9 (the yaml's), H = every
+        return ("coupling=diloco", f"coupling.every={every}")
     eta_max = 1.0
     extra = ("coupling.temperature=1.0",) if form == "tanh" else ()
     return (
