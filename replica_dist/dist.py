@@ -172,17 +172,20 @@ def chunk_absmax(x: torch.Tensor, chunk: int) -> torch.Tensor:
     parts = [x[:full].view(-1, chunk).abs().amax(1)]
     if full < x.numel():
         parts.append(x[full:].abs().amax().reshape(1))
-    return torch.cat(parts).float().nan_to_num_(nan=math.inf)
+    return torch.cat(parts).float().nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
-def quantize_int8(x: torch.Tensor, scale: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
+def quantize_int8(
+    x: torch.Tensor, scale: torch.Tensor, chunk: int, out: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """q = round(x / scale) clamped to [-127, 127], with one scale per `chunk` elements, into the
     int8 vector `out`. A chunk whose scale is 0 holds only zeros and gets q = 0; a chunk whose
     scale is inf (it held a non-finite value) gets q = 0 too, which `dequantize_int8` turns
-    into NaN (0 * inf): a non-finite weight never comes back as a finite one."""
+    into NaN (0 * inf): a non-finite weight never comes back as a finite one. `scratch`: a
+    vector like `x` to work in (else one is allocated)."""
     scale = torch.where(scale > 0, scale, 1.0).to(x.dtype)
     full = x.numel() // chunk * chunk
-    q = torch.empty_like(x)
+    q = torch.empty_like(x) if scratch is None else scratch
     torch.div(x[:full].view(-1, chunk), scale[: full // chunk, None], out=q[:full].view(-1, chunk))
     if full < x.numel():
         torch.div(x[full:], scale[-1], out=q[full:])
@@ -276,7 +279,7 @@ class ReplicaExchange:
             per = max(1, int(bucket_bytes // self._send.element_size()))
             self._spans = [(s, min(s + per, numel)) for s in range(0, numel, per)]
             self._scale = torch.empty(0)
-            # int8: one term at a time is dequantised here, then added (bf16 adds directly).
+            # int8: the quantiser's scratch, then each term dequantised before it is added.
             self._term = torch.empty(numel, dtype=dtype, device=device) if compress == "int8" else None
 
     def start(self, row: torch.Tensor, exact: bool = False) -> None:
@@ -329,7 +332,7 @@ class ReplicaExchange:
             tdist.all_reduce(absmax, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
             scale_bytes = absmax.numel() * absmax.element_size()
             self._scale = absmax.div_(INT8_LEVELS)
-            quantize_int8(x, self._scale, self.chunk, out=self._send)
+            quantize_int8(x, self._scale, self.chunk, out=self._send, scratch=self._term)
         else:
             self._send.copy_(x)
         if self.residual is not None:
