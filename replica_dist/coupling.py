@@ -235,7 +235,9 @@ class ReplicaCoupling:
     Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp) and the
     schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
     eta_final, eta_max, temperature, every, via_optimizer); `steps`, the run's length (needed
-    by eta_final); `overlap` and `bucket_mb` (DistConfig); `nonfinite` and
+    by eta_final); `overlap`, `bucket_mb`, `compress` (none, bf16, int8), `compress_chunk` and
+    `error_feedback` (DistConfig; compression applies to the coupling's exchange, see
+    dist.ReplicaExchange, and `bytes_sent` counts what it sends); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
     replica is itself data parallel (default: none).
