@@ -306,8 +306,10 @@ class ReplicaCoupling:
     Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp, diloco)
     and the schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
     eta_final, eta_max, temperature, every, via_optimizer, outer_lr, outer_momentum,
-    outer_nesterov); `steps`, the run's length (needed
-    by eta_final); `overlap` and `bucket_mb` (DistConfig); `nonfinite` and
+    outer_nesterov); `steps`, the run's length (needed by eta_final); `overlap`, `bucket_mb`,
+    `compress` (none, bf16, int8), `compress_chunk` and `error_feedback` (DistConfig;
+    compression applies to the coupling's exchange, see dist.ReplicaExchange, and
+    `bytes_sent` counts what it sends); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
     replica is itself data parallel (default: none).
@@ -322,6 +324,9 @@ class ReplicaCoupling:
         steps: int | None = None,
         overlap: bool = True,
         bucket_mb: float = 25.0,
+        compress: str = "none",
+        compress_chunk: int = 1024,
+        error_feedback: bool = False,
         process_group=None,
         replica_group_of_rank=None,
         nonfinite: str = "stop",
@@ -349,6 +354,20 @@ class ReplicaCoupling:
         self._device = self.state.device
         self.guard = (guard or Guard(nonfinite, max_consecutive_skips)).to(self._device)
         self._bucket_bytes = bucket_mb * 2**20
+        if compress not in dist.COMPRESSIONS:
+            raise CouplingError(f"compress must be one of {', '.join(dist.COMPRESSIONS)}; got {compress!r}")
+        if compress != "none" and isinstance(self.form, _DataParallel):
+            raise CouplingError(
+                "compress applies to the coupling exchange; ddp averages gradients: use 'none'"
+            )
+        if error_feedback and compress == "none":
+            raise CouplingError("error_feedback needs compress='bf16' or 'int8'")
+        if compress_chunk < 1:
+            raise CouplingError(f"compress_chunk must be >= 1; got {compress_chunk}")
+        self._compression = {"compress": compress, "chunk": compress_chunk, "error_feedback": error_feedback}
+        self.bytes_sent = 0
+        """Bytes this rank handed to the coupling's collectives so far (dist.ReplicaExchange
+        defines them); the diagnostics' exchanges on logging steps are not counted."""
         self._check_same_model()
         if isinstance(self.form, _DiLoCo):
             self.form.attach(self.state, self.mesh)
@@ -375,6 +394,9 @@ class ReplicaCoupling:
             steps=cfg.train.steps,
             overlap=cfg.dist.overlap,
             bucket_mb=cfg.dist.bucket_mb,
+            compress=cfg.dist.compress,
+            compress_chunk=cfg.dist.compress_chunk,
+            error_feedback=cfg.dist.error_feedback,
             nonfinite=cfg.guard.nonfinite,
             max_consecutive_skips=cfg.guard.max_consecutive_skips,
             guard=guard,
@@ -410,7 +432,7 @@ class ReplicaCoupling:
                 if observe:
                     self.observed["before"] = exchange.flat.clone()
                 if self.overlap:
-                    exchange.start(self.guard.word())
+                    self._start(exchange, step)
             self.state.save_buffers()  # the forward pass moves them
         self._in_step = {
             "step": step,
@@ -460,7 +482,7 @@ class ReplicaCoupling:
         apply = guard.may_apply()
         if needs_mean:
             if not self.overlap:
-                exchange.start(guard.word())
+                self._start(exchange, step)
             total, words = exchange.wait(divide=not self.form.pulls_before_step)
             apply = guard.decide(step, words)
             if "before" in self.observed:  # the buffer turns into the pull below
@@ -514,12 +536,22 @@ class ReplicaCoupling:
         )
         return stateless or bool(optimizer.state)
 
+    def _start(self, exchange, step: int, after_step: bool = False) -> None:
+        """Start `exchange` with this replica's guard word. The exchange of the pre-step
+        weights couples only for tanh and linear on a coupling step; otherwise it is there for
+        the diagnostics (observe=True) and goes exact and uncounted, so that the logged mean
+        is the true one and the error-feedback residual only follows the coupling's sends."""
+        couples = self.form.couples_at(step) and (after_step or self.form.pulls_before_step)
+        exchange.start(self.guard.word(), exact=not couples)
+        if couples:
+            self.bytes_sent += exchange.last_bytes
+
     def _average(self, step: int, exchange) -> None:
         """average: the weights after the step, replaced by their mean over the replicas."""
         with self.timer.section("update"):
             self.state.pack(out=exchange.flat)
         with self.timer.section("communication"):
-            exchange.start(self.guard.word())
+            self._start(exchange, step, after_step=True)
             mean_after_step, words = exchange.wait()
             self.guard.decide(step, words)
         with self.timer.section("update"):
@@ -536,7 +568,7 @@ class ReplicaCoupling:
             self.state.pack(out=exchange.flat)
             torch.sub(form.anchor, exchange.flat, out=exchange.flat)
         with self.timer.section("communication"):
-            exchange.start(self.guard.word())
+            self._start(exchange, step, after_step=True)  # compressed and counted, as average's
             mean_delta, words = exchange.wait()
             apply = self.guard.decide(step, words)
         with self.timer.section("update"):
@@ -565,10 +597,13 @@ class ReplicaCoupling:
         return self.guard.all_clean
 
     def state_dict(self) -> dict:
-        """The step (the schedule's phase) and the guard's state (for diloco also the anchor
-        and the outer optimizer's state): with the model's and the optimizer's state dicts,
-        enough to continue bit for bit."""
-        state = {"step": self.step_count, "guard": self.guard.state_dict()}
+        """The step (the schedule's phase), the guard's state, the bytes sent so far, with
+        error_feedback the exchange's residual, and for diloco the anchor and the outer
+        optimizer's state: with the model's and the optimizer's state dicts, enough to
+        continue bit for bit."""
+        state = {"step": self.step_count, "guard": self.guard.state_dict(), "bytes_sent": self.bytes_sent}
+        if self._exchange is not None and self._exchange.residual is not None:
+            state["residual"] = self._exchange.residual.clone()
         if isinstance(self.form, _DiLoCo):
             state["diloco"] = self.form.state_dict()
         return state
@@ -576,15 +611,29 @@ class ReplicaCoupling:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
         self.guard.load_state_dict(state["guard"])
+        self.bytes_sent = int(state.get("bytes_sent", 0))  # absent from checkpoints before compression
+        if self._exchange is not None and self._exchange.residual is not None:
+            if "residual" not in state:
+                raise CouplingError(
+                    "the state has no error-feedback residual: it was saved without error_feedback"
+                )
+            self._exchange.residual.copy_(state["residual"])
         if isinstance(self.form, _DiLoCo):
             self.form.load_state_dict(state["diloco"])
 
     # ---- internals
 
     def _new_exchange(self):
-
+        # Uncoupled forms exchange only for diagnostics, always exact: no compression.
+        compression = self._compression if not isinstance(self.form, _Uncoupled) else {}
         return dist.ReplicaExchange(
-            self.state.numel, Guard.WORD_LENGTH, self.state.dtype, self._device, self._bucket_bytes, self.mesh
+            self.state.numel,
+            Guard.WORD_LENGTH,
+            self.state.dtype,
+            self._device,
+            self._bucket_bytes,
+            self.mesh,
+            **compression,
         )
 
     def _check_same_model(self) -> None:

@@ -114,7 +114,12 @@ class Diagnostics:
         table = dist.gather_rows([loss, *squared_norms(weights)], self.device, self.mesh)
         losses = table[:, 0]
         self.replica_log.log(
-            {"train/loss": loss, "coupling/eta": eta, "guard/skipped_steps": skipped_steps}
+            {
+                "train/loss": loss,
+                "coupling/eta": eta,
+                "guard/skipped_steps": skipped_steps,
+                "comm/bytes_sent": coupling.bytes_sent,  # cumulative, this rank's coupling exchanges
+            }
             | replica_layer_stats(
                 self.names, self.params(before), self.params(after_optimizer), weights, center
             )

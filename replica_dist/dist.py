@@ -13,6 +13,7 @@ group is created.
 from __future__ import annotations
 
 import gc
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 
 from replica_dist.config import ConfigError, DistConfig
+
+COMPRESSIONS = ("none", "bf16", "int8")
+"""How the coupling exchange sends the weights (DistConfig.compress)."""
 
 
 def init(cfg: DistConfig) -> torch.device:
@@ -156,13 +160,88 @@ def replica_mean(flat: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return total.div_(mesh.num_replicas)
 
 
+INT8_LEVELS = 127
+"""int8 codes run from -127 to 127 (symmetric: -128 is never used, so that -q is a code)."""
+
+
+def chunk_absmax(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """max |x| over each run of `chunk` elements of the vector `x` (the last run may be shorter),
+    in float32; a run holding a NaN or an inf gets +inf (torch.amax propagates NaN, but a NaN
+    given to an all_reduce MAX is kept or dropped depending on the backend's comparison)."""
+    full = x.numel() // chunk * chunk
+    parts = [x[:full].view(-1, chunk).abs().amax(1)]
+    if full < x.numel():
+        parts.append(x[full:].abs().amax().reshape(1))
+    return torch.cat(parts).float().nan_to_num_(nan=math.inf, posinf=math.inf)
+
+
+def quantize_int8(
+    x: torch.Tensor, scale: torch.Tensor, chunk: int, out: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q = round(x / scale) clamped to [-127, 127], with one scale per `chunk` elements, into the
+    int8 vector `out`. A chunk whose scale is 0 holds only zeros and gets q = 0; a chunk whose
+    scale is inf (it held a non-finite value) gets q = 0 too, which `dequantize_int8` turns
+    into NaN (0 * inf): a non-finite weight never comes back as a finite one. `scratch`: a
+    vector like `x` to work in (else one is allocated)."""
+    scale = torch.where(scale > 0, scale, 1.0).to(x.dtype)
+    full = x.numel() // chunk * chunk
+    q = torch.empty_like(x) if scratch is None else scratch
+    torch.div(x[:full].view(-1, chunk), scale[: full // chunk, None], out=q[:full].view(-1, chunk))
+    if full < x.numel():
+        torch.div(x[full:], scale[-1], out=q[full:])
+    q.round_().clamp_(-INT8_LEVELS, INT8_LEVELS).nan_to_num_(nan=0.0)
+    return out.copy_(q)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """q * scale, chunk by chunk, into `out` (the buffer's dtype): one rounding per element."""
+    scale = scale.to(out.dtype)
+    full = q.numel() // chunk * chunk
+    torch.mul(q[:full].view(-1, chunk), scale[: full // chunk, None], out=out[:full].view(-1, chunk))
+    if full < q.numel():
+        torch.mul(q[full:], scale[-1], out=out[full:])
+    return out
+
+
 class ReplicaExchange:
     """The coupling's all_reduce, on one buffer allocated once: `flat` (the weights, filled by
     the caller) followed by a (replicas, row_len) table in which each replica fills its own
     row (the guard's word: small integers, exact in any float type). The buffer is reduced in
     buckets of at most `bucket_bytes`, each an all_reduce of a slice of it (no copies), all in
     flight together; `start` returns at once, `wait` gives the mean and the table. On CUDA
-    nothing leaves the GPU."""
+    nothing leaves the GPU.
+
+    With `compress` = bf16 or int8 the weights travel compressed and the table alone is
+    all_reduced (in the buffer's float type: the guard's words must stay exact). A compressed
+    all_reduce would add in the compressed type (int8 overflows, bf16 loses the low bits at
+    every hop, in an order that differs between ranks), so instead each rank compresses its
+    own weights, the ranks all_gather the payloads (in buckets of `bucket_bytes`, async), and
+    every rank decompresses them and adds them in the buffer's dtype (fp32, or fp64 with
+    train.dtype=float64) in replica order: the same operations on the same bytes, so the
+    result is bit-identical on every rank. bf16 is a cast (round to nearest even). int8 is
+    symmetric with one scale per `chunk` elements on which all ranks agree: the chunk's
+    largest |w| over all replicas (one all_reduce MAX of numel/chunk float32 values, before
+    quantising: `start` waits for it), scale = max/127, q = round(w/scale) in [-127, 127];
+    the round trip is off by at most half a step (scale/2) per element. A non-finite weight
+    makes its whole chunk of the sum non-finite on every rank, never a finite code; the guard
+    has seen it in the replica's own tensors already (guard.inspect) and masks the step.
+
+    `error_feedback` (compressed only): each rank keeps residual = sent - decompress(compress(
+    sent)) and adds it to what it sends next time. The sum over exchanges of what a replica
+    sent then equals the sum of its true weights minus the last residual, so a rounding error
+    does not persist in one direction from exchange to exchange: a weight that barely moves
+    (a constant bias of up to half a step without feedback) is sent, on average over
+    exchanges, exactly. One exchange's error can reach a whole step (the previous residual
+    plus the new one); the tanh and linear pulls integrate the mean over many steps and see
+    the average. The residual is state: `residual`, saved in the coupling's state_dict.
+
+    `bytes_sent` (cumulative) and `last_bytes` (the latest `start`): the bytes this rank hands
+    to collectives as its own input: the buffer for an all_reduce; for an all_gather its own
+    payload (not the n payloads it receives); the int8 scales' all_reduce; the table. Not what
+    the wire carries (a ring all_reduce sends about twice its input); that depends on the
+    backend's algorithm, and this is the quantity the choices here change.
+    `start(row, exact=True)` sends the plain buffer even when compressed, without touching
+    the residual (the trainer's diagnostics, which must see the true mean)."""
 
     def __init__(
         self,
@@ -172,7 +251,14 @@ class ReplicaExchange:
         device: torch.device,
         bucket_bytes: float,
         mesh: Mesh,
+        compress: str = "none",
+        chunk: int = 1024,
+        error_feedback: bool = False,
     ):
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}; got {compress!r}")
+        if error_feedback and compress == "none":
+            raise ValueError("error_feedback needs compress=bf16 or int8")
         self.mesh = mesh
         n = self.mesh.num_replicas
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)
@@ -181,18 +267,85 @@ class ReplicaExchange:
         per_bucket = max(1, int(bucket_bytes // self.buffer.element_size()))
         self.buckets = list(self.buffer.split(per_bucket))
         self._works: list[tdist.Work] = []
+        self.compress, self.chunk = compress, chunk
+        self.bytes_sent = 0
+        self.last_bytes = 0
+        self.residual = torch.zeros(numel, dtype=dtype, device=device) if error_feedback else None
+        self._compressed_in_flight = False
+        if compress != "none":
+            payload = torch.int8 if compress == "int8" else torch.bfloat16
+            self._send = torch.empty(numel, dtype=payload, device=device)
+            self._received = torch.empty(n, numel, dtype=payload, device=device)
+            per = max(1, int(bucket_bytes // self._send.element_size()))
+            self._spans = [(s, min(s + per, numel)) for s in range(0, numel, per)]
+            self._scale = torch.empty(0)
+            # int8: the quantiser's scratch, then each term dequantised before it is added.
+            self._term = torch.empty(numel, dtype=dtype, device=device) if compress == "int8" else None
 
-    def start(self, row: torch.Tensor) -> None:
+    def start(self, row: torch.Tensor, exact: bool = False) -> None:
         """Put `row` (a device vector) into this replica's row of the table and start reducing
         the buffer (its `flat` part must hold this replica's weights). Touch nothing in it
-        until `wait`."""
+        until `wait`. Compressed (and not `exact`): the int8 scales are agreed on first (a
+        small blocking all_reduce), the weights then travel as an async all_gather."""
         self.table.zero_()
         self.table[self.mesh.replica].copy_(row)
+        self._compressed_in_flight = self.compress != "none" and not exact
+        group = self.mesh.replicas
         with _collective("all_reduce (replica mean)", self.mesh.step):
+            if not self._compressed_in_flight:
+                self._works = [
+                    tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=group, async_op=True)
+                    for bucket in self.buckets
+                ]
+                self._count(self.buffer.numel() * self.buffer.element_size())
+                return
+            sent = self._compress_own()
+            n = self.mesh.num_replicas
             self._works = [
-                tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=self.mesh.replicas, async_op=True)
-                for bucket in self.buckets
+                tdist.all_gather(
+                    [self._received[r, s:e] for r in range(n)], self._send[s:e], group=group, async_op=True
+                )
+                for s, e in self._spans
             ]
+            self._works.append(
+                tdist.all_reduce(self.table, op=tdist.ReduceOp.SUM, group=group, async_op=True)
+            )
+        self._count(
+            sent
+            + self._send.numel() * self._send.element_size()
+            + self.table.numel() * self.table.element_size()
+        )
+
+    def _count(self, nbytes: int) -> None:
+        self.last_bytes = nbytes
+        self.bytes_sent += nbytes
+
+    def _compress_own(self) -> int:
+        """This replica's weights (plus the residual) into `_send`; updates the residual.
+        Returns the bytes of the scales' all_reduce (0 for bf16)."""
+        x = self.flat
+        if self.residual is not None:
+            x.add_(self.residual)  # `flat` is overwritten by the result in `wait`
+        scale_bytes = 0
+        if self.compress == "int8":
+            absmax = chunk_absmax(x, self.chunk)
+            tdist.all_reduce(absmax, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
+            scale_bytes = absmax.numel() * absmax.element_size()
+            self._scale = absmax.div_(INT8_LEVELS)
+            quantize_int8(x, self._scale, self.chunk, out=self._send, scratch=self._term)
+        else:
+            self._send.copy_(x)
+        if self.residual is not None:
+            self._decompress(self._send, out=self.residual)
+            torch.sub(x, self.residual, out=self.residual)
+            # A non-finite weight (a step the guard refuses) must not poison later exchanges.
+            self.residual.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return scale_bytes
+
+    def _decompress(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.compress == "int8":
+            return dequantize_int8(payload, self._scale, self.chunk, out)
+        return out.copy_(payload)
 
     def wait(self, divide: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The replicas' mean (in `flat`, overwritten; their sum with divide=False) and every
@@ -202,6 +355,14 @@ class ReplicaExchange:
             for work in self._works:
                 work.wait()
         self._works = []
+        if self._compressed_in_flight:
+            self._compressed_in_flight = False
+            total = self._decompress(self._received[0], out=self.flat)
+            for r in range(1, self.mesh.num_replicas):
+                if self._term is None:
+                    total.add_(self._received[r])  # bf16 -> the buffer's dtype is exact
+                else:
+                    total.add_(self._decompress(self._received[r], out=self._term))
         flat = self.flat.div_(self.mesh.num_replicas) if divide else self.flat
         return flat, _agree_within_replica(self.table, self.mesh)
 

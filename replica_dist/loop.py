@@ -193,6 +193,8 @@ def train(
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
         )
+        # Every rank sends the same sizes: rank 0's count is each rank's.
+        summary["comm"] = {"compress": cfg.dist.compress, "bytes_sent_per_rank": coupling.bytes_sent}
         _write_results(cfg, run_dir, mesh, model, diagnostics.center, summary)
         if summary["status"] != "ok":  # after summary.json, which says what diverged
             raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
