@@ -351,6 +351,12 @@ class CouplingConfig:
     outer_nesterov: bool = True
     """diloco: Nesterov momentum for the outer step (DiLoCo's choice); false: heavy ball.
     Without momentum (outer_momentum=0) both are plain SGD."""
+    fragments: int = 1
+    """Split the model into this many fragments, contiguous groups of whole tensors of about
+    equal size (in the order of named_parameters, then the floating buffers), each coupled
+    every `every` steps on a staggered schedule: one fragment every every/fragments steps
+    (Streaming DiLoCo), so each exchange carries about 1/fragments of the model. Must divide
+    `every`, and be at most the model's number of tensors."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "coupling.")
@@ -383,6 +389,16 @@ class CouplingConfig:
         _check(
             not self.via_optimizer or self.name in ("tanh", "linear"),
             f"coupling.via_optimizer is only for coupling.name=tanh or linear; got {self.name}",
+        )
+        _check(self.fragments >= 1, f"coupling.fragments must be >= 1; got {self.fragments}")
+        _check(
+            self.fragments == 1 or self.name in ("tanh", "linear", "average", "diloco"),
+            f"coupling.fragments is only for coupling.name=tanh, linear, average or diloco; got {self.name}",
+        )
+        _check(
+            self.every % self.fragments == 0,
+            f"coupling.fragments must divide coupling.every ({self.every}), so that each fragment "
+            f"couples every {self.every} steps, one every every/fragments; got {self.fragments}",
         )
 
 
@@ -670,6 +686,11 @@ class Config:
             "DDP's own all_reduce: use dist.compress=none",
         )
         _check(
+            not self.dist.error_feedback or self.coupling.fragments == 1,
+            "dist.error_feedback does not combine with coupling.fragments > 1 yet (a logging step "
+            f"sends the whole model at once); got coupling.fragments={self.coupling.fragments}",
+        )
+        _check(
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",
         )
@@ -747,6 +768,7 @@ APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
     "coupling.outer_lr": ("coupling", ("diloco",)),
     "coupling.outer_momentum": ("coupling", ("diloco",)),
     "coupling.outer_nesterov": ("coupling", ("diloco",)),
+    "coupling.fragments": ("coupling", ("tanh", "linear", "average", "diloco")),
     "optim.momentum": ("optim", ("sgd",)),
     "optim.nesterov": ("optim", ("sgd",)),
     "optim.betas": ("optim", ("adam",)),

@@ -104,8 +104,40 @@ def stability_note(cfg: CouplingConfig, steps: int) -> str | None:
 
 
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:
-    """Whether the replicas are coupled at `step` (counted from 1)."""
-    return cfg.name in (*ELASTIC_FORMS, "average", "diloco") and step % cfg.every == 0
+    """Whether the replicas (all of them, or one fragment) are coupled at `step` (counted from 1)."""
+    return fragment_at(cfg, step) is not None
+
+
+def fragment_at(cfg: CouplingConfig, step: int) -> int | None:
+    """The fragment coupled at `step` (counted from 1), or None: with k = cfg.fragments, one
+    every every/k steps in turn, fragment 0 first, so each is coupled every `every` steps
+    (with k = 1 the whole model, fragment 0, every `every` steps)."""
+    if cfg.name not in (*ELASTIC_FORMS, "average", "diloco"):
+        return None
+    period = cfg.every // cfg.fragments
+    if step % period:
+        return None
+    return (step // period - 1) % cfg.fragments
+
+
+def fragment_bounds(sizes: list[int], k: int) -> list[tuple[int, int]]:
+    """k contiguous runs [first, end) of the tensors whose sizes (numbers of elements) are
+    `sizes`, in order, each holding whole tensors and about 1/k of the elements: run g ends
+    with the first tensor at which the running total reaches (g+1)/k of the whole, leaving
+    at least one tensor for every run after it."""
+    if not 1 <= k <= len(sizes):
+        raise CouplingError(f"fragments={k}: a model of {len(sizes)} tensors splits into 1 to {len(sizes)}")
+    total, bounds, first, running = sum(sizes), [], 0, 0
+    for g in range(k - 1):
+        end = first + 1
+        running += sizes[first]
+        while end < len(sizes) - (k - 1 - g) and running < total * (g + 1) / k:
+            running += sizes[end]
+            end += 1
+        bounds.append((first, end))
+        first = end
+    bounds.append((first, len(sizes)))
+    return bounds
 
 
 class CouplingError(ValueError):
@@ -124,8 +156,9 @@ class _Form:
     def __init__(self, cfg: CouplingConfig):
         self.cfg = cfg
 
-    def couples_at(self, step: int) -> bool:
-        return is_coupling_step(self.cfg, step)
+    def fragment_at(self, step: int) -> int | None:
+        """The fragment coupled at `step`, or None."""
+        return fragment_at(self.cfg, step)
 
     def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
         return model
@@ -175,14 +208,21 @@ class _DiLoCo(_Average):
     The first anchor is the replicas' mean of their starting weights (one all_reduce at
     construction), loaded into every replica, so all begin identical as under DDP."""
 
-    def attach(self, state: FlatState, mesh: dist.Mesh) -> None:
-        self.state = state
-        self.num_params = sum(t.numel() for t in state.tensors[: state.num_params])
+    def attach(self, state: FlatState, fragments: list[FlatState], mesh: dist.Mesh) -> None:
+        """Start from the replicas' mean, and build one outer parameter per fragment: a slice
+        of the anchor, so that a fragment's outer step moves only its own part."""
         self.anchor = dist.replica_mean(state.pack(), mesh)
         state.load(self.anchor)
+        param_numel = sum(t.numel() for t in state.tensors[: state.num_params])
+        self.parts = []  # per fragment: (its parameters' slice of the anchor or None, its buffers' slice)
+        for part in fragments:
+            end = part.offset + part.numel
+            split = min(max(part.offset, param_numel), end)
+            params = self.anchor[part.offset : split] if split > part.offset else None
+            self.parts.append((params, self.anchor[split:end]))
         cfg = self.cfg
         self.outer = torch.optim.SGD(
-            [self.anchor[: self.num_params]],
+            [params for params, _ in self.parts if params is not None],
             lr=cfg.outer_lr,
             momentum=cfg.outer_momentum,
             nesterov=cfg.outer_nesterov and cfg.outer_momentum > 0,
@@ -192,25 +232,29 @@ class _DiLoCo(_Average):
             # A fused SGD's first step would fill the buffer from the gradient whatever its
             # found_inf says; a zero buffer gives the same first step (mu*0 + delta) and lets
             # a skipped first step leave it untouched, on the device.
-            (params,) = self.outer.param_groups[0]["params"]
-            self.outer.state[params]["momentum_buffer"] = torch.zeros_like(params)
+            for params in self.outer.param_groups[0]["params"]:
+                self.outer.state[params]["momentum_buffer"] = torch.zeros_like(params)
 
-    def outer_step_(self, mean_delta: torch.Tensor, apply: torch.Tensor) -> None:
-        """The outer step along `mean_delta` (the replicas' mean of anchor - w, laid out as
-        the state; its buffer part overwritten), only where `apply` (a device bool) holds: a
-        skipped sync leaves the anchor and the momentum as they were, on the device."""
-        (params,) = self.outer.param_groups[0]["params"]
-        params.grad = mean_delta[: self.num_params]
-        self.outer.found_inf = (~apply).to(torch.float32)
-        try:
-            self.outer.step()
-        finally:
-            del self.outer.found_inf
-            params.grad = None
-        buffers = self.anchor[self.num_params :]
+    def outer_step_(self, fragment: int, mean_delta: torch.Tensor, apply: torch.Tensor) -> None:
+        """The outer step of `fragment` along `mean_delta` (the replicas' mean of anchor - w,
+        laid out as that fragment), only where `apply` (a device bool) holds: a skipped sync
+        leaves its anchor and momentum as they were, on the device. The optimizer steps only
+        the parameter whose gradient is set: this fragment's."""
+        params, buffers = self.parts[fragment]
+        if params is not None:
+            params.grad = mean_delta[: params.numel()]
+            self.outer.found_inf = (~apply).to(torch.float32)
+            try:
+                self.outer.step()
+            finally:
+                del self.outer.found_inf
+                params.grad = None
         if buffers.numel():
-            mean_buffers = torch.sub(buffers, mean_delta[self.num_params :])
+            mean_buffers = torch.sub(buffers, mean_delta[mean_delta.numel() - buffers.numel() :])
             buffers.copy_(torch.where(apply, mean_buffers, buffers))
+
+    def anchor_of(self, part: FlatState) -> torch.Tensor:
+        return self.anchor[part.offset : part.offset + part.numel]
 
     def state_dict(self) -> dict:
         return {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
@@ -224,8 +268,8 @@ class _Uncoupled(_Form):
     """none: independent replicas; they exchange only the guard's words, on the steps that
     ask for it (observed or agreed steps)."""
 
-    def couples_at(self, step: int) -> bool:
-        return False
+    def fragment_at(self, step: int) -> int | None:
+        return None
 
 
 class _DataParallel(_Uncoupled):
@@ -364,16 +408,28 @@ class ReplicaCoupling:
             raise CouplingError("error_feedback needs compress='bf16' or 'int8'")
         if compress_chunk < 1:
             raise CouplingError(f"compress_chunk must be >= 1; got {compress_chunk}")
+        if error_feedback and self.cfg.fragments > 1:
+            # A logging step sends the whole model at once (the diagnostics read every mean),
+            # which would skip the fragments' residuals.
+            raise CouplingError("error_feedback does not combine with fragments > 1 yet")
         self._compression = {"compress": compress, "chunk": compress_chunk, "error_feedback": error_feedback}
         self.bytes_sent = 0
         """Bytes this rank handed to the coupling's collectives so far (dist.ReplicaExchange
         defines them); the diagnostics' exchanges on logging steps are not counted."""
         self._check_same_model()
+        bounds = fragment_bounds([t.numel() for t in self.state.tensors], self.cfg.fragments)
+        self.fragments = [self.state] if len(bounds) == 1 else [self.state.part(*run) for run in bounds]
+        """The parts coupled in turn (coupling.fragments); one, the whole state, by default."""
         if isinstance(self.form, _DiLoCo):
-            self.form.attach(self.state, self.mesh)
-        # Allocated once: the weights sent, the mean received, then the pull, all in this
-        # buffer. Uncoupled forms communicate only when asked, into a buffer of the moment.
-        self._exchange = self._new_exchange() if not isinstance(self.form, _Uncoupled) else None
+            self.form.attach(self.state, self.fragments, self.mesh)
+        # One per fragment, allocated once: the weights sent, the mean received, then the pull,
+        # all in this buffer. Uncoupled forms communicate only when asked, into a buffer of the
+        # moment.
+        self._exchanges = (
+            []
+            if isinstance(self.form, _Uncoupled)
+            else [self._new_exchange(part.numel) for part in self.fragments]
+        )
         self.step_count = 0
         """Steps taken (or skipped) so far; the next one is step_count + 1."""
         self._in_step: dict | None = None
@@ -421,14 +477,23 @@ class ReplicaCoupling:
             raise CouplingError("begin_step() called twice: call step() after the backward pass first")
         step = self.step_count + 1
         self.mesh.step = step  # a collective that fails names it
-        coupled = self.form.couples_at(step)
-        needs_mean = (coupled and self.form.pulls_before_step) or observe
-        exchange = self._exchange
+        fragment = self.form.fragment_at(step)
+        coupled = fragment is not None
+        pulls = coupled and self.form.pulls_before_step
+        needs_mean = pulls or observe
+        # Observed: every weight and its mean (the diagnostics read them all); else only the
+        # coupled fragment's.
+        sent, exchange = None, None
+        if observe:
+            sent = self.state
+            whole = len(self.fragments) == 1 and bool(self._exchanges)
+            exchange = self._exchanges[0] if whole else self._new_exchange(self.state.numel)
+        elif pulls:
+            sent, exchange = self.fragments[fragment], self._exchanges[fragment]
         self.observed = {}
         with self.timer.section("update"):
             if needs_mean:
-                exchange = exchange or self._new_exchange()
-                self.state.pack(out=exchange.flat)
+                sent.pack(out=exchange.flat)
                 if observe:
                     self.observed["before"] = exchange.flat.clone()
                 if self.overlap:
@@ -436,7 +501,7 @@ class ReplicaCoupling:
             self.state.save_buffers()  # the forward pass moves them
         self._in_step = {
             "step": step,
-            "coupled": coupled,
+            "fragment": fragment,
             "needs_mean": needs_mean,
             "observe": observe,
             "exchange": exchange,
@@ -453,7 +518,8 @@ class ReplicaCoupling:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, coupled, needs_mean, observe, exchange = self._in_step.values()
+        step, fragment, needs_mean, observe, exchange = self._in_step.values()
+        coupled = fragment is not None
         self._in_step = None
         self.step_count = step
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
@@ -461,15 +527,15 @@ class ReplicaCoupling:
         with self.timer.section("communication"):
             apply = self._agree(step, needs_mean, exchange, agree) & own
         with self.timer.section("update"):
-            pull = self._update(step, apply, coupled, exchange)
+            pull = self._update(step, apply, fragment, exchange)
         # Every replica moves at once, from the same mean.
         if coupled and isinstance(self.form, _DiLoCo):
-            self._outer_step(step, exchange)
+            self._outer_step(step, fragment)
         elif coupled and self.form.averages_after_step:
-            self._average(step, exchange)
+            self._average(step, fragment)
         elif pull is not None:
             with self.timer.section("update"):
-                self.state.add(pull, alpha=self.eta)
+                self.fragments[fragment].add(pull, alpha=self.eta)
         if agree or observe:
             self.guard.read_back(step)
         return apply
@@ -492,16 +558,20 @@ class ReplicaCoupling:
             apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
-    def _update(self, step: int, apply: torch.Tensor, coupled: bool, exchange) -> torch.Tensor | None:
-        """The optimizer step, masked by `apply` on the device; returns the pull still to add,
-        divided by eta (zero where the step is not applied), if any."""
+    def _update(self, step: int, apply: torch.Tensor, fragment: int | None, exchange) -> torch.Tensor | None:
+        """The optimizer step, masked by `apply` on the device; returns the pull still to add
+        to `fragment`, divided by eta (zero where the step is not applied), if any."""
         state, pull = self.state, None
         self.guard.settle(step, apply)
-        if coupled and self.form.pulls_before_step:
+        if fragment is not None and self.form.pulls_before_step:
+            part = self.fragments[fragment]
+            total = exchange.flat
+            if total.numel() != part.numel:  # an observed step sent the whole model
+                total = total.narrow(0, part.offset, part.numel)
             # Before the optimizer step, while the parameters still hold w_before.
-            direction = self.form.direction_(exchange.flat, state, self.mesh.num_replicas, apply)
+            direction = self.form.direction_(total, part, self.mesh.num_replicas, apply)
             if self.cfg.via_optimizer:
-                state.pull_through_optimizer(direction.mul_(self.eta))
+                part.pull_through_optimizer(direction.mul_(self.eta))
             else:
                 pull = direction
         self._optimizer_step(apply)
@@ -541,42 +611,45 @@ class ReplicaCoupling:
         weights couples only for tanh and linear on a coupling step; otherwise it is there for
         the diagnostics (observe=True) and goes exact and uncounted, so that the logged mean
         is the true one and the error-feedback residual only follows the coupling's sends."""
-        couples = self.form.couples_at(step) and (after_step or self.form.pulls_before_step)
+        couples = self.form.fragment_at(step) is not None and (after_step or self.form.pulls_before_step)
         exchange.start(self.guard.word(), exact=not couples)
         if couples:
             self.bytes_sent += exchange.last_bytes
 
-    def _average(self, step: int, exchange) -> None:
-        """average: the weights after the step, replaced by their mean over the replicas."""
+    def _average(self, step: int, fragment: int) -> None:
+        """average: the weights after the step (of `fragment`), replaced by their mean over
+        the replicas."""
+        part, exchange = self.fragments[fragment], self._exchanges[fragment]
         with self.timer.section("update"):
-            self.state.pack(out=exchange.flat)
+            part.pack(out=exchange.flat)
         with self.timer.section("communication"):
             self._start(exchange, step, after_step=True)
             mean_after_step, words = exchange.wait()
             self.guard.decide(step, words)
         with self.timer.section("update"):
-            self.state.load(mean_after_step)
+            part.load(mean_after_step)
 
-    def _outer_step(self, step: int, exchange) -> None:
+    def _outer_step(self, step: int, fragment: int) -> None:
         """diloco: the replicas' mean pseudo-gradient (anchor - w after the step), as one
         exchange that carries the guard's words as _average's does; the outer step on the
         anchor where every replica agrees to apply this step (else the sync is skipped: the
         anchor and momentum stay, each replica keeps its weights and the next sync spans
         2H steps); then every replica loads the anchor."""
-        form = self.form
+        form, part, exchange = self.form, self.fragments[fragment], self._exchanges[fragment]
+        anchor = form.anchor_of(part)
         with self.timer.section("update"):
-            self.state.pack(out=exchange.flat)
-            torch.sub(form.anchor, exchange.flat, out=exchange.flat)
+            part.pack(out=exchange.flat)
+            torch.sub(anchor, exchange.flat, out=exchange.flat)
         with self.timer.section("communication"):
             self._start(exchange, step, after_step=True)  # compressed and counted, as average's
             mean_delta, words = exchange.wait()
             apply = self.guard.decide(step, words)
         with self.timer.section("update"):
-            form.outer_step_(mean_delta, apply)
+            form.outer_step_(fragment, mean_delta, apply)
             # A skipped sync keeps each replica's own weights: chosen on the device, in the
             # exchange's buffer (free until the next step packs it), with no read back.
-            weights = self.state.pack(out=exchange.flat)
-            self.state.load(torch.where(apply, form.anchor, weights, out=weights))
+            weights = part.pack(out=exchange.flat)
+            part.load(torch.where(apply, anchor, weights, out=weights))
 
     # ---- what a loop reads
 
@@ -602,8 +675,8 @@ class ReplicaCoupling:
         optimizer's state: with the model's and the optimizer's state dicts, enough to
         continue bit for bit."""
         state = {"step": self.step_count, "guard": self.guard.state_dict(), "bytes_sent": self.bytes_sent}
-        if self._exchange is not None and self._exchange.residual is not None:
-            state["residual"] = self._exchange.residual.clone()
+        if self._exchanges and self._exchanges[0].residual is not None:
+            state["residual"] = self._exchanges[0].residual.clone()
         if isinstance(self.form, _DiLoCo):
             state["diloco"] = self.form.state_dict()
         return state
@@ -612,22 +685,22 @@ class ReplicaCoupling:
         self.step_count = int(state["step"])
         self.guard.load_state_dict(state["guard"])
         self.bytes_sent = int(state.get("bytes_sent", 0))  # absent from checkpoints before compression
-        if self._exchange is not None and self._exchange.residual is not None:
+        if self._exchanges and self._exchanges[0].residual is not None:
             if "residual" not in state:
                 raise CouplingError(
                     "the state has no error-feedback residual: it was saved without error_feedback"
                 )
-            self._exchange.residual.copy_(state["residual"])
+            self._exchanges[0].residual.copy_(state["residual"])
         if isinstance(self.form, _DiLoCo):
             self.form.load_state_dict(state["diloco"])
 
     # ---- internals
 
-    def _new_exchange(self):
+    def _new_exchange(self, numel: int):
         # Uncoupled forms exchange only for diagnostics, always exact: no compression.
         compression = self._compression if not isinstance(self.form, _Uncoupled) else {}
         return dist.ReplicaExchange(
-            self.state.numel,
+            numel,
             Guard.WORD_LENGTH,
             self.state.dtype,
             self._device,

@@ -21,10 +21,26 @@ class FlatState:
         self.num_params = len(params)
         """The first `num_params` entries are parameters, the rest floating buffers."""
         self.numel = sum(t.numel() for t in self.tensors)
+        self.offset = 0
+        """Where this state's vector starts in the whole model's layout (a part's; see `part`)."""
         first = self.tensors[0]
         self.dtype, self.device = first.dtype, first.device
         # The floating buffers as they were before the forward pass moved them (small: BatchNorm).
         self._saved_buffers = [b.clone() for b in self.floating_buffers]
+
+    def part(self, first: int, end: int) -> FlatState:
+        """Tensors first..end-1 of this layout as a state of their own (a coupling fragment):
+        the same tensors and remembered buffers, shared, and a vector that is the slice
+        [offset, offset + numel) of this state's."""
+        part = object.__new__(FlatState)
+        part.names, part.tensors = self.names[first:end], self.tensors[first:end]
+        part.num_params = max(0, min(end, self.num_params) - first)
+        part.numel = sum(t.numel() for t in part.tensors)
+        part.offset = self.offset + sum(t.numel() for t in self.tensors[:first])
+        part.dtype, part.device = self.dtype, self.device
+        buffers_from = max(first, self.num_params) - self.num_params
+        part._saved_buffers = self._saved_buffers[buffers_from : max(buffers_from, end - self.num_params)]
+        return part
 
     @property
     def floating_buffers(self) -> list[torch.Tensor]:
