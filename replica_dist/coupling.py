@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from replica_dist import dist
-from replica_dist.config import CouplingConfig
+from replica_dist.config import ConfigError, CouplingConfig
 from replica_dist.flat import FlatState
 from replica_dist.guard import Guard
 from replica_dist.timing import NO_TIMER
@@ -443,6 +443,12 @@ class ReplicaCoupling:
         """The coupling a trainer config (replica_dist.config.Config) describes, among the
         replicas of `mesh` (replica_dist.dist.init_mesh); it names the mesh's step."""
         schedule = {f: getattr(cfg.coupling, f) for f in CouplingConfig.__dataclass_fields__ if f != "name"}
+        tensors = len(FlatState(model).tensors)
+        if cfg.coupling.fragments > tensors:
+            raise ConfigError(
+                f"coupling.fragments must be at most the model's number of tensors ({tensors}: parameters "
+                f"and floating buffers; a fragment holds whole tensors); got {cfg.coupling.fragments}"
+            )
         return cls(
             model,
             optimizer,

@@ -9,6 +9,8 @@ before the step, w̄ = mean_a w_a:
              step with (Nesterov) momentum on the anchor along delta (floating buffers: the
              anchor's minus delta, their mean); w_a <- anchor. The first anchor is the mean
              of the starting weights, where every replica begins.
+With coupling.fragments = k > 1 the tensors form k contiguous groups (coupling.fragment_bounds),
+and a step couples only the group coupling.fragment_at names: the rules above, for its tensors.
 (with momentum, weight decay or Adam, "- lr*g_a" is that optimizer's step; with
 via_optimizer the pull enters as the gradient term instead). The distributed trainer
 (replica_dist.loop on replica_dist.coupling.ReplicaCoupling) must equal this to 1e-6; the
@@ -23,6 +25,7 @@ import math
 import torch
 
 from replica_dist.config import Config
+from replica_dist.coupling import fragment_at, fragment_bounds
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES
 from replica_dist.loop import build_optimizer, replica_seed
@@ -57,12 +60,19 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         )
 
     c = cfg.coupling
+    sizes = [t.numel() for t in _weights(models[0])]
+    group = [
+        g for g, (first, end) in enumerate(fragment_bounds(sizes, c.fragments)) for _ in range(first, end)
+    ]
     if c.name == "diloco":
         anchor = [torch.stack(ts).mean(0) for ts in zip(*(_weights(m) for m in models))]
         momentum = [torch.zeros_like(a) for a in anchor]
         _load(models, anchor)
     for step in range(1, cfg.train.steps + 1):
-        coupled = c.name in ("tanh", "linear", "average", "diloco") and step % c.every == 0
+        coupled_group = fragment_at(c, step)
+        coupled = coupled_group is not None
+        # Whether tensor i is coupled at this step.
+        takes = [coupled and g == coupled_group for g in group]
         if c.eta_final is None:
             eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
         elif cfg.train.steps == 1:
@@ -93,8 +103,9 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                     p.grad = mean_grad.clone()
         if coupled and c.via_optimizer:
             for r, model in enumerate(models):
-                for p, w, m in zip(model.parameters(), before[r], mean_before):
-                    p.grad -= elastic_pull(w, m)
+                for i, (p, w, m) in enumerate(zip(model.parameters(), before[r], mean_before)):
+                    if takes[i]:
+                        p.grad -= elastic_pull(w, m)
         for optimizer in optimizers:
             optimizer.step()
         with torch.no_grad():
@@ -102,11 +113,14 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                 after = [[t.clone() for t in _weights(m)] for m in models]
                 mean_after = [torch.stack(ts).mean(0) for ts in zip(*after)]
                 for model in models:
-                    for t, m in zip(_weights(model), mean_after):
-                        t.copy_(m)
+                    for i, (t, m) in enumerate(zip(_weights(model), mean_after)):
+                        if takes[i]:
+                            t.copy_(m)
             elif coupled and c.name == "diloco":
                 num_params = len(list(models[0].parameters()))
                 for i, ts in enumerate(zip(*(_weights(m) for m in models))):
+                    if not takes[i]:
+                        continue
                     delta = torch.stack([anchor[i] - t for t in ts]).mean(0)
                     if i >= num_params:  # a floating buffer: the mean
                         anchor[i] = anchor[i] - delta
@@ -115,11 +129,15 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                     nesterov = c.outer_nesterov and c.outer_momentum > 0
                     move = delta + c.outer_momentum * momentum[i] if nesterov else momentum[i]
                     anchor[i] = anchor[i] - c.outer_lr * move
-                _load(models, anchor)
+                for model in models:
+                    for i, t in enumerate(_weights(model)):
+                        if takes[i]:
+                            t.copy_(anchor[i])
             elif coupled and not c.via_optimizer:
                 for r, model in enumerate(models):
-                    for t, w, m in zip(_weights(model), before[r], mean_before):
-                        t.add_(elastic_pull(w, m))
+                    for i, (t, w, m) in enumerate(zip(_weights(model), before[r], mean_before)):
+                        if takes[i]:
+                            t.add_(elastic_pull(w, m))
     assert all(math.isfinite(t.sum().item()) for m in models for t in _weights(m))
     return [m.state_dict() for m in models]
 

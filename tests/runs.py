@@ -44,6 +44,12 @@ def scalar(log_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events(log_dir).Scalars(tag)}
 
 
+def train_losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
+    """(step, train/loss) of one replica, in the order its event file holds them: a resumed
+    run that logged a step twice, or lost one, differs from the uninterrupted run's."""
+    return [(e.step, e.value) for e in events(run_dir / "tb" / f"replica_{replica}").Scalars("train/loss")]
+
+
 def replica_weights(run_dir: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
     """The final weights/replica_<r>.pt of every replica, in rank order."""
     return [torch.load(run_dir / "weights" / f"replica_{r}.pt") for r in range(world_size)]

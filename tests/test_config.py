@@ -84,6 +84,11 @@ BAD_OVERRIDES = [
     ),
     (["coupling=diloco", "coupling.outer_lr=0"], r"^coupling\.outer_lr must be > 0; got 0\.0$"),
     (["coupling=diloco", "coupling.outer_lr=-1"], r"^coupling\.outer_lr must be > 0; got -1\.0$"),
+    (["coupling.fragments=0"], r"^coupling\.fragments must be >= 1; got 0$"),
+    (
+        ["coupling=average", "coupling.every=6", "coupling.fragments=4"],
+        r"^coupling\.fragments must divide coupling\.every \(6\), so that each fragment couples every 6 steps",
+    ),
     (["coupling=diloco", "coupling.outer_momentum=1"], r"^coupling\.outer_momentum must be in \[0, 1\)"),
     (["coupling=diloco", "coupling.outer_nesterov=maybe"], r"coupling\.outer_nesterov"),
     (["model=foo"], r"model"),

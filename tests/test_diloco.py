@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import events, replica_weights
+from runs import replica_weights, train_losses
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from worlds import COLLECTIVE_TIMEOUT_S, run_world
+from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import ReplicaCoupling, loop
 from replica_dist.config import ConfigError, load_config
@@ -192,21 +192,9 @@ OVERRIDES = [
 
 def _trainer(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) -> None:
     if fail_at_step:
-        original, calls = ReplicaBatches.next, [0]
-
-        def failing_next(self):
-            calls[0] += 1
-            if calls[0] == fail_at_step:
-                raise RuntimeError(f"injected failure at step {fail_at_step}")
-            return original(self)
-
-        ReplicaBatches.next = failing_next
+        fail_at_batch(ReplicaBatches, fail_at_step)
     cfg, _ = load_config(OVERRIDES + [f"hydra.run.dir={run_dir}"])
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
-
-
-def _losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir / "tb" / f"replica_{replica}").Scalars("train/loss")]
 
 
 def test_the_trainer_resumes_bit_for_bit(tmp_path):
@@ -224,7 +212,7 @@ def test_the_trainer_resumes_bit_for_bit(tmp_path):
     for name, value in replica_weights(reference, 2)[0].items():
         assert torch.equal(value, replica_weights(reference, 2)[1][name]), name
     for replica in range(2):
-        assert _losses(resumed, replica) == _losses(reference, replica)
+        assert train_losses(resumed, replica) == train_losses(reference, replica)
     # The checkpoint resumed from holds the outer state: two outer steps' momentum (steps 3, 6).
     saved = torch.load(reference / "checkpoints" / "step-00000008" / "replica-0.pt")
     assert saved["coupling"]["diloco"]["outer_optimizer"]["state"][0]["momentum_buffer"].abs().sum() > 0

@@ -84,6 +84,7 @@ ACCEPTED = [
         "coupling.outer_momentum=0.5",
         "coupling.outer_nesterov=false",
     ],
+    ["coupling=tanh", "coupling.every=4", "coupling.fragments=2"],
     ["optim=adam", "optim.betas=[0.8,0.9]"],
     ["optim=sgd", "optim.momentum=0.5", "optim.nesterov=true"],
     ["guard.nonfinite=skip", "guard.max_consecutive_skips=3"],

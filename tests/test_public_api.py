@@ -41,6 +41,21 @@ CASES = {
     ],
     "average_every_4": ["coupling=average", "coupling.every=4"],
     "diloco_every_3": ["coupling=diloco", "coupling.every=3"],
+    # The MLP's four tensors (2048, 32, 320 and 10 weights): 2 fragments are [W1] and [b1, W2, b2].
+    "tanh_2_fragments_every_4": [
+        "coupling=tanh",
+        "coupling.eta=0.05",
+        "coupling.every=4",
+        "coupling.fragments=2",
+    ],
+    "linear_4_fragments_every_4": [
+        "coupling=linear",
+        "coupling.eta=0.2",
+        "coupling.every=4",
+        "coupling.fragments=4",
+    ],
+    "average_2_fragments_every_2": ["coupling=average", "coupling.every=2", "coupling.fragments=2"],
+    "diloco_2_fragments_every_4": ["coupling=diloco", "coupling.every=4", "coupling.fragments=2"],
     # float64, as in test_distributed: BatchNorm amplifies summation-order differences.
     "tanh_cnn_batchnorm": [
         "coupling=tanh",
@@ -62,6 +77,7 @@ SCHEDULE = (
     "outer_lr",
     "outer_momentum",
     "outer_nesterov",
+    "fragments",
 )
 
 
@@ -151,7 +167,7 @@ def test_a_plain_loop_matches_the_single_process_reference(trained, case):
 
 
 def _stop_and_resume(rank: int, world_size: int, root: str) -> None:
-    for case in ("tanh", "average_every_4", "tanh_scoped_T_every_3"):
+    for case in ("tanh", "average_every_4", "tanh_scoped_T_every_3", "diloco_2_fragments_every_4"):
         cfg = config(case)
         straight = UserRun(cfg, rank, world_size)
         straight.train(cfg.train.steps)

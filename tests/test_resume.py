@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import REPO, events, replica_weights, torchrun_command
+from runs import REPO, replica_weights, torchrun_command, train_losses
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from worlds import COLLECTIVE_TIMEOUT_S, run_world
+from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import loop
 from replica_dist.config import load_config
@@ -33,27 +33,11 @@ OVERRIDES = [
 ]
 
 
-class InjectedFailure(RuntimeError):
-    pass
-
-
 def _train(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) -> None:
     if fail_at_step:
-        original, calls = ReplicaBatches.next, [0]
-
-        def failing_next(self):
-            calls[0] += 1
-            if calls[0] == fail_at_step:
-                raise InjectedFailure(f"injected failure at step {fail_at_step}")
-            return original(self)
-
-        ReplicaBatches.next = failing_next
+        fail_at_batch(ReplicaBatches, fail_at_step)
     cfg, _ = load_config(OVERRIDES + [f"hydra.run.dir={run_dir}"])
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
-
-
-def _losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir / "tb" / f"replica_{replica}").Scalars("train/loss")]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +52,9 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     for replica in range(2):
-        assert _losses(resumed, replica) == _losses(reference, replica)  # no step twice, same values
+        assert train_losses(resumed, replica) == train_losses(
+            reference, replica
+        )  # no step twice, same values
 
 
 def _crash_at_step_13(run_dir: Path) -> None:

@@ -17,6 +17,24 @@ COLLECTIVE_TIMEOUT_S = 30.0
 """Every collective in a test fails after this long instead of hanging."""
 
 
+class InjectedFailure(RuntimeError):
+    """The crash a test injects into a worker (fail_at_batch)."""
+
+
+def fail_at_batch(batches_class: type, call: int) -> None:
+    """Make this process's `batches_class.next` raise InjectedFailure at its `call`-th call (the
+    step of that number, without gradient accumulation): a worker that crashes mid-run."""
+    original, calls = batches_class.next, [0]
+
+    def failing_next(self):
+        calls[0] += 1
+        if calls[0] == call:
+            raise InjectedFailure(f"injected failure at step {call}")
+        return original(self)
+
+    batches_class.next = failing_next
+
+
 def _entry(rank: int, fn, world_size: int, store_path: str, collective_timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(1)  # N processes share 2 cores
     store = tdist.FileStore(store_path, world_size)
