@@ -85,6 +85,7 @@ ACCEPTED = [
         "coupling.outer_nesterov=false",
     ],
     ["coupling=tanh", "coupling.every=4", "coupling.fragments=2"],
+    ["coupling=linear", "dist.compress=int8", "dist.compress_chunk=256", "dist.error_feedback=true"],
     ["optim=adam", "optim.betas=[0.8,0.9]"],
     ["optim=sgd", "optim.momentum=0.5", "optim.nesterov=true"],
     ["guard.nonfinite=skip", "guard.max_consecutive_skips=3"],
