@@ -14,6 +14,11 @@ into compute / communication / update):
     linear overlapped    coupling=linear: the same without the elementwise tanh
     coupled every 4, 16  coupling=tanh coupling.every=k (overlapped)
     average every 4      coupling=average coupling.every=4 (local SGD)
+    diloco every 16      coupling=diloco coupling.every=16 (outer Nesterov step on the mean)
+    coupled every 4 int8 coupling=tanh coupling.every=4 dist.compress=int8
+    average every 16 in 4 fragments
+                         coupling=average coupling.every=16 coupling.fragments=4 (left out
+                         for a model of fewer than 4 tensors)
     ddp                  coupling=ddp (DistributedDataParallel, gradients bucketed and overlapped)
     PyTorch averager     torch's PeriodicModelAverager(period=4) after each optimizer step,
                          in a plain loop (it is not part of the trainer)
@@ -21,8 +26,14 @@ into compute / communication / update):
                          backward, optimizer.step (the trainer's fused optimizer), nothing else
 
 then times a raw all_reduce of a flat buffer as large as the coupling's next to the
-coupling's own exchange (`dist.ReplicaExchange`: buckets, guard words, the division),
-alternating the two after a barrier each, and prints one table. Step times are rank 0's,
+coupling's own exchange (`dist.ReplicaExchange`: buckets, guard words, the division), and the
+bf16 and int8 exchanges each next to a raw all_reduce of as many bytes as they send,
+alternating each pair after a barrier each, and prints the tables.
+Bytes per step and per sample (of the rank's batch): what each rank hands to collectives,
+counted: the trainer's variants by the coupling's own counter (summary.json's
+comm.bytes_sent_per_rank over the run's steps; the diagnostics' exact exchanges on logging
+steps are not counted), ddp by a counting comm hook in an extra untimed run, the PyTorch
+averager at its all_reduce. Step times are rank 0's,
 leaving out the first `--warmup` steps and the last (it logs and evaluates).
 Peak memory: on CUDA torch's allocator peak; on CPU the process's peak resident set, reset
 every step (/proc/self/clear_refs), with large allocations served by mmap so that freed
@@ -33,6 +44,7 @@ Extra arguments are trainer overrides applied to every variant (e.g. dist.backen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -47,6 +59,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -68,9 +81,14 @@ VARIANTS = {
     "coupled every 4": ["coupling=tanh", "coupling.every=4"],
     "coupled every 16": ["coupling=tanh", "coupling.every=16"],
     "average every 4": ["coupling=average", "coupling.every=4"],
+    "diloco every 16": ["coupling=diloco", "coupling.every=16"],
+    "coupled every 4 int8": ["coupling=tanh", "coupling.every=4", "dist.compress=int8"],
+    "average every 16 in 4 fragments": ["coupling=average", "coupling.every=16", "coupling.fragments=4"],
     "ddp": ["coupling=ddp"],
 }
 PLAIN = "plain loop"
+FRAGMENTED = "average every 16 in 4 fragments"
+FRAGMENTS = 4
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -106,6 +124,8 @@ WORKLOADS = {
 AVERAGER = "PyTorch averager every 4"
 AVERAGER_PERIOD = 4
 HOST_COPY_STEPS = 10
+DDP_COUNT_STEPS = 8
+"""Steps of the untimed ddp run in which a comm hook counts the gradient buckets' bytes."""
 
 
 def _status_bytes(field: str) -> int:
@@ -183,6 +203,59 @@ def _run_plain_loop(cfg: Config, device: torch.device, timer: StepTimer, average
         timer.end_step()
 
 
+@contextlib.contextmanager
+def _counting_all_reduce(counter: list[int]):
+    """torch.distributed.all_reduce counting the bytes of every tensor handed to it, in
+    counter[0]: the PyTorch averager looks it up in the module at each call."""
+    original = tdist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        counter[0] += tensor.numel() * tensor.element_size()
+        return original(tensor, *args, **kwargs)
+
+    tdist.all_reduce = counting
+    try:
+        yield
+    finally:
+        tdist.all_reduce = original
+
+
+@contextlib.contextmanager
+def _counting_ddp(counter: list[int]):
+    """DistributedDataParallel (which coupling=ddp looks up in torch.nn.parallel when it wraps
+    the model) with a comm hook that adds each gradient bucket's bytes to counter[0] and then
+    all_reduces it as DDP does without a hook (allreduce_hook). A Python hook per bucket is
+    not DDP's own C++ path: the timed runs go without it."""
+    original = torch.nn.parallel.DistributedDataParallel
+
+    def hook(group, bucket):
+        buffer = bucket.buffer()
+        counter[0] += buffer.numel() * buffer.element_size()
+        return default_hooks.allreduce_hook(group, bucket)
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_comm_hook(self.process_group, hook)
+
+    torch.nn.parallel.DistributedDataParallel = Counting
+    try:
+        yield
+    finally:
+        torch.nn.parallel.DistributedDataParallel = original
+
+
+def _bytes_stats(nbytes: int, steps: int, batch: int) -> dict:
+    """Bytes a rank sent over `steps` steps of `batch` samples (its own), per step and per sample."""
+    per_step = nbytes / steps
+    return {
+        "bytes_sent": nbytes,
+        "bytes_steps": steps,
+        "bytes_per_step": per_step,
+        "bytes_per_sample": per_step / batch,
+    }
+
+
 class _HostCopyCounter(StepTimer):
     """Records every copy between host and GPU that the training steps make (op and bytes),
     through a dispatch mode active from the start to the end of each step."""
@@ -214,40 +287,75 @@ class _HostCopyCounter(StepTimer):
         super().end_step()
 
 
-def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iterations: int) -> dict:
-    """Seconds per all_reduce (median) of a raw flat buffer and of the coupling's exchange of
-    the same bytes, alternated so that both see the same machine."""
-    exchange = dist.ReplicaExchange(
-        numel, Guard.WORD_LENGTH, torch.float32, device, bucket_bytes, dist.Mesh()
-    )
-    raw = torch.zeros_like(exchange.buffer)
-    times = {"raw all_reduce": [], "coupling exchange": []}
+COMPRESSED = ("bf16", "int8")
 
-    def raw_all_reduce():
-        tdist.all_reduce(raw)
 
-    def coupling_exchange():
-        exchange.start(torch.zeros(Guard.WORD_LENGTH, device=device))
-        exchange.wait()
+def _raw_name(compress: str) -> str:
+    return f"raw all_reduce, {compress} exchange's bytes"
 
-    pair = [("raw all_reduce", raw_all_reduce), ("coupling exchange", coupling_exchange)]
+
+def _bandwidths(numel: int, device: torch.device, bucket_bytes: float, iterations: int, chunk: int) -> dict:
+    """Seconds per exchange (median) of the coupling's exchange of `numel` weights, plain
+    and compressed (bf16, int8: quantising and the decompressing adds included), each next to
+    a raw all_reduce of a flat buffer of the bytes it sends, the two of a pair alternated so
+    that both see the same machine."""
+    weights = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
+    row = torch.zeros(Guard.WORD_LENGTH, device=device)
+    pairs = []
+    for compress in ("none", *COMPRESSED):
+        exchange = dist.ReplicaExchange(
+            numel, Guard.WORD_LENGTH, torch.float32, device, bucket_bytes, dist.Mesh(), compress, chunk
+        )
+
+        def fill(exchange=exchange):  # the exchange leaves the mean there; int8 scales depend on it
+            exchange.flat.copy_(weights)
+
+        def run(exchange=exchange):
+            exchange.start(row)
+            exchange.wait()
+
+        fill()
+        run()  # its bytes, and a first call of each collective, before any timing
+        if compress == "none":
+            names = ("raw all_reduce", "coupling exchange")
+            raw = torch.zeros_like(exchange.buffer)
+        else:
+            names = (_raw_name(compress), f"{compress} exchange")
+            raw = torch.zeros(exchange.last_bytes, dtype=torch.uint8, device=device)
+
+        def raw_all_reduce(raw=raw):
+            tdist.all_reduce(raw)
+
+        pairs.append(
+            [
+                (names[0], raw.numel() * raw.element_size(), lambda: None, raw_all_reduce),
+                (names[1], exchange.last_bytes, fill, run),
+            ]
+        )
+    times = {name: [] for pair in pairs for name, *_ in pair}
     for i in range(iterations + 5):
-        for name, fn in pair if i % 2 else pair[::-1]:  # neither always goes first
-            _sync(device)
-            tdist.barrier()  # a rank that arrives late would charge its lateness to the other's timing
-            began = time.perf_counter()
-            fn()
-            _sync(device)
-            if i >= 5:
-                times[name].append(time.perf_counter() - began)
+        for pair in pairs:
+            for name, _, setup, fn in pair if i % 2 else pair[::-1]:  # neither always goes first
+                setup()
+                _sync(device)
+                tdist.barrier()  # a rank that arrives late would charge its lateness to the other's timing
+                began = time.perf_counter()
+                fn()
+                _sync(device)
+                if i >= 5:
+                    times[name].append(time.perf_counter() - began)
     n = dist.world_size()
-    nbytes = exchange.buffer.numel() * exchange.buffer.element_size()
     result = {}
-    for name, seconds in times.items():
-        t = statistics.median(seconds)
+    for name, nbytes, *_ in (entry for pair in pairs for entry in pair):
+        t = statistics.median(times[name])
         algbw = nbytes / t  # busbw / algbw = 2(n-1)/n, the share of the bytes each rank must move
-        result[name] = {"ms": t * 1e3, "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9}
-    result["bytes"] = nbytes
+        result[name] = {
+            "bytes": nbytes,
+            "ms": t * 1e3,
+            "algbw_GBps": algbw / 1e9,
+            "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9,
+        }
+    result["bytes"] = result["coupling exchange"]["bytes"]
     return result
 
 
@@ -270,8 +378,8 @@ def _machine(device: torch.device, backend: str) -> str:
 def _table(results: dict, param_bytes: int) -> list[str]:
     lines = [
         "| variant | p50 ms | p90 ms | mean ms | x plain | x ddp | samples/s | compute ms | comm ms "
-        "| update ms | peak MiB | overhead / param bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| update ms | peak MiB | overhead / param bytes | bytes/step | bytes/sample |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = results.get("independent", next(iter(results.values())))["peak_bytes"]
 
@@ -283,7 +391,8 @@ def _table(results: dict, param_bytes: int) -> list[str]:
             f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['mean_ms']:.2f} | {against(PLAIN, r)} "
             f"| {against('ddp', r)} | {r['samples_per_s']:.0f} "
             f"| {r['compute_ms']:.2f} | {r['communication_ms']:.2f} | {r['update_ms']:.2f} "
-            f"| {r['peak_bytes'] / 2**20:.1f} | {(r['peak_bytes'] - base) / param_bytes:.2f} |"
+            f"| {r['peak_bytes'] / 2**20:.1f} | {(r['peak_bytes'] - base) / param_bytes:.2f} "
+            f"| {r['bytes_per_step']:,.0f} | {r['bytes_per_sample']:,.1f} |"
         )
     return lines
 
@@ -298,6 +407,12 @@ def _ratios(results: dict, bandwidth: dict, param_bytes: int) -> dict[str, tuple
             ">= 0.9",
         )
     }
+    for compress in COMPRESSED:
+        exchange, raw = bandwidth[f"{compress} exchange"], bandwidth[_raw_name(compress)]
+        ratios[f"{compress} exchange / raw all_reduce of its bytes, bus bandwidth"] = (
+            exchange["algbw_GBps"] / raw["algbw_GBps"],
+            "-",
+        )
     for name, (variant, base, values, target) in {
         "independent / plain loop step time": ("independent", PLAIN, mean, "<= 1.03"),
         "overlapped / ddp step time": ("coupled overlapped", "ddp", mean, "<= 1.0"),
@@ -313,7 +428,14 @@ def _ratios(results: dict, bandwidth: dict, param_bytes: int) -> dict[str, tuple
 
 
 def report(
-    args, machine: str, results: dict, bandwidth: dict, param_bytes: int, numel: int, host_copies: list
+    args,
+    machine: str,
+    results: dict,
+    bandwidth: dict,
+    param_bytes: int,
+    numel: int,
+    host_copies: list,
+    compress_chunk: int = 1024,
 ) -> str:
     lines = [
         f"Machine: {machine}.",
@@ -323,15 +445,27 @@ def report(
         "",
         *_table(results, param_bytes),
         "",
+        f"Bytes: what a rank hands to the collectives that couple it, per training step (all "
+        f"{args.steps} steps of a run, warm-up included) and per sample of its own batch; not what the "
+        "wire carries (a ring all_reduce moves about 2(R-1)/R times its input per rank, the compressed "
+        "exchange's all_gather R-1 times its payload). Counted: the trainer's variants by the "
+        "coupling (summary.json's comm.bytes_sent_per_rank), without the diagnostics' exact exchanges "
+        "on logging steps (the first and the last); ddp by a comm hook that counts DDP's gradient "
+        f"buckets, in an extra untimed run of {DDP_COUNT_STEPS} steps (DDP's broadcast of buffers, "
+        "none in the mlp, not counted); the PyTorch averager at its all_reduce.",
+        "",
         f"The coupling's exchange buffer, allocated once: {bandwidth['bytes']:,} bytes, "
         f"{bandwidth['bytes'] / param_bytes:.4f} x the parameter bytes (weights, floating buffers, guard words).",
         "",
-        f"All_reduce of {bandwidth['bytes'] / 2**20:.2f} MiB, median of {args.bandwidth_iterations}, alternated:",
+        f"The coupling's exchange, plain and compressed (dist.compress_chunk {compress_chunk}), each next to "
+        f"a raw all_reduce of the bytes it sends, median of {args.bandwidth_iterations}, each pair "
+        "alternated; algbw = bytes / time, busbw = algbw x 2(R-1)/R (a compressed exchange's time "
+        "includes quantising and adding the R payloads):",
         "",
-        "| all_reduce | ms | algbw GB/s | busbw GB/s |",
-        "|---|---:|---:|---:|",
+        "| all_reduce | bytes | ms | algbw GB/s | busbw GB/s |",
+        "|---|---:|---:|---:|---:|",
         *(
-            f"| {name} | {b['ms']:.3f} | {b['algbw_GBps']:.3f} | {b['busbw_GBps']:.3f} |"
+            f"| {name} | {b['bytes']:,} | {b['ms']:.3f} | {b['algbw_GBps']:.3f} | {b['busbw_GBps']:.3f} |"
             for name, b in bandwidth.items()
             if name != "bytes"
         ),
@@ -409,7 +543,17 @@ def main(argv: list[str]) -> int:
         peak_memory = _memory_probe(device)
         work = args.work / os.environ.get("TORCHELASTIC_RUN_ID", "local")
         names = args.variants.split(",")
+        _, _, data = build_datasets(base_cfg.data, base_cfg.seed, torch.float32)
+        model = build_model(base_cfg.model, data.input_shape, data.num_outputs, 0)
+        flat = FlatState(model)
+        numel, tensors = flat.numel, len(flat.tensors)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if FRAGMENTED in names and tensors < FRAGMENTS:
+            names.remove(FRAGMENTED)
+            if dist.rank() == 0:
+                print(f"{FRAGMENTED}: left out, the model has {tensors} tensors", file=sys.stderr)
         steps, peaks = {name: [] for name in names}, {name: [] for name in names}
+        sent = {}  # name: (bytes a rank handed to the coupling's collectives, over how many steps)
         # Rounds, each through every variant: a slow spell of the machine or a cold first run
         # spreads over all variants instead of landing on one.
         for round_ in range(args.rounds):
@@ -418,11 +562,16 @@ def main(argv: list[str]) -> int:
                 timer = StepTimer(device, peak_memory)
                 if name == PLAIN:
                     _run_plain_loop(cfg, device, timer)
+                    sent[name] = (0, cfg.train.steps)  # no collective at all
                 elif name == AVERAGER:
                     averager = PeriodicModelAverager(period=AVERAGER_PERIOD, warmup_steps=0)
-                    _run_plain_loop(cfg, device, timer, averager)
+                    counter = [0]
+                    with _counting_all_reduce(counter):
+                        _run_plain_loop(cfg, device, timer, averager)
+                    sent[name] = (counter[0], cfg.train.steps)
                 else:
-                    train(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer=timer)
+                    summary = train(cfg, work / f"{name.replace(' ', '_')}_{round_}", device, timer=timer)
+                    sent[name] = (summary["comm"]["bytes_sent_per_rank"], cfg.train.steps)
                 # The last step logs and evaluates (full-size copies of the weights): not counted.
                 gc.collect()  # the variant's DDP reducer and the like, before the next one starts
                 steps[name] += timer.steps[args.warmup : -1]
@@ -431,14 +580,23 @@ def main(argv: list[str]) -> int:
                     mean_ms = sum(map(sum, (s.values() for s in timer.steps[args.warmup : -1])))
                     mean_ms *= 1e3 / (args.steps - args.warmup - 1)
                     print(f"round {round_ + 1}, {name}: {mean_ms:.2f} ms/step", file=sys.stderr, flush=True)
+        if "ddp" in names:  # DDP's all_reduce is its own: counted by a hook, untimed
+            cfg, _ = load_config(common[:-1] + [f"train.steps={DDP_COUNT_STEPS}"] + VARIANTS["ddp"])
+            counter = [0]
+            with _counting_ddp(counter):
+                train(cfg, work / "ddp_bytes", device)
+            sent["ddp"] = (counter[0], DDP_COUNT_STEPS)
         results = {
-            name: _step_stats(steps[name], peaks[name], args.batch * dist.world_size()) for name in names
+            name: {
+                **_step_stats(steps[name], peaks[name], args.batch * dist.world_size()),
+                **_bytes_stats(*sent[name], args.batch),
+            }
+            for name in names
         }
-        _, _, data = build_datasets(base_cfg.data, base_cfg.seed, torch.float32)
-        model = build_model(base_cfg.model, data.input_shape, data.num_outputs, 0)
-        numel = FlatState(model).numel
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        bandwidth = _bandwidths(numel, device, base_cfg.dist.bucket_mb * 2**20, args.bandwidth_iterations)
+        chunk = base_cfg.dist.compress_chunk
+        bandwidth = _bandwidths(
+            numel, device, base_cfg.dist.bucket_mb * 2**20, args.bandwidth_iterations, chunk
+        )
         host_copies = []
         if device.type == "cuda":  # the weights must never leave the GPU
             steps = [f"train.steps={HOST_COPY_STEPS}"]
@@ -449,13 +607,21 @@ def main(argv: list[str]) -> int:
         dist.barrier()
         if dist.rank() == 0:
             machine = _machine(device, tdist.get_backend())
-            text = report(args, machine, results, bandwidth, param_bytes, numel, host_copies)
+            text = report(args, machine, results, bandwidth, param_bytes, numel, host_copies, chunk)
             print(text, end="")
             if args.report:
                 args.report.write_text(text)
             if args.json:
                 args.json.write_text(
-                    json.dumps({"machine": machine, "steps": results, "all_reduce": bandwidth}, indent=2)
+                    json.dumps(
+                        {
+                            "machine": machine,
+                            "model": {"numel": numel, "tensors": tensors, "param_bytes": param_bytes},
+                            "steps": results,
+                            "all_reduce": bandwidth,
+                        },
+                        indent=2,
+                    )
                     + "\n"
                 )
             shutil.rmtree(work, ignore_errors=True)
