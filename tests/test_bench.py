@@ -1,15 +1,16 @@
-"""The benchmark runs end to end (its numbers are not checked here: timings are never tested)."""
+"""The benchmark runs end to end; its byte counts are checked against closed forms (timings never are)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
 from runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
-from replica_dist.experiments.bench import AVERAGER, PLAIN, VARIANTS, _step_stats
+from replica_dist.experiments.bench import AVERAGER, FRAGMENTED, PLAIN, VARIANTS, _step_stats
 from replica_dist.experiments.commands import torchrun_command
 
 
@@ -27,7 +28,7 @@ def test_step_stats_from_known_step_times():
 
 def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
     arguments = [
-        "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=3",
+        "--steps=32", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=3",
         f"--work={tmp_path / 'work'}", f"--report={tmp_path / 'report.md'}", f"--json={tmp_path / 'bench.json'}",
         f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
     ]  # fmt: skip
@@ -45,8 +46,9 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
         numbers["steps"]["independent"]["communication_ms"]
         < numbers["steps"]["coupled sync"]["communication_ms"]
     )
-    for name in ("raw all_reduce", "coupling exchange"):
-        b = numbers["all_reduce"][name]
+    bandwidth = numbers["all_reduce"]
+    for name in ("raw all_reduce", "coupling exchange", *(f"{c} exchange" for c in ("bf16", "int8"))):
+        b = bandwidth[name]
         assert b["busbw_GBps"] == pytest.approx(b["algbw_GBps"])  # 2(n-1)/n = 1 for 2 ranks
     report = (tmp_path / "report.md").read_text()
     assert report == done.stdout[done.stdout.index("Machine:") :]
@@ -62,4 +64,39 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
         f"| independent / plain loop step time | {means['independent'] / means[PLAIN]:.3f} | <= 1.03 |"
         in report
     )
+    # Bytes per step and per sample: the table's cells are the run's own counts.
+    for name, r in numbers["steps"].items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[12:14] == [f"{r['bytes_per_step']:,.0f}", f"{r['bytes_per_sample']:,.1f}"], row
+        assert r["bytes_per_sample"] == r["bytes_per_step"] / 64, name  # the mlp's batch per rank
+    # ... and equal the closed forms: n weights of the mlp [32] on digits (64 inputs, 10 classes),
+    # R ranks, each exchange's guard table R x 5 float32; 32 steps hold 8 periods of 4, 2 of 16.
+    n, R = 64 * 32 + 32 + 32 * 10 + 10, 2
+    assert numbers["model"]["numel"] == n
+    full = 4 * n + 20 * R
+    per_step = {name: r["bytes_per_step"] for name, r in numbers["steps"].items()}
+    assert per_step[PLAIN] == per_step["independent"] == 0
+    for name in ("coupled sync", "coupled overlapped", "linear overlapped"):
+        assert per_step[name] == full, name
+    assert per_step["coupled every 4"] == per_step["average every 4"] == full / 4
+    assert per_step["coupled every 16"] == per_step["diloco every 16"] == full / 16
+    assert per_step["coupled every 4 int8"] == (n + 4 * math.ceil(n / 1024) + 20 * R) / 4
+    assert per_step[FRAGMENTED] == (4 * n + 4 * 20 * R) / 16  # 4 fragments, each with its own table
+    assert per_step["ddp"] == 4 * n  # every gradient, each step (DDP's buckets, counted by a hook)
+    assert per_step[AVERAGER] == 4 * n / 4  # the parameters, every 4 steps, no guard words
+    # The compressed exchanges next to a raw all_reduce of exactly the bytes they send.
+    assert bandwidth["coupling exchange"]["bytes"] == bandwidth["raw all_reduce"]["bytes"] == full
+    for compress, nbytes in (("bf16", 2 * n + 20 * R), ("int8", n + 4 * math.ceil(n / 1024) + 20 * R)):
+        assert bandwidth[f"{compress} exchange"]["bytes"] == nbytes, compress
+        assert bandwidth[f"raw all_reduce, {compress} exchange's bytes"]["bytes"] == nbytes, compress
+        assert f"| {compress} exchange | {nbytes:,} |" in report
+        ratio = (
+            bandwidth[f"{compress} exchange"]["algbw_GBps"]
+            / bandwidth[f"raw all_reduce, {compress} exchange's bytes"]["algbw_GBps"]
+        )
+        assert (
+            f"| {compress} exchange / raw all_reduce of its bytes, bus bandwidth | {ratio:.3f} | - |"
+            in report
+        )
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # scratch runs removed
