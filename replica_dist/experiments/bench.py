@@ -33,8 +33,9 @@ Bytes per step and per sample (of the rank's batch): what each rank hands to col
 counted: the trainer's variants by the coupling's own counter (summary.json's
 comm.bytes_sent_per_rank over the run's steps; the diagnostics' exact exchanges on logging
 steps are not counted), ddp by a counting comm hook in an extra untimed run, the PyTorch
-averager at its all_reduce. Step times are rank 0's,
-leaving out the first `--warmup` steps and the last (it logs and evaluates).
+averager at its all_reduce.
+Step times are rank 0's, leaving out the first `--warmup` steps and the last (it logs and
+evaluates).
 Peak memory: on CUDA torch's allocator peak; on CPU the process's peak resident set, reset
 every step (/proc/self/clear_refs), with large allocations served by mmap so that freed
 memory leaves the resident set. Overhead is a variant's peak minus `independent`'s.
@@ -446,7 +447,8 @@ def report(
         *_table(results, param_bytes),
         "",
         f"Bytes: what a rank hands to the collectives that couple it, per training step (all "
-        f"{args.steps} steps of a run, warm-up included) and per sample of its own batch; not what the "
+        f"{args.steps} steps of a run, warm-up included: whole periods when --steps is a multiple of 16) "
+        "and per sample of its own batch; not what the "
         "wire carries (a ring all_reduce moves about 2(R-1)/R times its input per rank, the compressed "
         "exchange's all_gather R-1 times its payload). Counted: the trainer's variants by the "
         "coupling (summary.json's comm.bytes_sent_per_rank), without the diagnostics' exact exchanges "
