@@ -531,6 +531,11 @@ def _e2e_train(rank: int, world_size: int, root: str, run_dir: str, fail_at_step
     from replica_dist import loop
     from replica_dist.data import LoaderBatches
 
+    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks were
+    # spawned, which their workers would inherit, each importing torch and torchvision again
+    # (8 of them per rank and run: nine tenths of this test's time). test_datasets_pickle_for_
+    # spawned_loader_workers checks what a spawned worker receives.
+    torch.multiprocessing.set_start_method("fork", force=True)
     if fail_at_step:
         original, calls = LoaderBatches.next, [0]
 
