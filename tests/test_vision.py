@@ -657,7 +657,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
         pytest.skip(missing)
     from runs import replica_weights
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-    from worlds import run_world
+    from worlds import run_world, wait_until_unlocked
 
     from replica_dist.data import rank_indices
 
@@ -687,6 +687,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
         run_world(_e2e_train, world_size, str(root), str(resumed), E2E_CHECKPOINT_EVERY + 1, timeout_s=600)
     assert not (resumed / "summary.json").exists()
+    wait_until_unlocked(resumed)  # the failed world's forked loader workers may hold it a moment
     run_world(_e2e_train, world_size, str(root), str(resumed), timeout_s=600)
     for got, expected in zip(replica_weights(resumed, world_size), trained):
         for name in expected:
