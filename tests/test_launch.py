@@ -159,14 +159,22 @@ def test_workers_stop_when_their_agent_is_killed_and_the_same_command_resumes(tm
 @pytest.mark.parametrize("when", ["at once", "later"])
 def test_a_second_launch_into_a_directory_in_use_is_refused(tmp_path, reference, when):
     args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES)
-    # Slowed (the same weights) so that the second launch meets it mid-run, whichever starts first.
-    slow = hooked_env(tmp_path, SLOW_STEP_S="0.05")
+    # Slowed (the same weights) so that the second launch meets it mid-run, whichever starts
+    # first: until one of the two has ended, then at full speed.
+    one_ended = tmp_path / "one_has_ended"
+    slow = hooked_env(tmp_path, SLOW_STEP_S="0.05", SLOW_UNTIL=str(one_ended))
     first = start_run_sh(*args, cwd=tmp_path, env=slow)
     if when == "later":
         wait_for_line(first, r"step 20/")
-    second = run_sh(*args, cwd=tmp_path, env=slow)
+    second = start_run_sh(*args, cwd=tmp_path, env=slow)
+    deadline = time.monotonic() + 240
+    while first.poll() is None and second.poll() is None:
+        assert time.monotonic() < deadline, "neither launch ended within 240 s"
+        time.sleep(0.2)
+    one_ended.touch()
     out, err = first.communicate(timeout=240)
-    results = sorted([(first.returncode, out, err), (second.returncode, second.stdout, second.stderr)])
+    second_out, second_err = second.communicate(timeout=240)
+    results = sorted([(first.returncode, out, err), (second.returncode, second_out, second_err)])
     (ok, ok_out, ok_err), (refused, _, refused_err) = results
     assert ok == 0, ok_err
     assert refused != 0
@@ -180,7 +188,8 @@ def test_a_second_launch_into_a_directory_in_use_is_refused(tmp_path, reference,
 
 # Runs in every worker (and the launcher) through PYTHONPATH, as a user's sitecustomize would.
 # SLOW_STEP_S: every minibatch draw sleeps, so that a run lasts long enough for a signal or a
-# second launch to meet it mid-run (the weights do not change). KILL_AT: SIGKILLs rank 1 at one
+# second launch to meet it mid-run (the weights do not change); with SLOW_UNTIL, only until that
+# file exists. KILL_AT: SIGKILLs rank 1 at one
 # moment of the first attempt, so that torchrun restarts the group at an edge of the run.
 HOOKS = textwrap.dedent(
     """
@@ -188,8 +197,10 @@ HOOKS = textwrap.dedent(
     if os.environ.get("SLOW_STEP_S"):
         from replica_dist import data
         draw = data.ReplicaBatches.next
+        until = os.environ.get("SLOW_UNTIL")
         def slow_draw(self):
-            time.sleep(float(os.environ["SLOW_STEP_S"]))
+            if not (until and os.path.exists(until)):
+                time.sleep(float(os.environ["SLOW_STEP_S"]))
             return draw(self)
         data.ReplicaBatches.next = slow_draw
     if os.environ.get("KILL_AT") and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":

@@ -531,6 +531,11 @@ def _e2e_train(rank: int, world_size: int, root: str, run_dir: str, fail_at_step
     from replica_dist import loop
     from replica_dist.data import LoaderBatches
 
+    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks were
+    # spawned, which their workers would inherit, each importing torch and torchvision again
+    # (8 of them per rank and run: nine tenths of this test's time). test_datasets_pickle_for_
+    # spawned_loader_workers checks what a spawned worker receives.
+    torch.multiprocessing.set_start_method("fork", force=True)
     if fail_at_step:
         original, calls = LoaderBatches.next, [0]
 
@@ -652,7 +657,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
         pytest.skip(missing)
     from runs import replica_weights
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-    from worlds import run_world
+    from worlds import run_world, wait_until_unlocked
 
     from replica_dist.data import rank_indices
 
@@ -682,6 +687,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
         run_world(_e2e_train, world_size, str(root), str(resumed), E2E_CHECKPOINT_EVERY + 1, timeout_s=600)
     assert not (resumed / "summary.json").exists()
+    wait_until_unlocked(resumed)  # the failed world's forked loader workers may hold it a moment
     run_world(_e2e_train, world_size, str(root), str(resumed), timeout_s=600)
     for got, expected in zip(replica_weights(resumed, world_size), trained):
         for name in expected:
