@@ -1,8 +1,10 @@
 """One writer per run directory, and which job wrote it last.
 
-Rank 0 holds an exclusive lock on `<run_dir>/.lock` (flock) for its whole life, taken before
-anything in the directory is written. The kernel drops the lock when the process ends, however
-it ends, so a lock is never stale. A second launch into a directory in use is refused with one
+Rank 0 holds an exclusive lock on `<run_dir>/.lock` (a POSIX record lock, lockf) for its whole
+life, taken before anything in the directory is written. The kernel drops the lock when the
+process ends, however it ends, so a lock is never stale; and it belongs to the process, not to
+the open file, so the DataLoader workers rank 0 forks do not inherit it (with flock they did,
+and a restart of a killed rank 0 was refused until they noticed and exited, up to 5 s later). A second launch into a directory in use is refused with one
 line naming the directory and the holder.
 
 The file also tells which job wrote the directory last (torchrun's run id): a worker group that
@@ -13,6 +15,7 @@ its first checkpoint, or report a run that had already finished; a different job
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -24,7 +27,8 @@ from replica_dist.config import ConfigError
 
 LOCK_NAME = ".lock"
 _held: dict[Path, IO[str]] = {}
-"""The open lock files of this process, by path: closing one would release its lock."""
+"""The open lock files of this process, by path: closing any descriptor of one would release
+its lock (POSIX), so the file is opened once, here, and read and written through it."""
 
 
 def current_job() -> str:
@@ -57,8 +61,10 @@ def acquire(run_dir: Path) -> dict:
         return _read(_held[path])
     handle = open(path, "a+")  # noqa: SIM115 - held open for the process's life
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the whole file, from byte 0
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         holder = _read(handle)
         handle.close()
         raise ConfigError(

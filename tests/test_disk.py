@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import events, replica_weights, run_sh
+from runs import events, replica_weights, run_sh, train_losses
 from tensorboard.compat.proto.event_pb2 import Event
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
@@ -218,10 +218,6 @@ def _resumable(run_dir: Path) -> int | None:
         return find_resumable(run_dir / "checkpoints", 2, run_hash(cfg))
 
 
-def _losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir / "tb" / f"replica_{replica}").Scalars("train/loss")]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -309,7 +305,9 @@ def test_full_and_read_only_disks_stop_every_rank_and_the_run_resumes_bit_for_bi
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     for replica in range(2):
-        assert _losses(run_dir, replica) == _losses(uninterrupted, replica)  # no step twice, same values
+        assert train_losses(run_dir, replica) == train_losses(
+            uninterrupted, replica
+        )  # no step twice, same values
 
 
 # ---------------------------------------------------------------------------- the pieces

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import REPO, events, replica_weights, user_env
+from runs import REPO, replica_weights, train_losses, user_env
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from worlds import COLLECTIVE_TIMEOUT_S, run_world, wait_until_unlocked
+from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import loop
 from replica_dist.config import ConfigError, DataConfig, load_config
@@ -201,30 +201,15 @@ OVERRIDES = [
 ]
 
 
-class InjectedFailure(RuntimeError):
-    pass
-
-
 def _train(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) -> None:
-    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks were
-    # spawned, which their workers would inherit, each importing torch and this module again.
+    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks come
+    # from a forkserver, whose start method their workers would inherit, each importing torch
+    # and this module again.
     torch.multiprocessing.set_start_method("fork", force=True)
     if fail_at_step:
-        original, calls = LoaderBatches.next, [0]
-
-        def failing_next(self):
-            calls[0] += 1
-            if calls[0] == fail_at_step:
-                raise InjectedFailure(f"injected failure at step {fail_at_step}")
-            return original(self)
-
-        LoaderBatches.next = failing_next
+        fail_at_batch(LoaderBatches, fail_at_step)
     cfg, _ = load_config(OVERRIDES + [f"hydra.run.dir={run_dir}"])
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
-
-
-def _losses(run_dir: Path, replica: int) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in events(run_dir / "tb" / f"replica_{replica}").Scalars("train/loss")]
 
 
 def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
@@ -234,7 +219,6 @@ def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
         run_world(_train, 2, str(resumed), 10)
     assert (resumed / "checkpoints" / "step-00000008" / "manifest.json").exists()
     assert not (resumed / "summary.json").exists()
-    wait_until_unlocked(resumed)  # the failed world's forked loader workers may hold it a moment
     run_world(_train, 2, str(resumed))
     expected_weights = replica_weights(reference, 2)
     assert not torch.equal(expected_weights[0]["fc1.weight"], expected_weights[1]["fc1.weight"])
@@ -242,9 +226,9 @@ def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     for replica in range(2):
-        losses = _losses(resumed, replica)
+        losses = train_losses(resumed, replica)
         assert [step for step, _ in losses] == list(range(1, 13))
-        assert losses == _losses(reference, replica)
+        assert losses == train_losses(reference, replica)
 
 
 # ---- bad inputs: one line naming the key, exit 2, nothing written

@@ -71,3 +71,38 @@ def test_release_lets_another_process_in(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout == "held\n", done.stderr
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from replica_dist import run_lock
+run_lock.acquire(Path(sys.argv[1]))
+run_lock.record(Path(sys.argv[1]))
+child = os.fork()  # as a rank forks its DataLoader workers
+if child == 0:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1), os.dup2(devnull, 2)  # let the test's pipes close with the holder
+    time.sleep(60)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+os._exit(0)  # the holder dies; its forked child lives on, with the lock file open
+"""
+
+
+def test_a_forked_child_of_a_dead_holder_does_not_keep_the_lock(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", FORKING_HOLDER, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    holder_pid, child = (int(word) for word in done.stdout.split())
+    try:
+        os.kill(child, 0)  # raises if the child were gone: it must still be alive here
+        last_writer = run_lock.acquire(tmp_path)  # a restarted rank 0 gets in at once
+        assert last_writer["pid"] == holder_pid
+    finally:
+        run_lock.release()
+        os.kill(child, 9)

@@ -528,24 +528,18 @@ def _e2e_overrides(root: str, run_dir: str) -> list[str]:
 def _e2e_train(rank: int, world_size: int, root: str, run_dir: str, fail_at_step: int = 0) -> None:
     from pathlib import Path
 
+    from worlds import fail_at_batch
+
     from replica_dist import loop
     from replica_dist.data import LoaderBatches
 
-    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks were
-    # spawned, which their workers would inherit, each importing torch and torchvision again
+    # Under torchrun a rank's DataLoader workers are forked (Linux's default); these ranks come
+    # from a forkserver, whose start method their workers would inherit, each importing torch and torchvision again
     # (8 of them per rank and run: nine tenths of this test's time). test_datasets_pickle_for_
     # spawned_loader_workers checks what a spawned worker receives.
     torch.multiprocessing.set_start_method("fork", force=True)
     if fail_at_step:
-        original, calls = LoaderBatches.next, [0]
-
-        def failing_next(self):
-            calls[0] += 1
-            if calls[0] == fail_at_step:
-                raise RuntimeError(f"injected failure at step {fail_at_step}")
-            return original(self)
-
-        LoaderBatches.next = failing_next
+        fail_at_batch(LoaderBatches, fail_at_step)
     cfg, _ = load_config(_e2e_overrides(root, run_dir))
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
@@ -657,7 +651,7 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
         pytest.skip(missing)
     from runs import replica_weights
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-    from worlds import run_world, wait_until_unlocked
+    from worlds import run_world
 
     from replica_dist.data import rank_indices
 
@@ -687,7 +681,6 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
         run_world(_e2e_train, world_size, str(root), str(resumed), E2E_CHECKPOINT_EVERY + 1, timeout_s=600)
     assert not (resumed / "summary.json").exists()
-    wait_until_unlocked(resumed)  # the failed world's forked loader workers may hold it a moment
     run_world(_e2e_train, world_size, str(root), str(resumed), timeout_s=600)
     for got, expected in zip(replica_weights(resumed, world_size), trained):
         for name in expected:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import tempfile
@@ -85,21 +84,3 @@ def run_world(
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"world of {world_size} processes did not finish in {timeout_s} s")
-
-
-def wait_until_unlocked(run_dir, timeout_s: float = 60.0) -> None:
-    """Wait until no process holds <run_dir>/.lock (replica_dist/run_lock.py). After a world
-    failed, its ranks are gone, but DataLoader workers that a rank forked share its flock and
-    hold it until they notice their parent is gone (DataLoader checks every 5 s)."""
-    deadline = time.monotonic() + timeout_s
-    with open(os.path.join(run_dir, ".lock"), "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{run_dir}/.lock still held after {timeout_s} s") from None
-                time.sleep(0.1)
-            else:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                return
