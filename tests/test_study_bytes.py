@@ -15,6 +15,7 @@ import pytest
 from runs import REPO
 from test_study import block, expected_cell
 
+from replica_dist.config import load_config
 from replica_dist.experiments import bytes_study as bs
 
 DIGITS_N = 64 * 128 + 128 + 128 * 10 + 10
@@ -93,6 +94,19 @@ def test_the_full_plan_fits_every_budget_and_uses_it():
                 if d == dataset and (w.form, w.budget) == (v.form, v.budget)
             )
             assert v.period <= fp32.period
+
+
+def test_every_planned_setting_is_a_config_the_trainer_accepts():
+    """The trainer's own validation (load_config), without training: a key that does not apply
+    (dist.compress_chunk without int8) would otherwise stop the study at its first such run."""
+    runs = bs.plan(quick=False)
+    one_each = {r.setting.label: r for r in runs if r.part == "digits" and r.seed == bs.SEEDS[0]}
+    one_each["teacher ddp"] = next(r for r in runs if r.part == "teacher" and r.setting.form == "ddp")
+    for run in one_each.values():
+        cfg, _ = load_config([*run.overrides, "hydra.run.dir=/nonexistent"])
+        assert cfg.dist.compress == run.setting.compress
+        if run.setting.period is not None:
+            assert (cfg.coupling.name, cfg.coupling.every) == (run.setting.form, run.setting.period)
 
 
 def test_tanh_and_linear_scale_eta_by_the_period():
