@@ -30,13 +30,14 @@ test accuracy against bytes sent, log x, per data set) and DOCS/study_bytes.md (
 blocks refreshed, the prose kept). Each run's bytes are read back from its summary.json
 (comm.bytes_sent_per_rank) and checked against its budget in the table.
 
-How long: 2 data sets x 26 settings x 3 seeds = 156 torchrun jobs. One job of 1500 steps and
-4 processes took 40-90 s on this 2-core machine shared with other work (diloco every 2, int8:
-89 s under a load of 4-5; docs/study.md's 53 jobs took 23 s each on an idle machine), so the
-whole part takes about 1 hour on an idle 2-core machine and up to 3-4 hours on a loaded one.
-`--quick` (2 replicas, 2 seeds, 40 steps, one budget, each data set a different half of the
-variants: 20 jobs) checks the pipeline in 3-8 minutes; its numbers mean nothing and its DOCS
-default to DIR.
+How long: 2 data sets x 26 settings x 3 seeds = 156 torchrun jobs. Measured here, one job of
+1500 steps and 4 processes took 88-98 s on this 2-core machine under a load of 5-12 (diloco
+every 2 int8 on digits and on teacher, none on teacher); docs/study.md's 53 jobs of the same
+size took 23 s each on the idle machine. So the whole part takes about 1 hour on 2 idle cores
+(156 x 23 s) and up to 4 hours on a loaded machine. `--quick` (2 replicas, 2 seeds, 40 steps,
+the fp32/4 budget only, each data set half of the variants: 20 jobs) checks the pipeline: about
+3 minutes idle, 15-20 minutes under that load (a 40-step job took 50-75 s); its numbers mean
+nothing and its DOCS default to DIR.
 """
 
 from __future__ import annotations
