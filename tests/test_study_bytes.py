@@ -210,6 +210,13 @@ def test_quick_study_end_to_end_its_bytes_are_the_closed_form(tmp_path):
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    check_quick_outputs(runs_dir)
+
+
+def check_quick_outputs(runs_dir) -> None:
+    """What a finished --quick study in `runs_dir` must hold: each run's bytes (its summary.json)
+    equal to the closed form with the hand-counted n, within its budget; the tables' accuracies
+    the runs' own; the figure and one wall time per run."""
     runs = bs.plan(quick=True)
     page = (runs_dir / "study_bytes.md").read_text()
     for run in runs:
