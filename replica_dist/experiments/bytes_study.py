@@ -35,8 +35,9 @@ How long: 2 data sets x 26 settings x 3 seeds = 156 torchrun jobs. Measured here
 every 2 int8 on digits and on teacher, none on teacher); docs/study.md's 53 jobs of the same
 size took 23 s each on the idle machine. So the whole part takes about 1 hour on 2 idle cores
 (156 x 23 s) and up to 4 hours on a loaded machine. `--quick` (2 replicas, 2 seeds, 40 steps,
-the fp32/4 budget only, each data set half of the variants: 20 jobs) checks the pipeline: about
-3 minutes idle, 15-20 minutes under that load (a 40-step job took 50-75 s); its numbers mean
+the fp32/4 budget only, each data set half of the variants: 20 jobs) checks the pipeline: it
+took 9 minutes here under a load of 5-7 (16-40 s a job; 50-75 s under a load of 12), about 3
+on idle cores; its numbers mean
 nothing and its DOCS default to DIR.
 """
 
