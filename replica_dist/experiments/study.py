@@ -237,13 +237,18 @@ def command_line(run: Run) -> str:
     return shell_line(run_command("@", run)).replace("hydra.run.dir=@", f'hydra.run.dir="$DIR/{run.name}"')
 
 
-def write_commands(runs_dir: Path, runs: list[Run], quick: bool) -> None:
+def write_commands(
+    runs_dir: Path,
+    runs: list[Run],
+    quick: bool,
+    launcher: str = "launch/study.sh",
+    module: str = "replica_dist.experiments.study",
+) -> None:
     lines = [
         "#!/usr/bin/env bash",
-        f"# The study's {len(runs)} runs{' (--quick)' if quick else ''}, in the order launch/study.sh "
+        f"# The study's {len(runs)} runs{' (--quick)' if quick else ''}, in the order {launcher} "
         "trains them; run from the repository root.",
-        "# Then: python -m replica_dist.experiments.study --runs DIR --plot-only"
-        + (" --quick" if quick else ""),
+        f"# Then: python -m {module} --runs DIR --plot-only" + (" --quick" if quick else ""),
         "set -euo pipefail",
         f'DIR="${{1:-{runs_dir}}}"',
     ]
@@ -281,6 +286,8 @@ def run_metrics(run_dir: Path, part: str) -> dict[str, float]:
         "train_accuracy/center": summary["center"]["train_accuracy"],
         "wall_seconds/train": summary["wall_seconds"],
     }
+    if "comm" in summary:  # bytes the coupling sent (bytes_study's axis); older runs lack it
+        metrics["comm/bytes_sent_per_rank"] = float(summary["comm"]["bytes_sent_per_rank"])
     if (run_dir / "flatness.json").exists():
         flat = json.loads((run_dir / "flatness.json").read_text())
         for k, sigma in enumerate(flat["sigmas"]):
