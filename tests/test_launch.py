@@ -349,6 +349,6 @@ def test_help_and_cfg_job_answer_without_training(tmp_path):
     helped = run_sh("--help", cwd=tmp_path)
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: ")
-    assert "coupling: average, ddp, linear, none, tanh (default tanh)" in helped.stdout
+    assert "coupling: average, ddp, diloco, linear, none, tanh (default tanh)" in helped.stdout
     assert "optim.lr (float, default 0.05): Learning rate." in helped.stdout
     assert list(tmp_path.iterdir()) == []  # neither made a run directory
