@@ -7,7 +7,7 @@ import math
 import subprocess
 
 import pytest
-from runs import REPO
+from trainer_runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.experiments.bench import AVERAGER, FRAGMENTED, PLAIN, VARIANTS, _step_stats

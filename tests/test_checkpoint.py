@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import REPO
+from trainer_runs import REPO
 
 from replica_dist import checkpoint
 from replica_dist.checkpoint import (

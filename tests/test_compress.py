@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from runs import replica_weights, scalar
+from trainer_runs import replica_weights, scalar
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import dist, loop

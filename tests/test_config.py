@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import REPO
+from trainer_runs import REPO
 
 from replica_dist.config import (
     Config,

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from runs import REPO
+from trainer_runs import REPO
 
 from replica_dist.config import ConfigError, DataConfig
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import replica_weights, train_losses
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from trainer_runs import replica_weights, train_losses
 from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import ReplicaCoupling, loop

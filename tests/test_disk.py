@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import events, replica_weights, run_sh, train_losses
 from tensorboard.compat.proto.event_pb2 import Event
+from trainer_runs import events, replica_weights, run_sh, train_losses
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import checkpoint, dist, loop

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from runs import events, replica_weights, scalar
+from trainer_runs import events, replica_weights, scalar
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop

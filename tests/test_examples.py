@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from runs import REPO, user_env
+from trainer_runs import REPO, user_env
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from runs import REPO
+from trainer_runs import REPO
 from worlds import run_world
 
 from replica_dist import dist

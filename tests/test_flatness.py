@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import REPO, events, torchrun
 from torch import nn
+from trainer_runs import REPO, events, torchrun
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.config import ModelConfig

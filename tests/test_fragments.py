@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from runs import replica_weights, train_losses
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+from trainer_runs import replica_weights, train_losses
 from worlds import fail_at_batch, run_world
 
 from replica_dist import ReplicaCoupling, loop

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import events, replica_weights
+from trainer_runs import events, replica_weights
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from runs import RUN_SH, assert_refused_launch, replica_weights, run_sh, user_env
+from trainer_runs import RUN_SH, assert_refused_launch, replica_weights, run_sh, user_env
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist import launch

@@ -257,7 +257,7 @@ STEPS = ["train.steps=4", "train.batch_size=16", "log.every=2", "eval.every=4", 
 
 @pytest.mark.e2e
 def test_target_trains_end_to_end_with_its_own_parameter_names(tmp_path):
-    from runs import events, replica_weights, torchrun
+    from trainer_runs import events, replica_weights, torchrun
 
     from replica_dist.reference import reference_weights
 
@@ -311,7 +311,7 @@ LAUNCH_REFUSALS = {
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LAUNCH_REFUSALS))
 def test_a_bad_target_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
-    from runs import assert_refused_launch
+    from trainer_runs import assert_refused_launch
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()

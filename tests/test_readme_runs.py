@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import REPO, scalar
+from trainer_runs import REPO, scalar
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.config import load_config

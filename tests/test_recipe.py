@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import REPO, events, replica_weights
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from trainer_runs import REPO, events, replica_weights
 from worlds import COLLECTIVE_TIMEOUT_S, run_world
 
 from replica_dist import loop, recipe

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from runs import REPO, events, torchrun
 from torch.utils.tensorboard import SummaryWriter
+from trainer_runs import REPO, events, torchrun
 
 from replica_dist import report
 from replica_dist.config import Config, CouplingConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import REPO, replica_weights, torchrun_command, train_losses
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from trainer_runs import REPO, replica_weights, torchrun_command, train_losses
 from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import loop

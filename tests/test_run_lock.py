@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from runs import REPO
+from trainer_runs import REPO
 
 from replica_dist import run_lock
 from replica_dist.config import ConfigError

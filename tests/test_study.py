@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from runs import REPO, events
+from trainer_runs import REPO, events
 
 from replica_dist.experiments import study
 from replica_dist.experiments.commands import torchrun_command

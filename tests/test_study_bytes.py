@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from runs import REPO
 from test_study import block, expected_cell
+from trainer_runs import REPO
 
 from replica_dist.config import load_config
 from replica_dist.experiments import bytes_study as bs

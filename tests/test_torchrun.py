@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from runs import events, torchrun
+from trainer_runs import events, torchrun
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from runs import REPO
+from trainer_runs import REPO
 
 from replica_dist.config import ConfigError, DataConfig, load_config
 
@@ -649,8 +649,8 @@ def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_res
     missing = _loader_path_missing()
     if missing:
         pytest.skip(missing)
-    from runs import replica_weights
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+    from trainer_runs import replica_weights
     from worlds import run_world
 
     from replica_dist.data import rank_indices
