@@ -103,13 +103,13 @@ class Guard:
         self._state = torch.zeros(_UNCLEAN + 1, dtype=torch.float64)
         self._error_table: torch.Tensor | None = None
         self._word_slots = torch.tensor(_WORD_SLOTS)
-        self._kind_rank = torch.tensor([len(KINDS) - k for k in range(len(KINDS))], dtype=torch.float64)
+        self._ranks_by_sizes: dict[tuple[int, ...], torch.Tensor] = {}
 
     def to(self, device: torch.device) -> Guard:
         """Keep the state on `device` (the model's), where the step's decisions are taken."""
         self._state = self._state.to(device)
         self._word_slots = self._word_slots.to(device)
-        self._kind_rank = self._kind_rank.to(device)
+        self._ranks_by_sizes = {}
         return self
 
     def install_signal_handlers(self) -> None:
@@ -140,8 +140,11 @@ class Guard:
             list(buffers),
             [p.grad for p in params if p.grad is not None],
         )
-        bad = torch.stack([~_extremes(group, self._state.device).isfinite().all() for group in groups])
-        top = (bad * self._kind_rank).amax()  # len(KINDS) for the first kind, ..., 0 for none
+        # One finite test over every tensor's extremes, not one per group: a plain step's
+        # guard is a handful of device operations besides the reductions themselves.
+        extremes = _extremes([t for group in groups for t in group], self._state.device)
+        ranks = self._tensor_ranks(tuple(len(group) for group in groups))
+        top = torch.where(extremes.isfinite().all(dim=1), 0.0, ranks).amax()  # the first kind's rank
         is_bad = top > 0
         s = self._state
         first = is_bad & (s[_FIRST] == 0)
@@ -150,6 +153,21 @@ class Guard:
         s[_LATEST] = torch.where(is_bad, step, s[_LATEST])
         self._count_skip(step, is_bad)
         return ~is_bad
+
+    def _tensor_ranks(self, sizes: tuple[int, ...]) -> torch.Tensor:
+        """Each inspected tensor's kind as a rank, len(KINDS) for the first kind down to 1, for
+        groups of `sizes` tensors (one per kind); made once per shape of the model's lists."""
+        ranks = self._ranks_by_sizes.get(sizes)
+        if ranks is None:
+            # Filled on the device: a copy from the host would wait for it.
+            ranks = torch.cat(
+                [
+                    torch.full((n,), float(len(KINDS) - kind), dtype=torch.float64, device=self._state.device)
+                    for kind, n in enumerate(sizes)
+                ]
+            )
+            self._ranks_by_sizes[sizes] = ranks
+        return ranks
 
     def _count_skip(self, step: int, skipped: torch.Tensor) -> None:
         s = self._state
@@ -267,17 +285,16 @@ class Guard:
 
 
 def _extremes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Numbers that are all finite exactly when every value of `tensors` is: NaN and inf carry
-    through a max or a min, which unlike a sum cannot overflow from finite values. On CUDA one
-    fused kernel for the whole list (the largest magnitudes); on the CPU each tensor's min and
-    max, vectorised (its inf-norm is not: ten times slower)."""
-    if not tensors:
-        return torch.zeros(0, device=device)
+    """One row per tensor of numbers that are all finite exactly when every value of the
+    tensor is: NaN and inf carry through a max or a min, which unlike a sum cannot overflow
+    from finite values. On CUDA one fused kernel for the whole list (the largest magnitudes);
+    on the CPU each tensor's min and max, vectorised (its inf-norm is not: ten times slower)."""
     if device.type == "cpu":
-        values = [t for v in tensors for t in torch.aminmax(v)]
+        values = [v for t in tensors for v in torch.aminmax(t)]
     else:
         values = torch._foreach_norm(tensors, math.inf)
-    return torch.stack([v.to(torch.float32) for v in values])
+    float32 = [v if v.dtype == torch.float32 else v.to(torch.float32) for v in values]
+    return torch.stack(float32).view(len(tensors), -1)
 
 
 def _kind(code: int) -> str:
