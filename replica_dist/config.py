@@ -686,11 +686,6 @@ class Config:
             "DDP's own all_reduce: use dist.compress=none",
         )
         _check(
-            not self.dist.error_feedback or self.coupling.fragments == 1,
-            "dist.error_feedback does not combine with coupling.fragments > 1 yet (a logging step "
-            f"sends the whole model at once); got coupling.fragments={self.coupling.fragments}",
-        )
-        _check(
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",
         )

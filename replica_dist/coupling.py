@@ -408,10 +408,6 @@ class ReplicaCoupling:
             raise CouplingError("error_feedback needs compress='bf16' or 'int8'")
         if compress_chunk < 1:
             raise CouplingError(f"compress_chunk must be >= 1; got {compress_chunk}")
-        if error_feedback and self.cfg.fragments > 1:
-            # A logging step sends the whole model at once (the diagnostics read every mean),
-            # which would skip the fragments' residuals.
-            raise CouplingError("error_feedback does not combine with fragments > 1 yet")
         self._compression = {"compress": compress, "chunk": compress_chunk, "error_feedback": error_feedback}
         self.bytes_sent = 0
         """Bytes this rank handed to the coupling's collectives so far (dist.ReplicaExchange
@@ -487,30 +483,33 @@ class ReplicaCoupling:
         coupled = fragment is not None
         pulls = coupled and self.form.pulls_before_step
         needs_mean = pulls or observe
-        # Observed: every weight and its mean (the diagnostics read them all); else only the
-        # coupled fragment's.
-        sent, exchange = None, None
+        # The coupling's exchange (a pull's: its fragment's, compressed and counted), and the
+        # diagnostics' of the whole model, exact and uncounted. With one fragment a step that
+        # pulls and observes sends once, and the diagnostics read the coupling's mean.
+        coupling = self._exchanges[fragment] if pulls else None
+        observer = None
         if observe:
-            sent = self.state
             whole = len(self.fragments) == 1 and bool(self._exchanges)
-            exchange = self._exchanges[0] if whole else self._new_exchange(self.state.numel)
-        elif pulls:
-            sent, exchange = self.fragments[fragment], self._exchanges[fragment]
+            observer = self._exchanges[0] if whole else self._new_exchange(self.state.numel)
+        sends = [(observer, self.state)] if observer is not None else []
+        if coupling is not None and coupling is not observer:
+            sends.append((coupling, self.fragments[fragment]))
         self.observed = {}
         with self.timer.section("update"):
-            if needs_mean:
-                sent.pack(out=exchange.flat)
-                if observe:
-                    self.observed["before"] = exchange.flat.clone()
-                if self.overlap:
-                    self._start(exchange, step)
+            for exchange, part in sends:
+                part.pack(out=exchange.flat)
+            if observe:
+                self.observed["before"] = observer.flat.clone()
+            if self.overlap:
+                for exchange, _ in sends:
+                    self._start(exchange, couples=exchange is coupling)
             self.state.save_buffers()  # the forward pass moves them
         self._in_step = {
             "step": step,
             "fragment": fragment,
             "needs_mean": needs_mean,
             "observe": observe,
-            "exchange": exchange,
+            "exchanges": (observer, coupling),
         }
 
     def step(self, loss: torch.Tensor, agree: bool = False) -> torch.Tensor:
@@ -524,16 +523,16 @@ class ReplicaCoupling:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, fragment, needs_mean, observe, exchange = self._in_step.values()
+        step, fragment, needs_mean, observe, exchanges = self._in_step.values()
         coupled = fragment is not None
         self._in_step = None
         self.step_count = step
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
             own = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
         with self.timer.section("communication"):
-            apply = self._agree(step, needs_mean, exchange, agree) & own
+            apply = self._agree(step, needs_mean, exchanges, agree) & own
         with self.timer.section("update"):
-            pull = self._update(step, apply, fragment, exchange)
+            pull = self._update(step, apply, fragment, exchanges[1])
         # Every replica moves at once, from the same mean.
         if coupled and isinstance(self.form, _DiLoCo):
             self._outer_step(step, fragment)
@@ -546,36 +545,38 @@ class ReplicaCoupling:
             self.guard.read_back(step)
         return apply
 
-    def _agree(self, step: int, needs_mean: bool, exchange, agree: bool) -> torch.Tensor:
+    def _agree(self, step: int, needs_mean: bool, exchanges, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
-        one buffer, so that all ranks skip or stop together: whether every replica may apply
-        (a device bool; the decision is taken on the device)."""
+        one buffer (two when a step observes and pulls one fragment of several), so that all
+        ranks skip or stop together: whether every replica may apply (a device bool; the
+        decision is taken on the device)."""
         guard = self.guard
         apply = guard.may_apply()
+        observer, coupling = exchanges
         if needs_mean:
-            if not self.overlap:
-                self._start(exchange, step)
-            total, words = exchange.wait(divide=not self.form.pulls_before_step)
-            apply = guard.decide(step, words)
-            if "before" in self.observed:  # the buffer turns into the pull below
-                n = self.mesh.num_replicas
-                self.observed["mean_before"] = total / n if self.form.pulls_before_step else total.clone()
+            n = self.mesh.num_replicas
+            for exchange in dict.fromkeys(e for e in exchanges if e is not None):
+                if not self.overlap:
+                    self._start(exchange, couples=exchange is coupling)
+                # A pull folds the division by n into its own arithmetic (_Elastic.direction_).
+                total, words = exchange.wait(divide=exchange is not coupling)
+                apply = apply & guard.decide(step, words)
+                if exchange is observer:  # the buffer turns into the pull below
+                    self.observed["mean_before"] = total / n if exchange is coupling else total.clone()
         if agree and (self.overlap or not needs_mean):
             apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
     def _update(self, step: int, apply: torch.Tensor, fragment: int | None, exchange) -> torch.Tensor | None:
         """The optimizer step, masked by `apply` on the device; returns the pull still to add
-        to `fragment`, divided by eta (zero where the step is not applied), if any."""
+        to `fragment` (from the sum in `exchange`, the coupling's), divided by eta (zero where
+        the step is not applied), if any."""
         state, pull = self.state, None
         self.guard.settle(step, apply)
         if fragment is not None and self.form.pulls_before_step:
             part = self.fragments[fragment]
-            total = exchange.flat
-            if total.numel() != part.numel:  # an observed step sent the whole model
-                total = total.narrow(0, part.offset, part.numel)
             # Before the optimizer step, while the parameters still hold w_before.
-            direction = self.form.direction_(total, part, self.mesh.num_replicas, apply)
+            direction = self.form.direction_(exchange.flat, part, self.mesh.num_replicas, apply)
             if self.cfg.via_optimizer:
                 part.pull_through_optimizer(direction.mul_(self.eta))
             else:
@@ -612,12 +613,11 @@ class ReplicaCoupling:
         )
         return stateless or bool(optimizer.state)
 
-    def _start(self, exchange, step: int, after_step: bool = False) -> None:
-        """Start `exchange` with this replica's guard word. The exchange of the pre-step
-        weights couples only for tanh and linear on a coupling step; otherwise it is there for
-        the diagnostics (observe=True) and goes exact and uncounted, so that the logged mean
-        is the true one and the error-feedback residual only follows the coupling's sends."""
-        couples = self.form.fragment_at(step) is not None and (after_step or self.form.pulls_before_step)
+    def _start(self, exchange, couples: bool) -> None:
+        """Start `exchange` with this replica's guard word. One that `couples` is compressed
+        and counted in bytes_sent; any other is there for the diagnostics (observe=True) and
+        goes exact and uncounted, so that the logged mean is the true one and the
+        error-feedback residual only follows the coupling's sends."""
         exchange.start(self.guard.word(), exact=not couples)
         if couples:
             self.bytes_sent += exchange.last_bytes
@@ -629,7 +629,7 @@ class ReplicaCoupling:
         with self.timer.section("update"):
             part.pack(out=exchange.flat)
         with self.timer.section("communication"):
-            self._start(exchange, step, after_step=True)
+            self._start(exchange, couples=True)
             mean_after_step, words = exchange.wait()
             self.guard.decide(step, words)
         with self.timer.section("update"):
@@ -647,7 +647,7 @@ class ReplicaCoupling:
             part.pack(out=exchange.flat)
             torch.sub(anchor, exchange.flat, out=exchange.flat)
         with self.timer.section("communication"):
-            self._start(exchange, step, after_step=True)  # compressed and counted, as average's
+            self._start(exchange, couples=True)
             mean_delta, words = exchange.wait()
             apply = self.guard.decide(step, words)
         with self.timer.section("update"):
@@ -682,7 +682,8 @@ class ReplicaCoupling:
         continue bit for bit."""
         state = {"step": self.step_count, "guard": self.guard.state_dict(), "bytes_sent": self.bytes_sent}
         if self._exchanges and self._exchanges[0].residual is not None:
-            state["residual"] = self._exchanges[0].residual.clone()
+            # The fragments tile the model: one vector laid out as `state`, whatever their number.
+            state["residual"] = torch.cat([exchange.residual for exchange in self._exchanges])
         if isinstance(self.form, _DiLoCo):
             state["diloco"] = self.form.state_dict()
         return state
@@ -696,7 +697,9 @@ class ReplicaCoupling:
                 raise CouplingError(
                     "the state has no error-feedback residual: it was saved without error_feedback"
                 )
-            self._exchanges[0].residual.copy_(state["residual"])
+            saved = state["residual"]
+            for part, exchange in zip(self.fragments, self._exchanges):
+                exchange.residual.copy_(saved.narrow(0, part.offset, part.numel))
         if isinstance(self.form, _DiLoCo):
             self.form.load_state_dict(state["diloco"])
 

@@ -24,8 +24,9 @@ word tells of the steps before; this step's value is agreed on at the next excha
     it (counted in guard/skipped_steps); an earlier one was already skipped by its replica.
     When some replica's count of steps not applied in a row has reached
     guard.max_consecutive_skips, every rank raises the same SkipLimitError instead.
-A step can exchange words twice (average's second exchange, a checkpoint's own); the second
-only adds what the first could not know, and resets nothing.
+A step can exchange words twice (average's second exchange, a checkpoint's own, a logging
+step's whole-model exchange beside a fragment's pull); the second only adds what the first
+could not know, and resets nothing.
 
 Every one of these decisions is taken on the device, so that a step makes the host wait for
 nothing (on a GPU the host then runs ahead of it). The host reads the outcome back only on

@@ -148,13 +148,117 @@ def test_every_tensor_is_exchanged_once_per_h_steps_and_the_bytes_are_the_closed
             assert all(b == 0 for step, b in enumerate(result["bytes"], 1) if step % 2), case
 
 
+# ---- error feedback: each fragment's own residual, also on a logging step
+
+EF_CHUNK = 16
+OBSERVED = (3, 4)
+"""Steps begun with observe=True: 3 couples nothing, 4 pulls fragment 1 (of 3, every 6)."""
+
+
+def _feedback_world(rank: int, world_size: int, root: str) -> None:
+    torch.manual_seed(rank)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    coupling = ReplicaCoupling(
+        model,
+        optimizer,
+        "linear",
+        every=6,
+        fragments=3,
+        compress="int8",
+        compress_chunk=EF_CHUNK,
+        error_feedback=True,
+        eta=0.1,
+    )
+    record, calls, current = [], {}, [0]
+    originals = {name: getattr(tdist, name) for name in ("all_reduce", "all_gather")}
+
+    def counting(name, original):
+        def wrapper(tensor, *args, **kwargs):
+            numel = sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel()
+            calls.setdefault(current[0], []).append([name, numel])
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(tdist, name, counting(name, original))
+    try:
+        for step in range(1, 13):
+            current[0] = step
+            before = {"w": coupling.state.pack(), "residual": coupling.state_dict()["residual"].clone()}
+            sent_before = coupling.bytes_sent
+            coupling.begin_step(observe=step in OBSERVED)
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            coupling.step(loss)
+            after = coupling.state_dict()["residual"].clone()
+            record.append(before | {"after": after, "bytes": coupling.bytes_sent - sent_before})
+    finally:
+        for name, original in originals.items():
+            setattr(tdist, name, original)
+    torch.save({"record": record, "calls": calls}, Path(root, f"rank{rank}.pt"))
+
+
+def _int8_residual(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What each rank's send of xs[rank] leaves as its residual, written here from the rule:
+    one scale per chunk of EF_CHUNK, the largest magnitude over all ranks / 127."""
+    n = xs[0].numel()
+    chunks = math.ceil(n / EF_CHUNK)
+    padded = [torch.cat([x, x.new_zeros(chunks * EF_CHUNK - n)]).view(chunks, EF_CHUNK) for x in xs]
+    scale = torch.stack(padded).abs().amax(dim=(0, 2))[:, None] / 127
+    return [
+        (x - torch.where(scale > 0, torch.round(x / scale), 0.0).clamp(-127, 127) * scale).flatten()[:n]
+        for x in padded
+    ]
+
+
+def test_error_feedback_keeps_a_residual_per_fragment_and_a_logging_step_sends_both(tmp_path):
+    run_world(_feedback_world, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    offsets = [0, 56, 120]
+    whole, table = sum(FRAGMENT_NUMELS), 2 * Guard.WORD_LENGTH
+    for step in range(1, 13):
+        rows = [rank["record"][step - 1] for rank in ranks]
+        coupled = step // 2 - 1 if step % 2 == 0 else None
+        expected = [row["residual"].clone() for row in rows]
+        if coupled is not None:
+            first, n = offsets[coupled % 3], FRAGMENT_NUMELS[coupled % 3]
+            span = slice(first, first + n)
+            sends = [row["w"][span] + row["residual"][span] for row in rows]
+            for mine, residual in zip(expected, _int8_residual(sends)):
+                mine[span] = residual
+        for r, row in enumerate(rows):
+            # The coupled fragment's residual, and nothing else, moved: on step 4 too, which
+            # also sent the whole model exactly for the diagnostics.
+            torch.testing.assert_close(row["after"], expected[r], atol=1e-7, rtol=0)
+            assert row["after"].numel() == whole
+            if coupled is not None:
+                n = FRAGMENT_NUMELS[coupled % 3]
+                assert row["bytes"] == n + 4 * math.ceil(n / EF_CHUNK) + 4 * table, step
+            else:
+                assert row["bytes"] == 0, step
+    for rank in ranks:  # every fragment rounded something: the residual is not all zeros
+        residual = rank["record"][-1]["after"]
+        assert all(residual[o : o + n].abs().sum() > 0 for o, n in zip(offsets, FRAGMENT_NUMELS))
+        calls = {int(step): c for step, c in rank["calls"].items()}
+        int8_fragment_1 = [
+            ["all_reduce", math.ceil(64 / EF_CHUNK)],
+            ["all_gather", 2 * 64],
+            ["all_reduce", table],
+        ]
+        assert calls[3] == [["all_reduce", whole + table]]  # the diagnostics' exchange only, exact
+        assert calls[4] == [["all_reduce", whole + table], *int8_fragment_1]
+        assert calls[10] == int8_fragment_1
+
+
 # ---- the trainer resumes bit for bit
 
 TRAINER = [
-    "coupling=diloco",
     "coupling.every=4",
     "coupling.fragments=2",
-    "dist.compress=bf16",
     "train.steps=14",
     "train.batch_size=16",
     "model.hidden=[32]",
@@ -162,22 +266,33 @@ TRAINER = [
     "eval.every=7",
     "checkpoint.every=4",
 ]
+TRAINER_CASES = {
+    "diloco_bf16": ["coupling=diloco", "dist.compress=bf16"],
+    # logging steps 10 and 14 pull a fragment too: both exchanges, the residuals checkpointed
+    "tanh_int8_feedback": [
+        "coupling=tanh",
+        "coupling.eta=0.05",
+        "dist.compress=int8",
+        "dist.error_feedback=true",
+    ],
+}
 
 
-def _trainer(rank: int, world_size: int, run_dir: str, fail_at_step: int | None = None) -> None:
+def _trainer(rank: int, world_size: int, case: str, run_dir: str, fail_at_step: int | None = None) -> None:
     if fail_at_step:
         fail_at_batch(ReplicaBatches, fail_at_step)
-    cfg, _ = load_config(TRAINER + [f"hydra.run.dir={run_dir}"])
+    cfg, _ = load_config(TRAINER + TRAINER_CASES[case] + [f"hydra.run.dir={run_dir}"])
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
 
-def test_the_trainer_with_fragments_and_compression_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("case", TRAINER_CASES)
+def test_the_trainer_with_fragments_and_compression_resumes_bit_for_bit(tmp_path, case):
     reference, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_world(_trainer, 2, str(reference))
+    run_world(_trainer, 2, case, str(reference))
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
-        run_world(_trainer, 2, str(resumed), 10)
+        run_world(_trainer, 2, case, str(resumed), 10)
     assert (resumed / "checkpoints" / "step-00000008" / "manifest.json").exists()
-    run_world(_trainer, 2, str(resumed))
+    run_world(_trainer, 2, case, str(resumed))
     for got, expected in zip(replica_weights(resumed, 2), replica_weights(reference, 2)):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
@@ -201,11 +316,6 @@ def test_the_trainer_with_fragments_and_compression_resumes_bit_for_bit(tmp_path
         (
             ["coupling=none", "coupling.fragments=2"],
             "coupling.fragments is only for coupling.name=tanh, linear, average or diloco; got none",
-        ),
-        (
-            ["coupling=average", "coupling.every=4", "coupling.fragments=2", "dist.compress=int8"]
-            + ["dist.error_feedback=true"],
-            "dist.error_feedback does not combine with coupling.fragments > 1 yet",
         ),
     ],
 )
