@@ -6,6 +6,7 @@ collectives and bytes each step really sends, a resumed trainer, and the bad set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -79,6 +80,29 @@ def _model() -> torch.nn.Module:
     )
 
 
+@contextlib.contextmanager
+def _counting_collectives(calls: dict[int, list[list]], current: list[int]):
+    """torch.distributed's all_reduce and all_gather, each call recorded as [name, numel] under
+    calls[current[0]] (the step under way)."""
+    originals = {name: getattr(tdist, name) for name in ("all_reduce", "all_gather")}
+
+    def counting(name, original):
+        def wrapper(tensor, *args, **kwargs):
+            numel = sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel()
+            calls.setdefault(current[0], []).append([name, numel])
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(tdist, name, counting(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(tdist, name, original)
+
+
 def _count_sends(rank: int, world_size: int, root: str) -> None:
     results = {}
     for form, compress in (("tanh", "none"), ("average", "none"), ("diloco", "none"), ("linear", "int8")):
@@ -90,20 +114,8 @@ def _count_sends(rank: int, world_size: int, root: str) -> None:
         )
         sent: dict[int, list[list]] = {}
         current = [0]  # the step under way
-        originals = {name: getattr(tdist, name) for name in ("all_reduce", "all_gather")}
-
-        def counting(name, original, sent, current):
-            def wrapper(tensor, *args, **kwargs):
-                numel = sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel()
-                sent.setdefault(current[0], []).append([name, numel])
-                return original(tensor, *args, **kwargs)
-
-            return wrapper
-
-        for name, original in originals.items():
-            setattr(tdist, name, counting(name, original, sent, current))
         bytes_per_step = []
-        try:
+        with _counting_collectives(sent, current):
             for step in range(1, 13):
                 before, current[0] = coupling.bytes_sent, step
                 coupling.begin_step()
@@ -113,9 +125,6 @@ def _count_sends(rank: int, world_size: int, root: str) -> None:
                 loss.backward()
                 coupling.step(loss)
                 bytes_per_step.append(coupling.bytes_sent - before)
-        finally:
-            for name, original in originals.items():
-                setattr(tdist, name, original)
         results[f"{form}-{compress}"] = {"sent": sent, "bytes": bytes_per_step}
     Path(root, f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -171,19 +180,7 @@ def _feedback_world(rank: int, world_size: int, root: str) -> None:
         eta=0.1,
     )
     record, calls, current = [], {}, [0]
-    originals = {name: getattr(tdist, name) for name in ("all_reduce", "all_gather")}
-
-    def counting(name, original):
-        def wrapper(tensor, *args, **kwargs):
-            numel = sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel()
-            calls.setdefault(current[0], []).append([name, numel])
-            return original(tensor, *args, **kwargs)
-
-        return wrapper
-
-    for name, original in originals.items():
-        setattr(tdist, name, counting(name, original))
-    try:
+    with _counting_collectives(calls, current):
         for step in range(1, 13):
             current[0] = step
             before = {"w": coupling.state.pack(), "residual": coupling.state_dict()["residual"].clone()}
@@ -196,9 +193,6 @@ def _feedback_world(rank: int, world_size: int, root: str) -> None:
             coupling.step(loss)
             after = coupling.state_dict()["residual"].clone()
             record.append(before | {"after": after, "bytes": coupling.bytes_sent - sent_before})
-    finally:
-        for name, original in originals.items():
-            setattr(tdist, name, original)
     torch.save({"record": record, "calls": calls}, Path(root, f"rank{rank}.pt"))
 
 
