@@ -490,7 +490,7 @@ class ReplicaCoupling:
         observer = None
         if observe:
             whole = len(self.fragments) == 1 and bool(self._exchanges)
-            observer = self._exchanges[0] if whole else self._new_exchange(self.state.numel)
+            observer = self._exchanges[0] if whole else self._new_exchange(self.state.numel, compressed=False)
         sends = [(observer, self.state)] if observer is not None else []
         if coupling is not None and coupling is not observer:
             sends.append((coupling, self.fragments[fragment]))
@@ -705,9 +705,10 @@ class ReplicaCoupling:
 
     # ---- internals
 
-    def _new_exchange(self, numel: int):
-        # Uncoupled forms exchange only for diagnostics, always exact: no compression.
-        compression = self._compression if not isinstance(self.form, _Uncoupled) else {}
+    def _new_exchange(self, numel: int, compressed: bool = True):
+        # The diagnostics' exchanges (all an uncoupled form makes) are always exact: no
+        # compression buffers, no residual.
+        compression = self._compression if compressed and not isinstance(self.form, _Uncoupled) else {}
         return dist.ReplicaExchange(
             numel,
             Guard.WORD_LENGTH,
