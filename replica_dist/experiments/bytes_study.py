@@ -33,8 +33,9 @@ blocks refreshed, the prose kept). Each run's bytes are read back from its summa
 How long: 2 data sets x 26 settings x 3 seeds = 156 torchrun jobs. Measured here, one job of
 1500 steps and 4 processes took 88-98 s on this 2-core machine under a load of 5-12 (diloco
 every 2 int8 on digits and on teacher, none on teacher); docs/study.md's 53 jobs of the same
-size took 23 s each on the idle machine. So the whole part takes about 1 hour on 2 idle cores
-(156 x 23 s) and up to 4 hours on a loaded machine. `--quick` (2 replicas, 2 seeds, 40 steps,
+size took 23 s each on the idle machine. The full part ran in 81 minutes on 2 cores
+(2026-11-28; 24-42 s a job, with tests running beside it at times), and takes up to 4 hours
+on a loaded machine. `--quick` (2 replicas, 2 seeds, 40 steps,
 the fp32/4 budget only, each data set half of the variants: 20 jobs) checks the pipeline: it
 took 9 minutes here under a load of 5-7 (16-40 s a job; 50-75 s under a load of 12), about 3
 on idle cores; its numbers mean
