@@ -332,7 +332,8 @@ class ReplicaCoupling:
         ...     coupling.step(loss)
 
     Every parameter and floating buffer (BatchNorm's running statistics) is coupled. No
-    replica ever applies an update whose loss, weights, gradients or buffers are not finite;
+    replica ever applies an update whose loss, gradients or buffers are not finite (its
+    weights are checked on the steps that couple, observe or agree, see guard.py);
     what the others do is decided together (``nonfinite="stop"`` raises NonFiniteError on
     every rank, ``"skip"`` skips the step), see replica_dist/guard.py. Those decisions are
     taken on the device: a step reads nothing back to the host (the host runs ahead of the
@@ -528,7 +529,9 @@ class ReplicaCoupling:
         self._in_step = None
         self.step_count = step
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
-            own = self.guard.inspect(step, loss, self.model.parameters(), self.state.floating_buffers)
+            # The weights, on the steps that send, show or save them (see guard.py).
+            weights = coupled or observe or agree
+            own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers, weights)
         with self.timer.section("communication"):
             apply = self._agree(step, needs_mean, exchanges, agree) & own
         with self.timer.section("update"):

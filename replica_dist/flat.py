@@ -43,6 +43,10 @@ class FlatState:
         return part
 
     @property
+    def parameters(self) -> list[torch.Tensor]:
+        return self.tensors[: self.num_params]
+
+    @property
     def floating_buffers(self) -> list[torch.Tensor]:
         return self.tensors[self.num_params :]
 

@@ -1,9 +1,13 @@
 """Non-finite values and stop requests: noticed by one replica, decided by all together.
 
-Every step, each replica checks its own loss, weights, gradients and BatchNorm statistics.
-A replica never applies a non-finite update: whatever the policy, it skips its optimizer
-step and its pull when its own values are not finite, so its weights, the mean and every
-checkpoint stay finite.
+Every step, each replica checks its own loss, gradients and BatchNorm statistics, and its
+weights on every step that sends, shows or saves them (a coupling step, a logging step, a
+checkpoint step). A replica never applies a non-finite update: whatever the policy, it skips
+its optimizer step and its pull when its own values are not finite, so its weights, the mean
+and every checkpoint stay finite. Finite weights can then turn non-finite only through a
+finite update that overflows them (numbers near 3e38); the next step that sends, shows or
+saves them reports it, as a non-finite weight. Not reading every weight on every step is what
+keeps a plain step's check to one read of the gradients.
 
 What the *other* replicas do is decided together, at the next step that communicates anyway:
 a coupling step (every step with coupling.every=1), a logging step, or a checkpoint step.
@@ -102,6 +106,9 @@ class Guard:
         self.stop_requested = False
         self.stop_agreed = False
         self._state = torch.zeros(_UNCLEAN + 1, dtype=torch.float64)
+        self._slots = self._state.unbind()
+        """A 0-dim view of each slot: a step's bookkeeping writes them in place, one device
+        operation each, where indexing would add a view and a copy per write."""
         self._error_table: torch.Tensor | None = None
         self._word_slots = torch.tensor(_WORD_SLOTS)
         self._ranks_by_sizes: dict[tuple[int, ...], torch.Tensor] = {}
@@ -109,6 +116,7 @@ class Guard:
     def to(self, device: torch.device) -> Guard:
         """Keep the state on `device` (the model's), where the step's decisions are taken."""
         self._state = self._state.to(device)
+        self._slots = self._state.unbind()
         self._word_slots = self._word_slots.to(device)
         self._ranks_by_sizes = {}
         return self
@@ -128,30 +136,37 @@ class Guard:
 
     @torch.no_grad()
     def inspect(
-        self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], buffers: list[torch.Tensor]
+        self,
+        step: int,
+        loss: torch.Tensor,
+        params: Iterable[torch.nn.Parameter],
+        buffers: list[torch.Tensor],
+        weights: bool = True,
     ) -> torch.Tensor:
-        """Whether this replica's loss, its weights and their gradients, and every floating
-        buffer the forward pass updated (BatchNorm's running statistics) are finite, as a
-        0-dim bool tensor. A step that is not will not be applied by this replica: it counts
-        as skipped from here on."""
+        """Whether this replica's loss, the gradients of `params`, every floating buffer the
+        forward pass updated (BatchNorm's running statistics) and, with `weights`, the
+        parameters themselves are finite, as a 0-dim bool tensor. A step that is not will not
+        be applied by this replica: it counts as skipped from here on."""
         params = list(params)
         groups = (
             [loss.detach()],
-            [p.detach() for p in params],
+            [p.detach() for p in params] if weights else [],
             list(buffers),
             [p.grad for p in params if p.grad is not None],
         )
-        # One finite test over every tensor's extremes, not one per group: a plain step's
-        # guard is a handful of device operations besides the reductions themselves.
+        # One finite test over every tensor's extremes, not one per group: the guard is a
+        # handful of device operations besides the reductions themselves.
         extremes = _extremes([t for group in groups for t in group], self._state.device)
         ranks = self._tensor_ranks(tuple(len(group) for group in groups))
-        top = torch.where(extremes.isfinite().all(dim=1), 0.0, ranks).amax()  # the first kind's rank
+        # x - x is NaN exactly where x is not finite; a row's sum is NaN when any of its is.
+        rows = (extremes - extremes).sum(dim=1)
+        top = torch.where(rows.isnan(), ranks, 0.0).amax()  # the first kind's rank
         is_bad = top > 0
-        s = self._state
+        s = self._slots
         first = is_bad & (s[_FIRST] == 0)
-        s[_FIRST] = torch.where(first, step, s[_FIRST])
-        s[_KIND] = torch.where(first, len(KINDS) + 1 - top, s[_KIND])
-        s[_LATEST] = torch.where(is_bad, step, s[_LATEST])
+        torch.where(first, len(KINDS) + 1 - top, s[_KIND], out=s[_KIND])
+        s[_FIRST].masked_fill_(first, step)
+        s[_LATEST].masked_fill_(is_bad, step)
         self._count_skip(step, is_bad)
         return ~is_bad
 
@@ -171,23 +186,23 @@ class Guard:
         return ranks
 
     def _count_skip(self, step: int, skipped: torch.Tensor) -> None:
-        s = self._state
-        s[_IN_ROW] += skipped & (s[_COUNTED] != step)
-        s[_COUNTED] = torch.where(skipped, step, s[_COUNTED])
+        s = self._slots
+        s[_IN_ROW].add_(skipped & (s[_COUNTED] != step))
+        s[_COUNTED].masked_fill_(skipped, step)
 
     def may_apply(self) -> torch.Tensor:
         """False once the replicas agreed to end the run (raised at the next read back): from
         then on no replica applies anything."""
-        return self._state[_FROZEN] == 0
+        return self._slots[_FROZEN] == 0
 
     @torch.no_grad()
     def settle(self, step: int, applied: torch.Tensor) -> None:
         """Record whether this replica applied `step` (after every decision on it)."""
-        s = self._state
+        s = self._slots
         skipped = ~applied
-        s[_SKIPPED] += skipped
+        s[_SKIPPED].add_(skipped)
         self._count_skip(step, skipped)
-        s[_IN_ROW] = torch.where(applied, 0, s[_IN_ROW])
+        s[_IN_ROW].masked_fill_(applied, 0)
 
     def word(self) -> torch.Tensor:
         """What this rank tells the others in the exchange about to start (a device vector):

@@ -146,6 +146,51 @@ def test_inspect_names_a_non_finite_weight():
     assert guard.word().tolist()[:2] == [2.0, WEIGHT]
 
 
+def test_inspect_reads_the_weights_only_when_asked_and_always_the_gradients():
+    guard = Guard("skip")
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    assert guard.inspect(1, torch.tensor(1.0), layer.parameters(), [], weights=False)
+    assert not guard.inspect(2, torch.tensor(1.0), layer.parameters(), [], weights=True)
+    layer.bias.grad[0] = float("nan")
+    assert not guard.inspect(3, torch.tensor(1.0), layer.parameters(), [], weights=False)
+    assert guard.word().tolist() == [2.0, WEIGHT, 0.0, 2.0, 3.0]
+
+
+def _weights_checked_when_sent_shown_or_saved(rank: int, world_size: int, form: str) -> None:
+    """Weights that turned non-finite with a finite loss and finite gradients (an overflow;
+    here set by hand, in a parameter the loss does not use): a plain step does not read
+    them, the next checkpoint step (agree=True) reports them."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    model.unused = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    coupling = ReplicaCoupling(model, optimizer, form, every=3)
+
+    def step(agree: bool = False) -> bool:
+        coupling.begin_step()
+        loss = model(torch.ones(2, 3)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        return bool(coupling.step(loss.detach(), agree=agree))
+
+    assert step()
+    with torch.no_grad():
+        model.unused.fill_(float("inf"))
+    applied = [step()]  # step 2: plain (average couples every 3)
+    with pytest.raises(NonFiniteError) as caught:
+        step(agree=True)  # step 3: a checkpoint step
+    assert applied == [True]
+    assert str(caught.value).startswith("non-finite weight in replica 0 at step 3 (guard.nonfinite=stop)")
+
+
+@pytest.mark.parametrize("form", ["none", "average"])
+def test_weights_are_checked_on_the_steps_that_send_show_or_save_them(form):
+    run_world(_weights_checked_when_sent_shown_or_saved, 1, form)
+
+
 def test_steps_in_a_row_count_own_and_agreed_skips_once_each_and_reset_on_an_applied_step():
     guard = Guard("skip")
     layer = torch.nn.Linear(2, 1)
