@@ -483,7 +483,6 @@ class ReplicaCoupling:
         fragment = self.form.fragment_at(step)
         coupled = fragment is not None
         pulls = coupled and self.form.pulls_before_step
-        needs_mean = pulls or observe
         # The coupling's exchange (a pull's: its fragment's, compressed and counted), and the
         # diagnostics' of the whole model, exact and uncounted. With one fragment a step that
         # pulls and observes sends once, and the diagnostics read the coupling's mean.
@@ -508,9 +507,10 @@ class ReplicaCoupling:
         self._in_step = {
             "step": step,
             "fragment": fragment,
-            "needs_mean": needs_mean,
             "observe": observe,
-            "exchanges": (observer, coupling),
+            "sends": [exchange for exchange, _ in sends],  # in this order on every rank
+            "observer": observer,
+            "coupling": coupling,
         }
 
     def step(self, loss: torch.Tensor, agree: bool = False) -> torch.Tensor:
@@ -524,7 +524,7 @@ class ReplicaCoupling:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, fragment, needs_mean, observe, exchanges = self._in_step.values()
+        step, fragment, observe, sends, observer, coupling = self._in_step.values()
         coupled = fragment is not None
         self._in_step = None
         self.step_count = step
@@ -533,9 +533,9 @@ class ReplicaCoupling:
             weights = coupled or observe or agree
             own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers, weights)
         with self.timer.section("communication"):
-            apply = self._agree(step, needs_mean, exchanges, agree) & own
+            apply = self._agree(step, sends, observer, coupling, agree) & own
         with self.timer.section("update"):
-            pull = self._update(step, apply, fragment, exchanges[1])
+            pull = self._update(step, apply, fragment, coupling)
         # Every replica moves at once, from the same mean.
         if coupled and isinstance(self.form, _DiLoCo):
             self._outer_step(step, fragment)
@@ -548,25 +548,24 @@ class ReplicaCoupling:
             self.guard.read_back(step)
         return apply
 
-    def _agree(self, step: int, needs_mean: bool, exchanges, agree: bool) -> torch.Tensor:
+    def _agree(self, step: int, sends: list, observer, coupling, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
         one buffer (two when a step observes and pulls one fragment of several), so that all
         ranks skip or stop together: whether every replica may apply (a device bool; the
         decision is taken on the device)."""
         guard = self.guard
         apply = guard.may_apply()
-        observer, coupling = exchanges
-        if needs_mean:
-            n = self.mesh.num_replicas
-            for exchange in dict.fromkeys(e for e in exchanges if e is not None):
-                if not self.overlap:
-                    self._start(exchange, couples=exchange is coupling)
-                # A pull folds the division by n into its own arithmetic (_Elastic.direction_).
-                total, words = exchange.wait(divide=exchange is not coupling)
-                apply = apply & guard.decide(step, words)
-                if exchange is observer:  # the buffer turns into the pull below
-                    self.observed["mean_before"] = total / n if exchange is coupling else total.clone()
-        if agree and (self.overlap or not needs_mean):
+        n = self.mesh.num_replicas
+        for exchange in sends:
+            if not self.overlap:
+                self._start(exchange, couples=exchange is coupling)
+            # A pull folds the division by n into its own arithmetic (_Elastic.direction_).
+            total, words = exchange.wait(divide=exchange is not coupling)
+            apply = apply & guard.decide(step, words)
+            if exchange is observer:  # the buffer turns into the pull below
+                self.observed["mean_before"] = total / n if exchange is coupling else total.clone()
+        # Words that were sent before this step's own check (overlapped), or not at all.
+        if agree and (self.overlap or not sends):
             apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
