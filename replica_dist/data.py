@@ -6,6 +6,8 @@ so a single process can rebuild exactly the data every replica of a distributed 
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import inspect
 import logging
 import os
@@ -13,6 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,11 +75,25 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 
 def _digits(cfg: DataConfig, seed: int):
-    from sklearn.datasets import load_digits
+    images, target = load_digits()
+    x = (images / 16.0)[:, None, :, :]  # (n, 1, 8, 8), pixels in [0, 1]
+    return (*_split(x, target, cfg.test_fraction, seed), "classification", "cross_entropy")
 
-    digits = load_digits()
-    x = (digits.images / 16.0)[:, None, :, :]  # (n, 1, 8, 8), pixels in [0, 1]
-    return (*_split(x, digits.target, cfg.test_fraction, seed), "classification", "cross_entropy")
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: 1797 images of 8 x 8 pixels in 0..16 and their labels 0..9, read
+    from the file scikit-learn ships the way its load_digits reads it, but without importing
+    scikit-learn, which costs every process about 2 s (tests/test_data.py compares the two)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():  # a scikit-learn laid out otherwise: ask it
+        from sklearn.datasets import load_digits as sklearn_load_digits
+
+        digits = sklearn_load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as rows:
+        data = np.loadtxt(rows, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 def _teacher(cfg: DataConfig, seed: int):

@@ -13,7 +13,7 @@ import torch
 from trainer_runs import REPO
 
 from replica_dist.config import ConfigError, DataConfig
-from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.data import ReplicaBatches, load_dataset, load_digits, replica_indices
 
 SEED_CFG = dict(name="seed", input_dim=1000, num_outputs=10, library_size=640, fixed_batch=64)
 NUM_DIGITS = 1797  # scikit-learn's digits
@@ -25,6 +25,15 @@ NUM_DIGITS = 1797  # scikit-learn's digits
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset(DataConfig(), seed=0, dtype=torch.float32)
+
+
+def test_digits_are_scikit_learns_own():
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    reference = sklearn_load_digits()
+    images, target = load_digits()
+    assert images.dtype == reference.images.dtype and target.dtype == reference.target.dtype
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
 
 
 def test_digits_shapes_and_ranges(digits):
