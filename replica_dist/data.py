@@ -677,7 +677,10 @@ class ReplicaBatches:
         if order.whole:
             return self.x, self.y
         if self._order_epoch != order.epoch:
-            self._order = torch.as_tensor(order.permutation(order.epoch), device=self.x.device)
+            permutation = torch.as_tensor(order.permutation(order.epoch))
+            if self.x.is_cuda:  # from pinned memory the copy is queued; from pageable it waits for the GPU
+                permutation = permutation.pin_memory()
+            self._order = permutation.to(self.x.device, non_blocking=True)
             self._order_epoch = order.epoch
         start = order.batch * self.batch_size
         chosen = self._order[start : start + self.batch_size]

@@ -7,9 +7,11 @@ import math
 import subprocess
 
 import pytest
+import torch
 from trainer_runs import REPO
 from worlds import COLLECTIVE_TIMEOUT_S
 
+from replica_dist import timing
 from replica_dist.experiments.bench import AVERAGER, FRAGMENTED, PLAIN, VARIANTS, _step_stats
 from replica_dist.experiments.commands import torchrun_command
 
@@ -24,6 +26,46 @@ def test_step_stats_from_known_step_times():
     assert stats["compute_ms"] == pytest.approx(6.0) and stats["communication_ms"] == pytest.approx(12.0)
     assert stats["update_ms"] == 0.0
     assert stats["peak_bytes"] == 110
+
+
+def test_pipelined_timer_charges_each_step_the_wall_time_since_the_last_one_ended(monkeypatch):
+    # A fake clock: the step's own work and the loop's work between steps both count, and
+    # nothing is cut into sections.
+    clock = [100.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    timer = timing.StepTimer(torch.device("cpu"), pipelined=True)
+    for own, between in ((0.010, 0.002), (0.020, 0.0), (0.005, 0.001)):
+        timer.start_step()
+        with timer.section("compute"):
+            clock[0] += own
+        timer.end_step()
+        clock[0] += between
+    assert [s.keys() for s in timer.steps] == [{"step"}] * 3
+    assert [s["step"] for s in timer.steps] == pytest.approx([0.010, 0.022, 0.005])
+    sectioned = timing.StepTimer(torch.device("cpu"))
+    sectioned.start_step()
+    with sectioned.section("compute"):
+        clock[0] += 0.003
+    sectioned.end_step()
+    assert sectioned.steps == [{"compute": pytest.approx(0.003)}]
+
+
+def test_pipelined_benchmark_reports_whole_steps(tmp_path):
+    arguments = [
+        "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=2", "--pipelined",
+        f"--variants={PLAIN},independent,ddp", f"--work={tmp_path / 'work'}", f"--json={tmp_path / 'bench.json'}",
+        f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]  # fmt: skip
+    command = torchrun_command(2, arguments, module="replica_dist.experiments.bench")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    numbers = json.loads((tmp_path / "bench.json").read_text())
+    assert numbers["timing"] == "pipelined" and list(numbers["steps"]) == [PLAIN, "independent", "ddp"]
+    assert "Timing: pipelined." in done.stdout
+    for name, r in numbers["steps"].items():
+        assert r["mean_ms"] > 0 and r["compute_ms"] == r["communication_ms"] == r["update_ms"] == 0, name
+        row = next(line for line in done.stdout.splitlines() if line.startswith(f"| {name} |"))
+        assert [c.strip() for c in row.split("|")[1:-1]][7:10] == ["-", "-", "-"], row
 
 
 def test_benchmark_runs_every_variant_under_torchrun(tmp_path):

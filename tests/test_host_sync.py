@@ -159,3 +159,46 @@ def test_cuda_plain_steps_make_no_synchronizing_call(tmp_path, form):
         assert bool(step(agree=True))  # read back: every step was applied
     finally:
         tdist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("name", ["tanh-overlapped", "linear", "average", "none"])
+def test_cuda_trainer_plain_steps_make_no_synchronizing_call(tmp_path, monkeypatch, name):
+    # The trainer's whole loop (data, forward, backward, coupling, the loop's own bookkeeping)
+    # under sync debug mode "error" from the start of each plain step to the start of the next;
+    # a batch of 256 ends the one replica's epoch of digits on plain steps, so the next epoch's
+    # order goes to the GPU there too.
+    import torch.distributed as tdist
+
+    plain = set(range(2, STEPS + 1)) - LOGGED - CHECKPOINTED - EVALUATED
+    begin = ReplicaCoupling.begin_step
+    checked: list[int] = []
+
+    def begin_in_mode(self, *args, **kwargs):
+        step = self.step_count + 1
+        torch.cuda.set_sync_debug_mode("error" if step in plain else "default")
+        checked.extend([step] if step in plain else [])
+        return begin(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReplicaCoupling, "begin_step", begin_in_mode)
+    store = tdist.FileStore(str(tmp_path / "store"), 1)
+    tdist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        cfg, _ = load_config(
+            [
+                f"train.steps={STEPS}",
+                "train.batch_size=256",
+                "model.hidden=[32]",
+                "log.every=100",
+                "eval.every=100",
+                "checkpoint.every=7",
+                "dist.backend=nccl",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                *FORMS[name],
+            ]
+        )
+        summary = loop.train(cfg, tmp_path / "run", torch.device("cuda", 0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        tdist.destroy_process_group()
+    assert checked == sorted(plain) and summary["steps"] == STEPS
