@@ -555,7 +555,6 @@ class ReplicaCoupling:
         decision is taken on the device)."""
         guard = self.guard
         apply = guard.may_apply()
-        n = self.mesh.num_replicas
         for exchange in sends:
             if not self.overlap:
                 self._start(exchange, couples=exchange is coupling)
@@ -563,6 +562,7 @@ class ReplicaCoupling:
             total, words = exchange.wait(divide=exchange is not coupling)
             apply = apply & guard.decide(step, words)
             if exchange is observer:  # the buffer turns into the pull below
+                n = self.mesh.num_replicas  # asks the process group: not on a plain step
                 self.observed["mean_before"] = total / n if exchange is coupling else total.clone()
         # Words that were sent before this step's own check (overlapped), or not at all.
         if agree and (self.overlap or not sends):

@@ -28,6 +28,14 @@ def test_step_stats_from_known_step_times():
     assert stats["peak_bytes"] == 110
 
 
+def _run_benchmark(tmp_path, arguments: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """The benchmark on two ranks under torchrun, with its JSON written to tmp_path/bench.json."""
+    command = torchrun_command(2, arguments, module="replica_dist.experiments.bench")
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, json.loads((tmp_path / "bench.json").read_text())
+
+
 def test_pipelined_timer_charges_each_step_the_wall_time_since_the_last_one_ended(monkeypatch):
     # A fake clock: the step's own work and the loop's work between steps both count, and
     # nothing is cut into sections.
@@ -56,10 +64,7 @@ def test_pipelined_benchmark_reports_whole_steps(tmp_path):
         f"--variants={PLAIN},independent,ddp", f"--work={tmp_path / 'work'}", f"--json={tmp_path / 'bench.json'}",
         f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
     ]  # fmt: skip
-    command = torchrun_command(2, arguments, module="replica_dist.experiments.bench")
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    numbers = json.loads((tmp_path / "bench.json").read_text())
+    done, numbers = _run_benchmark(tmp_path, arguments)
     assert numbers["timing"] == "pipelined" and list(numbers["steps"]) == [PLAIN, "independent", "ddp"]
     assert "Timing: pipelined." in done.stdout
     for name, r in numbers["steps"].items():
@@ -74,10 +79,7 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
         f"--work={tmp_path / 'work'}", f"--report={tmp_path / 'report.md'}", f"--json={tmp_path / 'bench.json'}",
         f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
     ]  # fmt: skip
-    command = torchrun_command(2, arguments, module="replica_dist.experiments.bench")
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    numbers = json.loads((tmp_path / "bench.json").read_text())
+    done, numbers = _run_benchmark(tmp_path, arguments)
     assert list(numbers["steps"]) == [PLAIN, *VARIANTS, AVERAGER]
     for name, r in numbers["steps"].items():
         assert 0 < r["p50_ms"] <= r["p90_ms"], name
