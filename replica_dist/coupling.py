@@ -528,14 +528,21 @@ class ReplicaCoupling:
         coupled = fragment is not None
         self._in_step = None
         self.step_count = step
+        # A plain step (it neither couples, sends, shows nor saves): this replica alone decides,
+        # and the guard's bookkeeping waits (Guard.inspect_and_settle).
+        plain = not (coupled or observe or agree or sends)
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
-            # The weights, on the steps that send, show or save them (see guard.py).
-            weights = coupled or observe or agree
-            own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers, weights)
-        with self.timer.section("communication"):
-            apply = self._agree(step, sends, observer, coupling, agree) & own
+            if plain:
+                apply = self.guard.inspect_and_settle(
+                    step, loss, self.state.parameters, self.state.floating_buffers
+                )
+            else:  # the weights too, on the steps that send, show or save them (see guard.py)
+                own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers)
+        if not plain:
+            with self.timer.section("communication"):
+                apply = self._agree(step, sends, observer, coupling, agree) & own
         with self.timer.section("update"):
-            pull = self._update(step, apply, fragment, coupling)
+            pull = self._update(step, apply, fragment, coupling, settled=plain)
         # Every replica moves at once, from the same mean.
         if coupled and isinstance(self.form, _DiLoCo):
             self._outer_step(step, fragment)
@@ -569,12 +576,15 @@ class ReplicaCoupling:
             apply = guard.decide(step, dist.share_words(guard.word(), self.mesh)) & apply
         return apply
 
-    def _update(self, step: int, apply: torch.Tensor, fragment: int | None, exchange) -> torch.Tensor | None:
+    def _update(
+        self, step: int, apply: torch.Tensor, fragment: int | None, exchange, settled: bool = False
+    ) -> torch.Tensor | None:
         """The optimizer step, masked by `apply` on the device; returns the pull still to add
         to `fragment` (from the sum in `exchange`, the coupling's), divided by eta (zero where
-        the step is not applied), if any."""
+        the step is not applied), if any. `settled`: the guard has already recorded `apply`."""
         state, pull = self.state, None
-        self.guard.settle(step, apply)
+        if not settled:
+            self.guard.settle(step, apply)
         if fragment is not None and self.form.pulls_before_step:
             part = self.fragments[fragment]
             # Before the optimizer step, while the parameters still hold w_before.

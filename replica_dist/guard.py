@@ -41,6 +41,12 @@ raised at that read back, naming the step of the value as before. With log.every
 ends at most k steps after the decision; a skip is never delayed.
 SIGTERM and SIGINT (Slurm preemption, Ctrl-C) are stop requests, decided the same way: every
 rank finishes the step, saves a checkpoint and exits cleanly, at the next read back.
+A step that exchanges nothing, logs nothing and saves nothing (a plain step) does less still:
+`inspect_and_settle` finds its worst value's kind and writes it to a small window on the
+device; the bookkeeping above (first and latest non-finite step, counts of steps not applied)
+is done for the whole window at once, in a few vector operations, before the next word, read
+back or checkpoint. Nothing can read the counts in between, so the outcome is the same as
+step by step (a test holds the two to each other).
 A replica's own skip, on a step that exchanges nothing, is on the device too: a fused
 optimizer (SGD, Adam, AdamW with fused=True, as the trainer builds them) skips through
 found_inf, GradScaler's flag; any other optimizer makes that step read its flag on the host.
@@ -112,14 +118,28 @@ class Guard:
         self._error_table: torch.Tensor | None = None
         self._word_slots = torch.tensor(_WORD_SLOTS)
         self._ranks_by_sizes: dict[tuple[int, ...], torch.Tensor] = {}
+        self._make_window(torch.device("cpu"))
 
     def to(self, device: torch.device) -> Guard:
         """Keep the state on `device` (the model's), where the step's decisions are taken."""
+        self._settle_window()
         self._state = self._state.to(device)
         self._slots = self._state.unbind()
         self._word_slots = self._word_slots.to(device)
         self._ranks_by_sizes = {}
+        self._make_window(device)
         return self
+
+    WINDOW = 64
+    """Plain steps whose bookkeeping waits to be done at once (see inspect_and_settle)."""
+
+    def _make_window(self, device: torch.device) -> None:
+        # Each plain step's worst kind (a rank as in _tensor_ranks; 0: all finite), from the
+        # step _window_start on; written through 0-dim views, one device operation a step.
+        self._window = torch.zeros(self.WINDOW, dtype=torch.float64, device=device)
+        self._window_slots = self._window.unbind()
+        self._window_offsets = torch.arange(self.WINDOW, dtype=torch.float64, device=device)
+        self._window_start, self._window_length = 0, 0
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT ask for a stop at the next step boundary; a second SIGINT interrupts."""
@@ -147,6 +167,74 @@ class Guard:
         forward pass updated (BatchNorm's running statistics) and, with `weights`, the
         parameters themselves are finite, as a 0-dim bool tensor. A step that is not will not
         be applied by this replica: it counts as skipped from here on."""
+        self._settle_window()
+        top = self._worst_rank(loss, params, buffers, weights)
+        is_bad = top > 0
+        s = self._slots
+        first = is_bad & (s[_FIRST] == 0)
+        torch.where(first, len(KINDS) + 1 - top, s[_KIND], out=s[_KIND])
+        s[_FIRST].masked_fill_(first, step)
+        s[_LATEST].masked_fill_(is_bad, step)
+        self._count_skip(step, is_bad)
+        return ~is_bad
+
+    @torch.no_grad()
+    def inspect_and_settle(
+        self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], buffers: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """A plain step's inspect (weights not read) and settle at once: whether this replica
+        applies `step`, as a 0-dim bool tensor, true when its loss, gradients and buffers are
+        finite and the run is not ending. Its bookkeeping waits in the window, so that the step
+        costs the finite test and one write; the steps must follow one another (any other call
+        settles the window first)."""
+        if self._window_length and self._window_start + self._window_length != step:
+            self._settle_window()
+        if self._window_length == self.WINDOW:
+            self._settle_window()
+        if self._window_length == 0:
+            self._window_start = step
+        top = self._worst_rank(loss, params, buffers, weights=False)
+        self._window_slots[self._window_length].copy_(top)
+        self._window_length += 1
+        return (top + self._slots[_FROZEN]) == 0  # both are 0 or more: finite, and not frozen
+
+    def _settle_window(self) -> None:
+        """The bookkeeping of the plain steps in the window, as inspect and settle would have
+        done it step by step (the run's end is not decided within a window: may_apply holds
+        for all of its steps or for none)."""
+        n = self._window_length
+        if n == 0:
+            return
+        self._window_length = 0
+        s, start = self._slots, self._window_start
+        tops = self._window[:n]
+        bad = tops > 0
+        skipped = bad | (s[_FROZEN] != 0)
+        steps = self._window_offsets[:n] + start
+        any_bad = bad.any()
+        # Reductions, not indexing with a tensor, which could read the index back to the host.
+        first_bad = torch.where(bad, steps, math.inf).amin()
+        first_rank = torch.where(steps == first_bad, tops, 0.0).amax()
+        take_first = any_bad & (s[_FIRST] == 0)
+        torch.where(take_first, len(KINDS) + 1 - first_rank, s[_KIND], out=s[_KIND])
+        torch.where(take_first, first_bad, s[_FIRST], out=s[_FIRST])
+        torch.where(any_bad, (steps * bad).amax(), s[_LATEST], out=s[_LATEST])
+        s[_SKIPPED].add_(skipped.sum())
+        # Steps not applied in a row: those after the window's last applied step, or the count
+        # so far and the whole window when none was applied. (_COUNTED, which keeps inspect and
+        # settle from counting one step twice, stays: no later step is one of these.)
+        after_last_applied = (start + n - 1) - (steps * ~skipped).amax()
+        torch.where(skipped.all(), s[_IN_ROW] + n, after_last_applied, out=s[_IN_ROW])
+
+    def _worst_rank(
+        self,
+        loss: torch.Tensor,
+        params: Iterable[torch.nn.Parameter],
+        buffers: list[torch.Tensor],
+        weights: bool,
+    ) -> torch.Tensor:
+        """The rank (see _tensor_ranks) of the first kind with a non-finite value, 0 if none,
+        a 0-dim tensor on the guard's device."""
         params = list(params)
         groups = (
             [loss.detach()],
@@ -157,32 +245,30 @@ class Guard:
         # One finite test over every tensor's extremes, not one per group: the guard is a
         # handful of device operations besides the reductions themselves.
         extremes = _extremes([t for group in groups for t in group], self._state.device)
-        ranks = self._tensor_ranks(tuple(len(group) for group in groups))
-        # x - x is NaN exactly where x is not finite; a row's sum is NaN when any of its is.
-        rows = (extremes - extremes).sum(dim=1)
-        top = torch.where(rows.isnan(), ranks, 0.0).amax()  # the first kind's rank
-        is_bad = top > 0
-        s = self._slots
-        first = is_bad & (s[_FIRST] == 0)
-        torch.where(first, len(KINDS) + 1 - top, s[_KIND], out=s[_KIND])
-        s[_FIRST].masked_fill_(first, step)
-        s[_LATEST].masked_fill_(is_bad, step)
-        self._count_skip(step, is_bad)
-        return ~is_bad
+        ranks = self._tensor_ranks(tuple(len(group) for group in groups), len(extremes))
+        return torch.where(extremes.isfinite(), 0.0, ranks).amax()
 
-    def _tensor_ranks(self, sizes: tuple[int, ...]) -> torch.Tensor:
-        """Each inspected tensor's kind as a rank, len(KINDS) for the first kind down to 1, for
-        groups of `sizes` tensors (one per kind); made once per shape of the model's lists."""
-        ranks = self._ranks_by_sizes.get(sizes)
+    def _tensor_ranks(self, sizes: tuple[int, ...], length: int) -> torch.Tensor:
+        """The kind of each of `length` extremes (_extremes: the same number for each tensor)
+        as a rank, len(KINDS) for the first kind down to 1, for groups of `sizes` tensors (one
+        group per kind); made once per shape of the model's lists."""
+        key = (*sizes, length)
+        ranks = self._ranks_by_sizes.get(key)
         if ranks is None:
+            per_tensor = length // max(1, sum(sizes))
             # Filled on the device: a copy from the host would wait for it.
             ranks = torch.cat(
                 [
-                    torch.full((n,), float(len(KINDS) - kind), dtype=torch.float64, device=self._state.device)
+                    torch.full(
+                        (n * per_tensor,),
+                        float(len(KINDS) - kind),
+                        dtype=torch.float64,
+                        device=self._state.device,
+                    )
                     for kind, n in enumerate(sizes)
                 ]
             )
-            self._ranks_by_sizes[sizes] = ranks
+            self._ranks_by_sizes[key] = ranks
         return ranks
 
     def _count_skip(self, step: int, skipped: torch.Tensor) -> None:
@@ -198,6 +284,7 @@ class Guard:
     @torch.no_grad()
     def settle(self, step: int, applied: torch.Tensor) -> None:
         """Record whether this replica applied `step` (after every decision on it)."""
+        self._settle_window()
         s = self._slots
         skipped = ~applied
         s[_SKIPPED].add_(skipped)
@@ -210,6 +297,7 @@ class Guard:
         whether it was asked to stop, its steps not applied in a row, and the step of its
         latest non-finite value. The non-finite values count as reported from here on; the
         count stays until the replica applies a step."""
+        self._settle_window()
         s = self._state
         s[_REQUESTED].fill_(float(self.stop_requested))  # a host flag, written without a read back
         word = s[self._word_slots]
@@ -222,6 +310,7 @@ class Guard:
         every rank): whether to apply this step, a 0-dim bool tensor. What ends the run (a
         non-finite value under the stop policy, a replica at the skip limit) and a stop
         request are noted on the device; `read_back` raises or reports them."""
+        self._settle_window()
         s = self._state
         words = words.to(s.dtype)
         bad_now = (words[:, 4] == step).any()
@@ -243,6 +332,7 @@ class Guard:
         """Bring the decisions up to `step` to the host (one transfer): raises NonFiniteError
         under the stop policy, SkipLimitError when a replica reached the skip limit; sets
         `stop_agreed` and `all_clean`."""
+        self._settle_window()
         table = self._error_table if self._error_table is not None else self._state.new_zeros(0, 5)
         values = torch.cat([self._state, table.flatten()]).tolist()
         state, rows = values[: len(self._state)], values[len(self._state) :]
@@ -272,11 +362,13 @@ class Guard:
     @property
     def skipped_steps(self) -> int:
         """Steps this replica did not apply (reads the device)."""
+        self._settle_window()
         return int(self._state[_SKIPPED])
 
     @property
     def skips_in_row(self) -> int:
         """Steps in a row this replica did not apply, up to the latest one it knows of (reads the device)."""
+        self._settle_window()
         return int(self._state[_IN_ROW])
 
     _SAVED = {
@@ -288,12 +380,14 @@ class Guard:
     }
 
     def state_dict(self) -> dict:
+        self._settle_window()
         values = self._state.tolist()
         return {key: int(values[slot]) for key, slot in self._SAVED.items()}
 
     def load_state_dict(self, state: dict) -> None:
         # Checkpoints written before some entries existed.
         state = {"latest_bad_step": state["unreported_bad_step"]} | dict(state)
+        self._window_length = 0  # replaced, not settled
         values = self._state.tolist()
         for key, slot in self._SAVED.items():
             values[slot] = float(state.get(key, 0))
@@ -301,16 +395,17 @@ class Guard:
 
 
 def _extremes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One row per tensor of numbers that are all finite exactly when every value of the
-    tensor is: NaN and inf carry through a max or a min, which unlike a sum cannot overflow
-    from finite values. On CUDA one fused kernel for the whole list (the largest magnitudes);
-    on the CPU each tensor's min and max, vectorised (its inf-norm is not: ten times slower)."""
+    """The same number of values for each tensor, tensor by tensor in one vector, all finite
+    exactly when every value of the tensor is: NaN and inf carry through a max or a min, which
+    unlike a sum cannot overflow from finite values. On CUDA one fused kernel for the whole
+    list (the largest magnitudes); on the CPU each tensor's min and max, vectorised (its
+    inf-norm is not: ten times slower)."""
     if device.type == "cpu":
         values = [v for t in tensors for v in torch.aminmax(t)]
     else:
         values = torch._foreach_norm(tensors, math.inf)
     float32 = [v if v.dtype == torch.float32 else v.to(torch.float32) for v in values]
-    return torch.stack(float32).view(len(tensors), -1)
+    return torch.stack(float32)
 
 
 def _kind(code: int) -> str:

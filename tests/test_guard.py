@@ -576,3 +576,54 @@ def _summary_checked(run_dir: Path) -> dict:
     else:
         assert summary["reason"] and not all(math.isfinite(v) for v in numbers)
     return summary
+
+
+def _step_by_step(guard: Guard, step: int, loss, params, buffers) -> bool:
+    """A plain step's bookkeeping done at once: the reference for inspect_and_settle."""
+    apply = guard.inspect(step, loss, params, buffers, weights=False) & guard.may_apply()
+    guard.settle(step, apply)
+    return bool(apply)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_plain_steps_settled_in_a_window_leave_what_step_by_step_bookkeeping_leaves(policy):
+    # Two guards see the same values: one settles every plain step at once, the other leaves
+    # them to its window. Between plain steps come exchange steps (a word, a decision on it)
+    # and read backs; runs of plain steps are longer than the window, and some values are
+    # non-finite in the loss, a gradient or a buffer, alone or several steps in a row.
+    generator = torch.Generator().manual_seed(7)
+    layer = torch.nn.Linear(3, 2)
+    layer(torch.ones(1, 3)).sum().backward()
+    params = list(layer.parameters())
+    reference, windowed = Guard(policy, max_consecutive_skips=6), Guard(policy, max_consecutive_skips=6)
+    exchanges = {9, 10, 40, 41, 120, 156, 200, 203, 204, 290}
+    ended = {}
+    for step in range(1, 300):
+        draw = torch.rand(2, generator=generator).tolist()
+        bad_run = 60 <= step < 64 or 150 <= step < 158  # several in a row, past the skip limit
+        loss = torch.tensor(float("nan") if draw[0] < 0.03 or bad_run else 1.0)
+        buffer = torch.tensor([float("inf") if draw[1] < 0.03 else 0.5])
+        layer.weight.grad[0, 0] = float("nan") if 0.03 <= draw[0] < 0.05 else 0.1
+        if step in exchanges:
+            for name, guard in (("reference", reference), ("windowed", windowed)):
+                own = guard.inspect(step, loss, params, [buffer])
+                apply = guard.decide(step, guard.word()[None]) & own
+                guard.settle(step, apply)
+                try:
+                    guard.read_back(step)
+                except NonFiniteError as err:
+                    ended.setdefault(name, (step, str(err)))
+            assert reference.state_dict() == windowed.state_dict(), step
+            continue
+        expected = _step_by_step(reference, step, loss, params, [buffer])
+        assert bool(windowed.inspect_and_settle(step, loss, params, [buffer])) == expected, step
+        if step % 37 == 0:  # what a checkpoint reads, at any point of a window
+            assert reference.state_dict() == windowed.state_dict(), step
+            assert (reference.skipped_steps, reference.skips_in_row) == (
+                windowed.skipped_steps,
+                windowed.skips_in_row,
+            )
+    assert reference.word().tolist() == windowed.word().tolist()
+    assert reference.state_dict() == windowed.state_dict()
+    assert ended["reference"] == ended["windowed"]  # both runs end, at the same step, saying the same
+    assert reference.state_dict()["skipped_steps"] > 10
