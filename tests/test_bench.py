@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +145,29 @@ def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
             in report
         )
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # scratch runs removed
+
+
+def test_step_overhead_times_the_three_loops_against_the_plain_one():
+    command = [
+        sys.executable,
+        "-m",
+        "replica_dist.experiments.step_overhead",
+        "--rounds=2",
+        "--steps=2",
+        "--hidden=16",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {}
+    for line in done.stdout.splitlines()[1:]:
+        name, numbers = line[:24].strip(), line[24:].split()
+        rows[name] = (float(numbers[0]), float(numbers[2]), float(numbers[4].lstrip("x")))
+    assert list(rows) == ["plain loop", "plain loop + one read", "ReplicaCoupling none"]
+    plain = rows["plain loop"][0]
+    assert rows["plain loop"][1:] == (0.0, 1.0)
+    for ms, extra, ratio in rows.values():  # each row's columns agree with each other (to print precision)
+        assert (
+            ms > 0
+            and extra == pytest.approx(ms - plain, abs=2e-3)
+            and ratio == pytest.approx(ms / plain, abs=2e-3)
+        )

@@ -1,0 +1,120 @@
+"""What a plain step of ReplicaCoupling costs over the loop a user writes, in one process.
+
+    python -m replica_dist.experiments.step_overhead [--rounds 40] [--steps 20] [--hidden 1024,1024]
+
+The benchmark (bench.py) runs each variant in its own stretch of time, so a slow spell of a
+noisy machine lands on one variant; here three loops on three copies of the same model take
+turns every `--steps` steps, in one process and one thread, and each is given its median over
+`--rounds` turns:
+
+    plain loop             zero_grad, forward, backward, a fused SGD step
+    plain loop + one read  the same, then torch.aminmax of every gradient: the one pass over
+                           the gradients that the guard's finite test must make on every step
+    ReplicaCoupling none   begin_step, forward, backward, step (the guard's test, its
+                           bookkeeping, the optimizer step masked on the device)
+
+The model is the benchmark's MLP (64 inputs, 10 classes) on random data, batch 64, on the CPU
+(or the first GPU with --device cuda, timed with the stream drained at each turn's end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from replica_dist.coupling import ReplicaCoupling
+
+
+def _model(hidden: list[int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    widths = [64, *hidden]
+    layers: list[torch.nn.Module] = []
+    for inputs, outputs in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(inputs, outputs), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 10)).to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="replica_dist.experiments.step_overhead", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--rounds", type=int, default=40, help="turns of each loop")
+    parser.add_argument("--steps", type=int, default=20, help="steps in one turn")
+    parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    hidden = [int(w) for w in args.hidden.split(",")]
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    store = tdist.FileStore(str(Path(tempfile.mkdtemp(prefix="step_overhead_")) / "store"), 1)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    try:
+        x = torch.randn(64, 64, device=device)
+        y = torch.randint(0, 10, (64,), device=device)
+        plain_model, plain_optimizer = _model(hidden, device)
+        read_model, read_optimizer = _model(hidden, device)
+        coupled_model, coupled_optimizer = _model(hidden, device)
+        coupling = ReplicaCoupling(coupled_model, coupled_optimizer, "none")
+
+        def plain():
+            plain_optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(plain_model(x), y).backward()
+            plain_optimizer.step()
+
+        def plain_and_one_read():
+            read_optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(read_model(x), y).backward()
+            for p in read_model.parameters():
+                torch.aminmax(p.grad)
+            read_optimizer.step()
+
+        def coupled():
+            coupling.begin_step()
+            coupled_optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(coupled_model(x), y)
+            loss.backward()
+            coupling.step(loss)
+
+        loops = {
+            "plain loop": plain,
+            "plain loop + one read": plain_and_one_read,
+            "ReplicaCoupling none": coupled,
+        }
+        for loop in loops.values():  # warm-up: the optimizers' state, the allocator
+            for _ in range(args.steps):
+                loop()
+        times: dict[str, list[float]] = {name: [] for name in loops}
+        for turn in range(args.rounds):
+            # Each turn reverses the order: neither loop always runs right after the same one.
+            for name, loop in list(loops.items())[:: 1 if turn % 2 else -1]:
+                began = time.perf_counter()
+                for _ in range(args.steps):
+                    loop()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append((time.perf_counter() - began) / args.steps * 1e3)
+        medians = {name: statistics.median(ms) for name, ms in times.items()}
+        base = medians["plain loop"]
+        print(
+            f"mlp 64-{args.hidden}-10, batch 64, {device}; median over {args.rounds} turns of "
+            f"{args.steps} steps, loops alternating"
+        )
+        for name, ms in medians.items():
+            print(f"{name:24s} {ms:8.3f} ms/step  {ms - base:+.3f} ms  x{ms / base:.3f}")
+    finally:
+        tdist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
