@@ -528,9 +528,9 @@ class ReplicaCoupling:
         coupled = fragment is not None
         self._in_step = None
         self.step_count = step
-        # A plain step (it neither couples, sends, shows nor saves): this replica alone decides,
-        # and the guard's bookkeeping waits (Guard.inspect_and_settle).
-        plain = not (coupled or observe or agree or sends)
+        # A plain step (it neither couples, shows nor saves, so it sends nothing): this replica
+        # alone decides, and the guard's bookkeeping waits (Guard.inspect_and_settle).
+        plain = not (coupled or observe or agree)
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
             if plain:
                 apply = self.guard.inspect_and_settle(

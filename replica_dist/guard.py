@@ -187,9 +187,8 @@ class Guard:
         finite and the run is not ending. Its bookkeeping waits in the window, so that the step
         costs the finite test and one write; the steps must follow one another (any other call
         settles the window first)."""
-        if self._window_length and self._window_start + self._window_length != step:
-            self._settle_window()
-        if self._window_length == self.WINDOW:
+        following = self._window_start + self._window_length == step
+        if self._window_length and (not following or self._window_length == self.WINDOW):
             self._settle_window()
         if self._window_length == 0:
             self._window_start = step

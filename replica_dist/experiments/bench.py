@@ -392,7 +392,7 @@ def _table(results: dict, param_bytes: int) -> list[str]:
 
     def sections(r: dict) -> str:  # "-" for pipelined timing, which cuts nothing
         cut = [r[f"{s}_ms"] for s in SECTIONS]
-        return " | ".join(f"{ms:.2f}" for ms in cut) if any(cut) else " | ".join("-" * len(cut))
+        return " | ".join(f"{ms:.2f}" for ms in cut) if any(cut) else " | ".join(["-"] * len(cut))
 
     for name, r in results.items():
         lines.append(

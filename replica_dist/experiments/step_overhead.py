@@ -13,8 +13,9 @@ turns every `--steps` steps, in one process and one thread, and each is given it
     ReplicaCoupling none   begin_step, forward, backward, step (the guard's test, its
                            bookkeeping, the optimizer step masked on the device)
 
-The model is the benchmark's MLP (64 inputs, 10 classes) on random data, batch 64, on the CPU
-(or the first GPU with --device cuda, timed with the stream drained at each turn's end).
+The model and optimizer are the trainer's own (its default mlp and fused SGD, as the benchmark
+builds them) for digits' 64 inputs and 10 classes, on random data, batch 64, on the CPU (or
+the first GPU with --device cuda, timed with the stream drained at each turn's end).
 """
 
 from __future__ import annotations
@@ -30,17 +31,10 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
+from replica_dist.config import load_config
 from replica_dist.coupling import ReplicaCoupling
-
-
-def _model(hidden: list[int], device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    widths = [64, *hidden]
-    layers: list[torch.nn.Module] = []
-    for inputs, outputs in zip(widths, widths[1:]):
-        layers += [torch.nn.Linear(inputs, outputs), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 10)).to(device)
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+from replica_dist.loop import build_optimizer
+from replica_dist.model import build_model
 
 
 def main(argv: list[str]) -> int:
@@ -53,7 +47,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    hidden = [int(w) for w in args.hidden.split(",")]
+    cfg, _ = load_config([f"model.hidden=[{args.hidden}]"])
+
+    def model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = build_model(cfg.model, (64,), 10, cfg.seed).to(device)
+        return model, build_optimizer(cfg.optim, model.parameters())
+
     if device.type == "cpu":
         torch.set_num_threads(1)
     store = tdist.FileStore(str(Path(tempfile.mkdtemp(prefix="step_overhead_")) / "store"), 1)
@@ -61,9 +60,9 @@ def main(argv: list[str]) -> int:
     try:
         x = torch.randn(64, 64, device=device)
         y = torch.randint(0, 10, (64,), device=device)
-        plain_model, plain_optimizer = _model(hidden, device)
-        read_model, read_optimizer = _model(hidden, device)
-        coupled_model, coupled_optimizer = _model(hidden, device)
+        plain_model, plain_optimizer = model_and_optimizer()
+        read_model, read_optimizer = model_and_optimizer()
+        coupled_model, coupled_optimizer = model_and_optimizer()
         coupling = ReplicaCoupling(coupled_model, coupled_optimizer, "none")
 
         def plain():
