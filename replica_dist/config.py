@@ -14,6 +14,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,10 @@ class DataConfig:
         _check(all(s > 0 for s in self.std), f"data.std must hold values > 0; got {list(self.std)}")
 
 
+DEFAULT_ETA_FINAL = 0.4
+"""Where the default eta schedule of tanh and linear ends, at the last step (docs/study.md)."""
+
+
 @dataclass
 class CouplingConfig:
     name: CouplingName = "tanh"
@@ -325,12 +330,15 @@ class CouplingConfig:
     eta: float = 0.001
     """Coupling strength eta_0 (tanh, linear); for tanh it bounds the pull per weight and step
     (chosen by the study: docs/study.md)."""
-    eta_growth: float = 0.004
-    """Scoping rate g: eta_t = min(eta_max, eta_0 * (1 + g)^t), t counted in steps from 0; 0 gives
-    a constant eta (chosen by the study: docs/study.md)."""
+    eta_growth: float | None = None
+    """A schedule tied to steps, not to the run: eta_t = min(eta_max, eta_0 * (1 + g)^t), t
+    counted in steps from 0; 0 gives a constant eta. Set it or coupling.eta_final, not both."""
     eta_final: float | None = None
-    """If set, eta at the last step (train.steps): the growth is derived from the run's
-    length, g = (eta_final/eta)^(1/(train.steps-1)) - 1, and eta_growth is not used."""
+    """eta at the last step (train.steps): eta grows geometrically from eta_0 at step 1 to
+    eta_final at the last step, whatever the run's length. When neither this nor
+    coupling.eta_growth is set, tanh and linear take min(0.4, coupling.eta_max): the shape the
+    study chose (docs/study.md: 0.001 to 0.4), stated relative to the run so that any
+    train.steps or train.epochs is coupled."""
     eta_max: float = 1.0
     """Cap of the scoped eta. For linear, above 1 the pull overshoots the mean."""
     temperature: float = 1.0
@@ -361,7 +369,15 @@ class CouplingConfig:
     def __post_init__(self) -> None:
         _check_choices(self, "coupling.")
         _check(self.eta > 0, f"coupling.eta must be > 0; got {self.eta}")
-        _check(self.eta_growth >= 0, f"coupling.eta_growth must be >= 0; got {self.eta_growth}")
+        _check(
+            self.eta_growth is None or self.eta_final is None,
+            f"coupling.eta_growth={self.eta_growth} and coupling.eta_final={self.eta_final} both set the "
+            f"eta schedule (per step, or relative to the run); drop one",
+        )
+        _check(
+            self.eta_growth is None or self.eta_growth >= 0,
+            f"coupling.eta_growth must be >= 0; got {self.eta_growth}",
+        )
         _check(
             self.eta_max >= self.eta,
             f"coupling.eta_max must be >= coupling.eta ({self.eta}); got {self.eta_max}",
@@ -400,6 +416,17 @@ class CouplingConfig:
             f"coupling.fragments must divide coupling.every ({self.every}), so that each fragment "
             f"couples every {self.every} steps, one every every/fragments; got {self.fragments}",
         )
+
+    @property
+    def eta_end(self) -> float | None:
+        """eta at the last step of a schedule relative to the run: coupling.eta_final, or, when
+        neither it nor coupling.eta_growth is set, the default min(0.4, eta_max) (never below
+        eta_0: a larger eta_0 stays constant); None for a schedule per step (eta_growth)."""
+        if self.eta_final is not None:
+            return self.eta_final
+        if self.eta_growth is not None:
+            return None
+        return max(self.eta, min(DEFAULT_ETA_FINAL, self.eta_max))
 
 
 @dataclass
@@ -599,7 +626,7 @@ class DistConfig:
     all_reduce, all in flight together (25 is DDP's default bucket size); at most 1048576
     (1 TiB, more than any coupling buffer: a larger bucket is one bucket all the same)."""
     compress: Compression = "none"
-    """How the coupling exchange (tanh, linear, average) sends the weights: none (the buffer's
+    """How the coupling exchange (tanh, linear, average, diloco) sends the weights: none (the buffer's
     float type), bf16 (2 bytes a weight) or int8 (1 byte a weight, plus one float32 scale per
     dist.compress_chunk weights, agreed on by all ranks: the chunk's largest |w| / 127). The
     ranks all_gather the compressed weights and each adds them up in the buffer's dtype, in
@@ -857,6 +884,18 @@ def _check_known_keys(node: dict, cls: type, prefix: str = "") -> None:
             _check_known_keys(value, type(default), key + ".")
 
 
+def _check_unknown_override(hydra_message: str) -> None:
+    """Hydra refuses a key the schema lacks (`optim.lrr=0.1`) by telling how to add it with `+`;
+    say instead what any unknown key gets: its nearest known key."""
+    found = re.match(r"Could not override '([\w.]+)'", hydra_message)
+    if found:
+        nested: dict = {}
+        *parents, leaf = found.group(1).split(".")
+        leaf_parent = functools.reduce(lambda node, part: node.setdefault(part, {}), parents, nested)
+        leaf_parent[leaf] = None
+        _check_known_keys(nested, Config)
+
+
 def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
     """The overrides, with each argument of a model._target_ moved to model.kwargs: `model.KEY=V`
     for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set or add; `+` and `~` keep
@@ -1084,6 +1123,7 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:
+        _check_unknown_override(str(err))
         raise ConfigError(_one_line(err)) from None
     except (ValueError, TypeError) as err:  # Hydra's own, for overrides its grammar lets through
         raise ConfigError(f"cannot apply overrides {' '.join(overrides)!r}: {_one_line(err)}") from None

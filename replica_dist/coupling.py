@@ -51,17 +51,18 @@ def pull(
 def eta_at(cfg: CouplingConfig, step: int, steps: int) -> float:
     """Coupling strength at `step` (counted from 1) of a run of `steps` steps, capped at eta_max.
 
-    eta_final unset: eta_0 * (1 + g)^(step - 1), g = eta_growth. eta_final set: the geometric
-    schedule from eta_0 at step 1 to eta_final at step `steps`, whatever the run's length (a
-    one-step run takes eta_final). With g > 0 or eta_final > eta_0 the replicas are drawn
+    eta_growth set: eta_0 * (1 + g)^(step - 1), g = eta_growth. Otherwise the geometric
+    schedule from eta_0 at step 1 to cfg.eta_end (eta_final, or its default) at step `steps`,
+    whatever the run's length (a one-step run takes that end). With g > 0 or eta_final > eta_0 the replicas are drawn
     together ever harder ("scoping")."""
     # In log space: (1 + g)^t overflows a float long before long runs end; the cap does not.
-    if cfg.eta_final is None:
+    end = cfg.eta_end
+    if end is None:
         log_eta = math.log(cfg.eta) + (step - 1) * math.log1p(cfg.eta_growth)
     elif steps == 1:
-        log_eta = math.log(cfg.eta_final)
+        log_eta = math.log(end)
     else:
-        log_eta = math.log(cfg.eta) + (step - 1) / (steps - 1) * math.log(cfg.eta_final / cfg.eta)
+        log_eta = math.log(cfg.eta) + (step - 1) / (steps - 1) * math.log(end / cfg.eta)
     return min(cfg.eta_max, math.exp(min(log_eta, math.log(cfg.eta_max))))
 
 
@@ -74,7 +75,7 @@ def schedule_note(cfg: CouplingConfig, steps: int) -> str | None:
     where the study's shape ends (a shortened run that keeps eta_growth barely couples);
     None otherwise. A constant eta and a set eta_final are the user's own choices and get no
     note; neither does a schedule that reaches a tenth of an eta_max below the study's end."""
-    if cfg.name not in ELASTIC_FORMS or cfg.eta_final is not None or cfg.eta_growth == 0:
+    if cfg.name not in ELASTIC_FORMS or cfg.eta_end is not None or not cfg.eta_growth:
         return None
     target = min(STUDY_ETA_FINAL, cfg.eta_max)
     last = eta_at(cfg, steps, steps)
@@ -384,10 +385,12 @@ class ReplicaCoupling:
         unknown = set(schedule) - {f for f in CouplingConfig.__dataclass_fields__ if f != "name"}
         if unknown:
             raise CouplingError(f"ReplicaCoupling got unknown settings {sorted(unknown)}")
+        if "eta_growth" not in schedule and "eta_final" not in schedule:
+            schedule["eta_growth"] = 0.0  # a constant eta unless a schedule is asked for
         self.cfg = CouplingConfig(name=form, **schedule)
         if nonfinite not in ("stop", "skip"):
             raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
-        if self.cfg.eta_final is not None and steps is None:
+        if self.cfg.eta_end is not None and steps is None:
             raise CouplingError("eta_final needs steps=, the run's length")
         self.steps = steps or 1
         self.form = _FORMS[form](self.cfg)

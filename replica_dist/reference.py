@@ -73,12 +73,12 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         coupled = coupled_group is not None
         # Whether tensor i is coupled at this step.
         takes = [coupled and g == coupled_group for g in group]
-        if c.eta_final is None:
+        if c.eta_end is None:  # growth per step
             eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
         elif cfg.train.steps == 1:
-            eta = c.eta_final
-        else:  # geometric from eta at step 1 to eta_final at the last step
-            eta = min(c.eta_max, c.eta * (c.eta_final / c.eta) ** ((step - 1) / (cfg.train.steps - 1)))
+            eta = c.eta_end
+        else:  # geometric from eta at step 1 to eta_end (eta_final or its default) at the last step
+            eta = min(c.eta_max, c.eta * (c.eta_end / c.eta) ** ((step - 1) / (cfg.train.steps - 1)))
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
         mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
 

@@ -45,7 +45,9 @@ def test_default_config_loads(tmp_path):
     assert cfg.model.hidden == [128]
     assert cfg.data.name == "digits"
     assert cfg.coupling.name == "tanh"
-    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_growth == pytest.approx(0.004)
+    # The study's shape, relative to the run: from 0.001 at step 1 to 0.4 at the last step.
+    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_end == pytest.approx(0.4)
+    assert cfg.coupling.eta_growth is None and cfg.coupling.eta_final is None
     assert cfg.optim.name == "sgd"
     assert cfg.optim.lr == pytest.approx(0.05)
     assert cfg.optim.momentum == pytest.approx(0.9)
@@ -76,6 +78,10 @@ BAD_OVERRIDES = [
     (["coupling=linear", "coupling.eta_max=2"], r"coupling\.eta_max"),
     (["coupling.temperature=0"], r"coupling\.temperature"),
     (["coupling.eta_final=0"], r"coupling\.eta_final"),
+    (
+        ["coupling.eta_final=0.3", "coupling.eta_growth=0.004"],
+        r"coupling\.eta_growth=0\.004 and coupling\.eta_final=0\.3 both set",
+    ),
     (["coupling.eta_final=2"], r"coupling\.eta_final"),
     (["coupling=average", "coupling.via_optimizer=true"], r"coupling\.via_optimizer"),
     (
@@ -161,6 +167,12 @@ BAD_OVERRIDES = [
     (["++optim.lrr=0.1"], r"^unknown key optim\.lrr\b"),
     (["+model.hiden=[3]"], r"^unknown key model\.hiden \(did you mean model\.hidden\?\)"),
     (["+experiment=note", "+coupling.temp=2"], r"^unknown key coupling\.temp\b"),
+    # Without `+`, Hydra would say how to add the key; a typo wants its nearest known key.
+    (["optim.lrr=0.1"], r"^unknown key optim\.lrr \(did you mean optim\.lr\?\)"),
+    (
+        ["coupling.tmperature=0.1"],
+        r"^unknown key coupling\.tmperature \(did you mean coupling\.temperature\?\)",
+    ),
     (["+model@foo=cnn"], r"\bfoo\b"),
     # booleans: only true or false, not an integer or a YAML 1.1 word
     (["model.bias=2"], r"^model\.bias must be true or false; got 'model\.bias=2'"),
@@ -383,7 +395,7 @@ def test_bad_overrides_accepted_at_boundary(tmp_path):
 def test_group_option_coupling_linear(tmp_path):
     cfg, _ = _load(tmp_path, "coupling=linear")
     assert cfg.coupling.name == "linear"
-    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_growth == pytest.approx(0.004)
+    assert cfg.coupling.eta == pytest.approx(0.001) and cfg.coupling.eta_end == pytest.approx(0.4)
     assert cfg.coupling.eta_max == pytest.approx(1.0)
     assert cfg.coupling.every == 1
     assert cfg.coupling.via_optimizer is False

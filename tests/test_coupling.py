@@ -81,7 +81,7 @@ def test_eta_without_eta_final_ignores_the_run_length(steps):
 
 @pytest.mark.parametrize("steps", [2, 7, 300, 1500])
 def test_eta_final_is_the_closed_form_over_the_run(steps):
-    cfg = CouplingConfig(name="linear", eta=0.001, eta_growth=0.004, eta_final=0.4)
+    cfg = CouplingConfig(name="linear", eta=0.001, eta_final=0.4)
     for step in sorted({1, 2, steps // 2, steps - 1, steps}):
         expected = 0.001 * (0.4 / 0.001) ** ((step - 1) / (steps - 1))
         assert eta_at(cfg, step, steps) == pytest.approx(expected, rel=1e-12)
@@ -100,13 +100,14 @@ def test_eta_final_edge_cases():
 
 
 def test_schedule_note_for_a_short_run_with_the_growth_per_step():
-    cfg = CouplingConfig(name="tanh")  # eta 0.001, growth 0.004: 0.001 * 1.004^199 = 0.00221 at 200
+    # The study's growth per step: 0.001 * 1.004^199 = 0.00221 at 200
+    cfg = CouplingConfig(name="tanh", eta_growth=0.004)
     note = schedule_note(cfg, 200)
     assert note == (
         "coupling: eta reaches only 0.0022 at the last step of 200; "
         "coupling.eta_final=0.4 keeps the shape the study chose"
     )
-    assert schedule_note(CouplingConfig(name="linear"), 300) is not None
+    assert schedule_note(CouplingConfig(name="linear", eta_growth=0.004), 300) is not None
     # 0.001 * 1.004^(t-1) >= 0.04 from t = 926 on (0.039990 at 925): the full default needs no note
     assert schedule_note(cfg, 925) is not None
     assert schedule_note(cfg, 926) is None
@@ -117,6 +118,8 @@ def test_schedule_note_for_a_short_run_with_the_growth_per_step():
     "cfg",
     [
         CouplingConfig(name="tanh", eta_final=0.4),  # the run-relative schedule
+        CouplingConfig(name="tanh"),  # the default: the same
+        CouplingConfig(name="linear"),
         CouplingConfig(name="tanh", eta=0.05, eta_growth=0.0),  # a constant eta is a choice
         CouplingConfig(name="average"),
         CouplingConfig(name="none"),
@@ -151,7 +154,7 @@ def test_coupling_steps(name, every, expected):
 def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
     from replica_dist.coupling import stability_note
 
-    cfg = CouplingConfig(name="tanh", temperature=0.1)  # eta 0.001 growing 0.4% a step, eta_max 1
+    cfg = CouplingConfig(name="tanh", temperature=0.1, eta_growth=0.004)  # eta 0.001 growing 0.4% a step
     # eta_t = 0.001 * 1.004^(t-1) > 0.2  <=>  t - 1 > ln(200) / ln(1.004)
     first = math.floor(math.log(200) / math.log(1.004)) + 2
     assert first == 1329
@@ -159,6 +162,10 @@ def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
     assert stability_note(cfg, first - 1) is None  # a run that ends before it is fine
     assert stability_note(CouplingConfig(name="tanh", temperature=0.1, eta_max=0.05), 1500) is None
     assert stability_note(CouplingConfig(name="linear", eta_max=1.0), 1500) is None
+    # The default schedule, relative to the run: 0.001 * 400^((t-1)/(T-1)) > 0.2 past 88.4% of it.
+    relative = CouplingConfig(name="tanh", temperature=0.1)
+    first = math.floor(math.log(200) / math.log(400) * 299) + 2
+    assert f"from step {first} " in stability_note(relative, 300)
 
 
 @pytest.mark.parametrize(("form", "temperature"), [("tanh", 1.0), ("tanh", 0.3), ("linear", 1.0)])

@@ -62,7 +62,7 @@ def shortening(overrides: list[str]) -> list[str]:
         return extra
     extra += [f"train.steps={SHORT_STEPS}", "log.every=100", "eval.every=100"]
     c = cfg.coupling
-    if c.name in ELASTIC_FORMS and c.eta_growth > 0 and c.eta_final is None:
+    if c.name in ELASTIC_FORMS and c.eta_end is None and c.eta_growth > 0:
         # A growth per step sized for the full run barely couples a short one (schedule_note says
         # so); ending at the full run's last eta keeps the schedule's shape over fewer steps.
         extra.append(f"coupling.eta_final={eta_at(c, cfg.train.steps, cfg.train.steps)!r}")
@@ -84,15 +84,22 @@ def test_the_common_runs_block_is_found():
 
 
 def test_shortening_keeps_the_scoped_shape():
-    """The default tanh schedule (0.001 growing 0.4%/step) ends near 0.4 at step 1500; a
-    shortened run is told to end there too, and then needs no schedule note."""
-    extra = shortening(["coupling=tanh"])
+    """A growth per step (0.001 growing 0.4%/step ends near 0.4 at step 1500) barely couples a
+    shortened run: it is told to end where the full run ends, and then needs no schedule note.
+    The default schedule is relative to the run already: shortened as it is, with no note."""
+    full = ["coupling=tanh", "coupling.eta_growth=0.004", "train.steps=1500"]
+    extra = shortening(full)
     final = [o for o in extra if o.startswith("coupling.eta_final=")]
     assert len(final) == 1 and float(final[0].split("=")[1]) == pytest.approx(0.001 * 1.004**1499)
-    cfg, _ = load_config(["coupling=tanh", *extra])
+    cfg, _ = load_config(["coupling=tanh", "train.steps=1500", *extra])
     assert schedule_note(cfg.coupling, cfg.train.steps) is None
-    without, _ = load_config(["coupling=tanh", f"train.steps={SHORT_STEPS}"])
+    without, _ = load_config([*full[:2], f"train.steps={SHORT_STEPS}"])
     assert schedule_note(without.coupling, SHORT_STEPS) is not None
+    default = shortening(["coupling=tanh", "train.steps=1500"])
+    assert not [o for o in default if o.startswith("coupling.eta_final=")]
+    short_default, _ = load_config(["coupling=tanh", *default])
+    assert short_default.coupling.eta_end == 0.4
+    assert schedule_note(short_default.coupling, short_default.train.steps) is None
 
 
 @pytest.mark.parametrize("line", LINES, ids=[f"line{i}" for i in range(1, len(LINES) + 1)])
@@ -124,11 +131,13 @@ def test_readme_line_trains(line, tmp_path):
     assert summary["coupling"] == cfg.coupling.name
     coupled = cfg.coupling.name != "none"
     c = cfg.coupling
-    if c.name in ELASTIC_FORMS and c.eta_final is not None:
-        # The run-relative schedule, read back as logged: eta * (eta_final/eta)^((t-1)/(T-1)).
+    if c.name in ELASTIC_FORMS and c.eta_end is not None:
+        # The run-relative schedule, read back as logged: eta * (end/eta)^((t-1)/(T-1)), end being
+        # eta_final or, unset, min(0.4, eta_max) (never below eta).
+        end = c.eta_final if c.eta_final is not None else max(c.eta, min(0.4, c.eta_max))
         logged = scalar(run_dir / "tb" / "replica_0", "coupling/eta")
         T = cfg.train.steps
-        expected = {t: min(c.eta_max, c.eta * (c.eta_final / c.eta) ** ((t - 1) / (T - 1))) for t in logged}
+        expected = {t: min(c.eta_max, c.eta * (end / c.eta) ** ((t - 1) / (T - 1))) for t in logged}
         assert logged == pytest.approx(expected, rel=1e-5) and T in logged, logged
     # The mean of independent replicas is no network anyone trained: judged only when coupled.
     judged = {f"replica {r['replica']}": r for r in summary["replicas"]}
