@@ -17,11 +17,15 @@ every replica, and OuterSGD one step of SGD with (Nesterov) momentum; see _DiLoC
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import re
 import zlib
 
 import torch
 import torch.distributed as tdist
+from torch.amp.grad_scaler import OptState
 
 from replica_dist import dist
 from replica_dist.config import ConfigError, CouplingConfig
@@ -297,6 +301,91 @@ _FORMS: dict[str, type[_Form]] = {
 }
 
 
+def unscale_or_drop_gradients(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """After scaler.scale(loss).backward(): the optimizer's true gradients (scaler.unscale_,
+    unless called already since the last scaler.update()), or, where the scaled ones
+    overflowed, none at all (set to None), so that an optimizer step leaves every parameter
+    and its state as scaler.step would by not stepping, while a pull entered as a gradient
+    (via_optimizer) still moves them. Whether they overflowed, read on the host (one read,
+    as scaler.step makes for most optimizers). GradScaler has no public way to ask what
+    unscale_ found without stepping: this reads its per-optimizer state, as scaler.step
+    does, and marks the optimizer stepped, so that scaler.update() lowers or grows the
+    scale as after scaler.step."""
+    if not scaler.is_enabled():
+        return False
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.STEPPED:
+        raise CouplingError(
+            "step(loss, scaler=) again before scaler.update(): call scaler.update() after each step"
+        )
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    state["stage"] = OptState.STEPPED
+    if not sum(found.item() for found in state["found_inf_per_device"].values()):
+        return False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    return True
+
+
+DEFAULT_CHECK_EVERY = 100
+"""ReplicaCoupling's check_every: at most this many steps pass between a non-finite value and
+the error that ends the loop (one exchange of the guard's words and one host read each)."""
+
+_ETA_SCHEDULE = ("eta", "eta_growth", "eta_final", "eta_max")
+FORM_SETTINGS = {
+    "tanh": (*_ETA_SCHEDULE, "temperature", "every", "via_optimizer", "fragments"),
+    "linear": (*_ETA_SCHEDULE, "every", "via_optimizer", "fragments"),
+    "average": ("every", "fragments"),
+    "diloco": ("every", "fragments", "outer_lr", "outer_momentum", "outer_nesterov"),
+    "none": (),
+    "ddp": (),
+}
+"""The schedule's settings (CouplingConfig's fields) that each form reads; ReplicaCoupling
+refuses any other, which would change nothing."""
+
+CONSTANT_ETA = {"eta_growth": 0.0}
+"""ReplicaCoupling's schedule when neither eta_growth= nor eta_final= asks for one: a constant
+eta (the trainer's default, CouplingConfig's, is relative to the run's length)."""
+
+
+def _schedule_of_arguments(form: str, steps: int | None, schedule: dict) -> CouplingConfig:
+    """The CouplingConfig of ReplicaCoupling's arguments; a CouplingError naming the argument
+    as the caller wrote it (`eta=`, not `coupling.eta`) for any that is unknown, means nothing
+    for `form`, or holds a bad value."""
+    if form not in FORM_SETTINGS:
+        raise CouplingError(f"form must be one of {', '.join(FORM_SETTINGS)}; got {form!r}")
+    known = [f for f in CouplingConfig.__dataclass_fields__ if f != "name"]
+    unknown = sorted(set(schedule) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}=?)" if close else ""
+        raise CouplingError(f"ReplicaCoupling has no argument {unknown[0]}={hint}")
+    unused = [key for key in schedule if key not in FORM_SETTINGS[form]]
+    if unused:
+        used = ", ".join(f"{key}=" for key in FORM_SETTINGS[form]) or "none of the schedule's settings"
+        raise CouplingError(
+            f"{', '.join(f'{key}=' for key in unused)} {'means' if len(unused) == 1 else 'mean'} "
+            f"nothing for form {form!r}, which reads {used}"
+        )
+    try:
+        asked = "eta_growth" in schedule or "eta_final" in schedule
+        cfg = CouplingConfig(name=form, **(schedule if asked else CONSTANT_ETA | schedule))
+    except ConfigError as err:
+        raise CouplingError(_as_arguments(str(err))) from None
+    if cfg.eta_end is not None and steps is None:
+        raise CouplingError("eta_final needs steps=, the run's length")
+    return cfg
+
+
+def _as_arguments(message: str) -> str:
+    """A CouplingConfig message in ReplicaCoupling's words: coupling.name=linear as form
+    linear, coupling.eta as eta=."""
+    message = re.sub(r"coupling\.name=", "form ", message)
+    return re.sub(r"coupling\.(\w+)=?", r"\1=", message)
+
+
 class ReplicaCoupling:
     """Couples this process's replica of a model to the other replicas: two calls a step.
 
@@ -330,18 +419,22 @@ class ReplicaCoupling:
         ...     loss = torch.nn.functional.mse_loss(model(x), y)
         ...     optimizer.zero_grad()
         ...     loss.backward()
-        ...     coupling.step(loss)
+        ...     coupling.step(loss)  # every check_every-th step also reads the guard back
+        >>> coupling.finish()  # the last read back, on every rank
 
     Every parameter and floating buffer (BatchNorm's running statistics) is coupled. No
     replica ever applies an update whose loss, gradients or buffers are not finite (its
     weights are checked on the steps that couple, observe or agree, see guard.py);
     what the others do is decided together (``nonfinite="stop"`` raises NonFiniteError on
     every rank, ``"skip"`` skips the step), see replica_dist/guard.py. Those decisions are
-    taken on the device: a step reads nothing back to the host (the host runs ahead of the
-    GPU) except a step begun with ``observe=True`` or ended with ``agree=True``, where the
-    outcome is read back and an error raised; call one of them every few steps to bound that
-    lag. A guarded skip needs a fused optimizer (``fused=True``: SGD, Adam, AdamW) to stay on
-    the device; with any other the step reads one flag on the host. ``state_dict()`` holds
+    taken on the device: a plain step reads nothing back to the host (the host runs ahead of
+    the GPU). Every ``check_every``-th step (default 100, counted from 1) exchanges every
+    replica's word and reads the outcome back, raising there: a non-finite value ends the
+    loop on every rank at most check_every - 1 steps after the step that saw it. A step begun
+    with ``observe=True`` or ended with ``agree=True`` reads back too, and ``finish()``, after
+    the last step, reads back what the last check could not see. A guarded skip needs a
+    fused optimizer (``fused=True``: SGD, Adam, AdamW) to stay on the device; with any other
+    the step reads one flag on the host. ``state_dict()`` holds
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 
@@ -349,16 +442,24 @@ class ReplicaCoupling:
     anchor; one all_reduce), and ``state_dict()`` holds the anchor and the outer optimizer's
     momentum too: construct the coupling first, then load the saved state dicts.
 
+    Mixed precision: bf16 autocast needs nothing; with a torch.amp.GradScaler, call
+    ``step(loss, scaler=scaler)`` in place of ``scaler.step(optimizer)``, then
+    ``scaler.update()``: an overflow leaves out this replica's optimizer step only.
+
     Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp, diloco)
-    and the schedule, as the fields of replica_dist.config.CouplingConfig (eta, eta_growth,
-    eta_final, eta_max, temperature, every, via_optimizer, outer_lr, outer_momentum,
-    outer_nesterov); `steps`, the run's length (needed by eta_final); `overlap`, `bucket_mb`,
+    and the schedule, as the fields of replica_dist.config.CouplingConfig that the form reads
+    (FORM_SETTINGS: eta, eta_growth, eta_final, eta_max, temperature, every, via_optimizer,
+    fragments, outer_lr, outer_momentum, outer_nesterov; any other is refused), with the
+    trainer's defaults except the eta schedule (CONSTANT_ETA): eta is constant unless eta_growth or
+    eta_final asks for a schedule; `steps`, the run's length (needed by eta_final);
+    `check_every` (DEFAULT_CHECK_EVERY; 0 or None: only where asked); `overlap`, `bucket_mb`,
     `compress` (none, bf16, int8), `compress_chunk` and `error_feedback` (DistConfig;
     compression applies to the coupling's exchange, see dist.ReplicaExchange, and
     `bytes_sent` counts what it sends); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
-    replica is itself data parallel (default: none).
+    replica is itself data parallel (default: none). A bad argument is a CouplingError
+    naming it as written here (``eta_max=``), before anything communicates.
     """
 
     def __init__(
@@ -368,6 +469,7 @@ class ReplicaCoupling:
         form: str = "tanh",
         *,
         steps: int | None = None,
+        check_every: int = DEFAULT_CHECK_EVERY,
         overlap: bool = True,
         bucket_mb: float = 25.0,
         compress: str = "none",
@@ -382,36 +484,74 @@ class ReplicaCoupling:
         mesh=None,
         **schedule,
     ):
-        unknown = set(schedule) - {f for f in CouplingConfig.__dataclass_fields__ if f != "name"}
-        if unknown:
-            raise CouplingError(f"ReplicaCoupling got unknown settings {sorted(unknown)}")
-        if "eta_growth" not in schedule and "eta_final" not in schedule:
-            schedule["eta_growth"] = 0.0  # a constant eta unless a schedule is asked for
-        self.cfg = CouplingConfig(name=form, **schedule)
+        cfg = _schedule_of_arguments(form, steps, schedule)
         if nonfinite not in ("stop", "skip"):
             raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
-        if self.cfg.eta_end is not None and steps is None:
-            raise CouplingError("eta_final needs steps=, the run's length")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise CouplingError(f"max_consecutive_skips= must be an int >= 1; got {max_consecutive_skips!r}")
+        if check_every is not None and (not isinstance(check_every, int) or check_every < 0):
+            raise CouplingError(
+                f"check_every= must be a number of steps >= 1 (0 or None: never read back by itself); "
+                f"got {check_every!r}"
+            )
+        if compress not in dist.COMPRESSIONS:
+            raise CouplingError(f"compress= must be one of {', '.join(dist.COMPRESSIONS)}; got {compress!r}")
+        if compress != "none" and form in ("none", "ddp"):
+            raise CouplingError(
+                f"compress= applies to the coupling's exchange of weights; form {form!r} has none: use 'none'"
+            )
+        if error_feedback and compress == "none":
+            raise CouplingError("error_feedback= needs compress='bf16' or 'int8'")
+        if compress_chunk < 1:
+            raise CouplingError(f"compress_chunk= must be >= 1; got {compress_chunk}")
+        self._build(
+            model,
+            optimizer,
+            cfg,
+            steps=steps,
+            check_every=check_every or 0,
+            overlap=overlap,
+            bucket_mb=bucket_mb,
+            compress=compress,
+            compress_chunk=compress_chunk,
+            error_feedback=error_feedback,
+            mesh=mesh or dist.Mesh(process_group, replica_group_of_rank),
+            guard=guard or Guard(nonfinite, max_consecutive_skips),
+            timer=timer,
+        )
+
+    def _build(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: CouplingConfig,
+        *,
+        steps: int | None,
+        check_every: int,
+        overlap: bool,
+        bucket_mb: float,
+        compress: str,
+        compress_chunk: int,
+        error_feedback: bool,
+        mesh,
+        guard: Guard,
+        timer,
+    ) -> None:
+        """Everything but the checks of a user's arguments (the trainer's config has its own)."""
+        self.cfg = cfg
         self.steps = steps or 1
-        self.form = _FORMS[form](self.cfg)
+        self.check_every = check_every
+        """Every check_every-th step (counted from 1) agrees on the guard's words and reads
+        them back, as step(loss, agree=True) does; 0: only where the caller asks."""
+        self.form = _FORMS[cfg.name](cfg)
         self.model, self.optimizer = model, optimizer
         self.overlap = overlap
         self.timer = timer or NO_TIMER
-        self.mesh = mesh or dist.Mesh(process_group, replica_group_of_rank)
+        self.mesh = mesh
         self.state = FlatState(model)
         self._device = self.state.device
-        self.guard = (guard or Guard(nonfinite, max_consecutive_skips)).to(self._device)
+        self.guard = guard.to(self._device)
         self._bucket_bytes = bucket_mb * 2**20
-        if compress not in dist.COMPRESSIONS:
-            raise CouplingError(f"compress must be one of {', '.join(dist.COMPRESSIONS)}; got {compress!r}")
-        if compress != "none" and isinstance(self.form, _DataParallel):
-            raise CouplingError(
-                "compress applies to the coupling exchange; ddp averages gradients: use 'none'"
-            )
-        if error_feedback and compress == "none":
-            raise CouplingError("error_feedback needs compress='bf16' or 'int8'")
-        if compress_chunk < 1:
-            raise CouplingError(f"compress_chunk must be >= 1; got {compress_chunk}")
         self._compression = {"compress": compress, "chunk": compress_chunk, "error_feedback": error_feedback}
         self.bytes_sent = 0
         """Bytes this rank handed to the coupling's collectives so far (dist.ReplicaExchange
@@ -441,31 +581,32 @@ class ReplicaCoupling:
     @classmethod
     def from_config(cls, cfg, mesh, model, optimizer, guard=None, timer=None) -> ReplicaCoupling:
         """The coupling a trainer config (replica_dist.config.Config) describes, among the
-        replicas of `mesh` (replica_dist.dist.init_mesh); it names the mesh's step."""
-        schedule = {f: getattr(cfg.coupling, f) for f in CouplingConfig.__dataclass_fields__ if f != "name"}
+        replicas of `mesh` (replica_dist.dist.init_mesh); it names the mesh's step. The
+        trainer reads the guard back on its own logging and checkpoint steps (log.every
+        bounds the lag), so this coupling reads back only where it is asked (check_every=0)."""
         tensors = len(FlatState(model).tensors)
         if cfg.coupling.fragments > tensors:
             raise ConfigError(
                 f"coupling.fragments must be at most the model's number of tensors ({tensors}: parameters "
                 f"and floating buffers; a fragment holds whole tensors); got {cfg.coupling.fragments}"
             )
-        return cls(
+        coupling = cls.__new__(cls)
+        coupling._build(
             model,
             optimizer,
-            cfg.coupling.name,
+            dataclasses.replace(cfg.coupling),
             steps=cfg.train.steps,
+            check_every=0,
             overlap=cfg.dist.overlap,
             bucket_mb=cfg.dist.bucket_mb,
             compress=cfg.dist.compress,
             compress_chunk=cfg.dist.compress_chunk,
             error_feedback=cfg.dist.error_feedback,
-            nonfinite=cfg.guard.nonfinite,
-            max_consecutive_skips=cfg.guard.max_consecutive_skips,
-            guard=guard,
-            timer=timer,
             mesh=mesh,
-            **schedule,
+            guard=guard or Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips),
+            timer=timer,
         )
+        return coupling
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to run the forward and backward passes through: the model itself, or for
@@ -514,23 +655,38 @@ class ReplicaCoupling:
             "sends": [exchange for exchange, _ in sends],  # in this order on every rank
             "observer": observer,
             "coupling": coupling,
+            # The periodic read back (check_every): the same steps on every rank, so that its
+            # exchange of words comes in the same order everywhere.
+            "checks": bool(self.check_every) and step % self.check_every == 0,
         }
 
-    def step(self, loss: torch.Tensor, agree: bool = False) -> torch.Tensor:
-        """In place of optimizer.step(), after the backward pass: whether this replica applied
-        the step, as a 0-dim bool tensor on the model's device (reading it waits for the
-        device). `agree`: make sure every replica's word on this very step is in, and read
-        the guard's decisions back to the host (raising there if the run must end); the
-        trainer asks so before a checkpoint, so none holds a non-finite value. A step begun
-        with observe=True reads back too; any other step reads nothing back to the host."""
+    def step(
+        self, loss: torch.Tensor, agree: bool = False, scaler: torch.amp.GradScaler | None = None
+    ) -> torch.Tensor:
+        """In place of optimizer.step() (or of scaler.step(optimizer)), after the backward
+        pass: whether the guard let this replica apply the step, as a 0-dim bool tensor on
+        the model's device (reading it waits for the device). `agree`: make sure every
+        replica's word on this very step is in, and read the guard's decisions back to the
+        host (raising there if the run must end); the trainer asks so before a checkpoint, so
+        none holds a non-finite value. A step begun with observe=True, and every
+        check_every-th step, reads back too; any other step reads nothing back to the host.
+
+        `scaler`: the torch.amp.GradScaler that scaled the loss. The gradients are unscaled
+        (unless scaler.unscale_ was called already); where they overflowed, this replica's
+        optimizer step is left out, as scaler.step would, while its pull and every exchange
+        go on as on any other step; the guard does not count it. Call scaler.update() after."""
         if self._in_step is None:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
-        step, fragment, observe, sends, observer, coupling = self._in_step.values()
+        step, fragment, observe, sends, observer, coupling, checks = self._in_step.values()
         coupled = fragment is not None
+        agree = agree or checks
         self._in_step = None
         self.step_count = step
+        if scaler is not None:
+            with self.timer.section("compute"):
+                unscale_or_drop_gradients(scaler, self.optimizer)
         # A plain step (it neither couples, shows nor saves, so it sends nothing): this replica
         # alone decides, and the guard's bookkeeping waits (Guard.inspect_and_settle).
         plain = not (coupled or observe or agree)
@@ -557,6 +713,19 @@ class ReplicaCoupling:
         if agree or observe:
             self.guard.read_back(step)
         return apply
+
+    def finish(self) -> None:
+        """End a loop: every replica's word on every step so far is exchanged and the
+        outcome read back, so that a non-finite value after the last read back raises
+        NonFiniteError (or SkipLimitError) here, on every rank, and `clean` tells of the last
+        step. A collective: call it on every rank, after the last step()."""
+        if self._in_step is not None:
+            raise CouplingError("finish() called between begin_step() and step(): call step() first")
+        guard, step = self.guard, self.step_count
+        self.mesh.step = step
+        with self.timer.section("communication"):
+            guard.decide(step, dist.share_words(guard.word(), self.mesh))
+        guard.read_back(step)
 
     def _agree(self, step: int, sends: list, observer, coupling, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
@@ -677,8 +846,11 @@ class ReplicaCoupling:
     @property
     def eta(self) -> float:
         """The coupling strength at the current step (the one begun, else the last)."""
+        cfg = self.cfg
+        if cfg.eta_final is None and cfg.eta_growth == 0:  # exactly eta: not exp(log(eta))
+            return min(cfg.eta, cfg.eta_max)
         step = self._in_step["step"] if self._in_step else max(self.step_count, 1)
-        return eta_at(self.cfg, step, self.steps)
+        return eta_at(cfg, step, self.steps)
 
     @property
     def stop_agreed(self) -> bool:

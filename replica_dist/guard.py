@@ -35,10 +35,11 @@ could not know, and resets nothing.
 Every one of these decisions is taken on the device, so that a step makes the host wait for
 nothing (on a GPU the host then runs ahead of it). The host reads the outcome back only on
 the steps that log or checkpoint (in ReplicaCoupling: a step begun with observe=True or
-ended with agree=True). That is the lag: between the exchange that decides to end the run and
-the next read back, every replica skips every step (none applies anything), and the error is
-raised at that read back, naming the step of the value as before. With log.every=k the run
-ends at most k steps after the decision; a skip is never delayed.
+ended with agree=True, every check_every-th step, and finish()). That is the lag: between
+the exchange that decides to end the run and the next read back, every replica skips every
+step (none applies anything), and the error is raised at that read back, naming the step of
+the value as before. With log.every=k the run ends at most k steps after the decision (in
+a loop of the user's, check_every steps after the value); a skip is never delayed.
 SIGTERM and SIGINT (Slurm preemption, Ctrl-C) are stop requests, decided the same way: every
 rank finishes the step, saves a checkpoint and exits cleanly, at the next read back.
 A step that exchanges nothing, logs nothing and saves nothing (a plain step) does less still:

@@ -18,6 +18,7 @@ from torch import nn
 
 from replica_dist import dist
 from replica_dist.config import Config, ConfigError, OptimConfig
+from replica_dist.coupling import unscale_or_drop_gradients
 
 
 def lr_at(cfg: OptimConfig, step: int, steps: int) -> float:
@@ -121,13 +122,8 @@ class Precision:
         as GradScaler.step has)."""
         if self.scaler is None:
             return
-        self.scaler.unscale_(optimizer)
-        found_inf = self.scaler._found_inf_per_device(optimizer)
-        if sum(v.item() for v in found_inf.values()):
+        if unscale_or_drop_gradients(self.scaler, optimizer):
             self.overflowed_steps += 1
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
         self.scaler.update()
 
     def state_dict(self) -> dict:

@@ -109,8 +109,9 @@ def _count_sends(rank: int, world_size: int, root: str) -> None:
         torch.manual_seed(rank)
         model = _model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+        eta = {"eta": 0.1} if form in ("tanh", "linear") else {}
         coupling = ReplicaCoupling(
-            model, optimizer, form, every=6, fragments=3, compress=compress, compress_chunk=16, eta=0.1
+            model, optimizer, form, every=6, fragments=3, compress=compress, compress_chunk=16, **eta
         )
         sent: dict[int, list[list]] = {}
         current = [0]  # the step under way

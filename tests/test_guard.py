@@ -167,7 +167,7 @@ def _weights_checked_when_sent_shown_or_saved(rank: int, world_size: int, form: 
     model = torch.nn.Linear(3, 1)
     model.unused = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
-    coupling = ReplicaCoupling(model, optimizer, form, every=3)
+    coupling = ReplicaCoupling(model, optimizer, form, **({"every": 3} if form == "average" else {}))
 
     def step(agree: bool = False) -> bool:
         coupling.begin_step()

@@ -137,7 +137,7 @@ def test_cuda_plain_steps_make_no_synchronizing_call(tmp_path, form):
             device
         )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
-        coupling = ReplicaCoupling(model, optimizer, form, every=2 if form == "average" else 1)
+        coupling = ReplicaCoupling(model, optimizer, form, **({"every": 2} if form == "average" else {}))
         x = torch.randn(32, 64, device=device)
         y = torch.randint(0, 10, (32,), device=device)
 

@@ -13,6 +13,7 @@ from worlds import run_world
 
 from replica_dist import CouplingError, ReplicaCoupling
 from replica_dist.config import load_config
+from replica_dist.coupling import FORM_SETTINGS
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES
 from replica_dist.loop import build_optimizer, replica_seed
@@ -108,7 +109,7 @@ class UserRun:
             c.name,
             steps=cfg.train.steps,
             overlap=cfg.dist.overlap,
-            **{key: getattr(c, key) for key in SCHEDULE},
+            **{key: getattr(c, key) for key in SCHEDULE if key in FORM_SETTINGS[c.name]},
         )
 
     def train(self, until: int) -> None:
