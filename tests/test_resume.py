@@ -191,7 +191,7 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path
     step = int(stopped.group(1))
     assert 300 < step < 1500 and "resuming from" not in out  # a clean stop, not a restart
     assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
-    assert not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
     resumed = _torchrun(run_dir)
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0 and f"step-{step:08d}" in out, out[-3000:]
