@@ -155,7 +155,7 @@ def train(
         _write_config(cfg, run_dir)
     progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task)
     started = time.perf_counter()
-    step = start.step
+    step, evaluation = start.step, None
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
@@ -194,6 +194,10 @@ def train(
             checkpointer.after_step(step)  # saves when due; raises StopRequested on an agreed stop
             progress.step_done(step, time.perf_counter())
 
+        if evaluation is None:  # resumed from the last step's checkpoint: only the results are left
+            mean_after = dist.replica_mean(coupling.state.pack(), mesh)
+            evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
+            progress.observe_evaluation(step, evaluation, final=True)
         wall_seconds = time.perf_counter() - started
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()

@@ -77,11 +77,6 @@ def decide_start(cfg: Config, run_dir: Path) -> Start:
     if status == _FINISHED:
         log.info("this job had already finished the run in %s: its results follow", run_dir)
         return Start(step, saved_world_size, finished=True)
-    if status == _RESUME and step >= cfg.train.steps:
-        raise ConfigError(
-            f"train.steps={cfg.train.steps} ends before the checkpoint to resume from (step {step}); "
-            f"raise train.steps to continue the run"
-        )
     if status == _RESUME:
         log.info("resuming from %s", checkpoint.step_dir(checkpoint_root(run_dir), step))
         for key, before, now in changes:
@@ -158,10 +153,7 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str, list]:
     ended = summary["status"] if summary else None
     extend = ended == "ok" and cfg.train.steps > summary.get("steps", cfg.train.steps)
     finished = ended == "ok" and not extend
-    finished_message = (
-        f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir "
-        f"(or raise train.steps above {summary.get('steps') if summary else 0} to extend it)"
-    )
+    finished_message = f"hydra.run.dir={run_dir} already holds a finished run; choose a new hydra.run.dir"
     if finished and not (run_dir / run_lock.LOCK_NAME).exists():
         return _TAKEN, 0, 0, finished_message, []  # a finished run is never written into
     try:  # before anything is written, so that a bad path fails cleanly on every rank
@@ -200,7 +192,15 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str, list]:
             hint = " (or set checkpoint.remap=true)" if "replicas, this run has" in str(err) else ""
             return _MISMATCH, 0, 0, f"checkpoint: {err}{hint}", []
         refusal = None
-        if ended == "diverged" and not changes:
+        shortened = any(key == "train.steps" for key, _, _ in changes)
+        # A checkpoint of the run's own last step (a run whose results could not be written):
+        # the resume only writes them.
+        if step is not None and (step > cfg.train.steps or (step == cfg.train.steps and shortened)):
+            refusal = (
+                f"train.steps={cfg.train.steps} ends before the checkpoint to resume from (step {step}); "
+                f"raise train.steps to continue the run"
+            )
+        elif ended == "diverged" and not changes:
             refusal = (
                 f"hydra.run.dir={run_dir} holds a run that diverged (stopped at step {summary.get('step')}: "
                 f"{summary.get('reason', 'no reason recorded')}); the same settings would diverge again "

@@ -6,7 +6,6 @@ extended by raising train.steps; train.init_from starts a new run from another's
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -142,12 +141,7 @@ HOOKS = textwrap.dedent(
 
 
 def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
-    hooks = tmp_path / "safety_hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(HOOKS)
-    env = user_env(**settings)
-    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{env['PYTHONPATH']}"
-    return env
+    return hooked_env(tmp_path, HOOKS, **settings)
 
 
 def test_a_run_the_guard_stops_writes_diverged_and_resumes_only_with_a_changed_setting(tmp_path):
