@@ -34,8 +34,8 @@ checkpoint that could not be loaded back is refused at save time, not found at r
 
 from __future__ import annotations
 
-import copy
 import errno
+import fnmatch
 import hashlib
 import io
 import json
@@ -52,24 +52,13 @@ from typing import IO, Any
 
 import torch
 
+from replica_dist.config import RESUMABLE_KEYS
+
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 
-DEFAULT_IGNORE: tuple[str, ...] = (
-    "train.steps",
-    "log.every",
-    "eval.every",
-    "checkpoint.every",
-    "checkpoint.keep",
-    "checkpoint.resume",
-    "checkpoint.remap",
-    "dist.timeout_s",
-    "flatness.sigmas",
-    "flatness.samples",
-)
-"""Dotted config keys that may change on resume without making a checkpoint incompatible:
-how long to train, how often to log, evaluate and save, how long to wait for a collective,
-and the end-of-run flatness analysis. Everything else changes the trajectory."""
+DEFAULT_IGNORE: tuple[str, ...] = RESUMABLE_KEYS
+"""The config keys a checkpoint's config hash leaves out: those that may change on resume."""
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHUNK = 1 << 20
@@ -288,21 +277,23 @@ def write_manifest(root: str | os.PathLike, step: int, world_size: int, config_h
 
 
 def config_hash(cfg_dict: dict, ignore: Iterable[str] = DEFAULT_IGNORE) -> str:
-    """sha256 of the config as canonical JSON, without the dotted keys in `ignore`.
+    """sha256 of the config as canonical JSON, without the dotted keys that match a pattern
+    of `ignore` (fnmatch: `log.*` leaves out every key of log).
 
     `cfg_dict` is plain data (OmegaConf.to_container(cfg, resolve=True) or
     dataclasses.asdict(cfg)); a value JSON cannot encode raises TypeError rather than being
     hashed by its repr, which may not be stable. An ignored key that is absent is fine.
     """
-    pruned = copy.deepcopy(cfg_dict)
-    for dotted in ignore:
-        *parents, leaf = dotted.split(".")
-        node: Any = pruned
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    text = json.dumps(pruned, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    ignore = tuple(ignore)
+
+    def prune(node: dict, prefix: str) -> dict:
+        return {
+            key: prune(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+            for key, value in node.items()
+            if not any(fnmatch.fnmatchcase(f"{prefix}{key}", pattern) for pattern in ignore)
+        }
+
+    text = json.dumps(prune(cfg_dict, ""), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

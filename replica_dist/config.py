@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import importlib
 import inspect
@@ -513,13 +514,55 @@ class TrainConfig:
     value for the guard). Weights, gradients and the coupling stay in train.dtype."""
     compile: bool = False
     """Run the forward pass through torch.compile (the first steps compile; needs a C compiler)."""
+    init_from: str = ""
+    """Warm start: a new run's initial weights from PATH instead of from the seed. A checkpoint
+    folder (checkpoints/step-N) or a run directory (its final weights if it finished, else its
+    newest checkpoint): every replica from its own saved replica (the same number of replicas);
+    a weights file (weights/center.pt, weights/replica_<r>.pt): every replica from it. Only the
+    weights and buffers: the optimizer, the lr schedule and the data order start fresh at step
+    0. Ignored when the run resumes from its own checkpoint. '' (default): from the seed."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1; got {self.steps}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1; got {self.batch_size}")
         _check(self.epochs >= 0, f"train.epochs must be >= 0 (0: use train.steps); got {self.epochs}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1; got {self.grad_accum}")
+        _check(
+            not self.init_from or os.path.exists(self.init_from),
+            f"train.init_from={self.init_from}: no such file or directory (a checkpoint folder, "
+            f"a run directory or a weights file)",
+        )
         _check_choices(self, "train.")
+
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.steps",
+    "train.epochs",
+    "train.init_from",
+    "optim.lr",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.min_lr",
+    "optim.step_size",
+    "optim.gamma",
+    "coupling.eta*",
+    "log.*",
+    "eval.every",
+    "checkpoint.*",
+    "guard.*",
+    "dist.timeout_s",
+    "flatness.*",
+)
+"""The keys (fnmatch patterns of dotted keys) that may change when a run resumes: the learning
+rate and its schedule, the coupling's eta schedule, the run's length (raised on a finished run,
+it extends it), how often to log, evaluate and save, the guard's policy, how long to wait for a
+collective, and the end-of-run flatness analysis. The run goes on from its checkpoint under the
+new values (each change is logged); any other change is refused, naming the key."""
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether the dotted config `key` may differ from the saved config when a run resumes."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
 
 
 @dataclass

@@ -130,6 +130,10 @@ def _load_run(run_dir: Path) -> tuple[Config, dict, list[Path]]:
             OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
         )
         summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("status", "ok") == "stopped":  # weights/ are a former segment's, if any
+            raise FlatnessError(
+                f"{run_dir} is not a finished run: it was stopped at step {summary.get('step')}"
+            )
         world_size, steps = int(summary["world_size"]), int(summary["steps"])
     except (ConfigError, OmegaConfBaseException, ValueError, KeyError, TypeError) as err:
         raise FlatnessError(

@@ -6,9 +6,11 @@ suffix when two launches start in the same second) unless `hydra.run.dir=...` or
 names one, and runs torchrun in this process with torchrun's own machinery (`--standalone`, or
 the c10d rendezvous that `--nnodes`, `--rdzv-endpoint` and `--rdzv-id` describe: one launcher
 per node, with `hydra.run.dir` on a filesystem every node shares).
-Ctrl-C or SIGTERM make every worker save a checkpoint at the next step boundary; this process
-then prints the command that resumes the run and exits 0. A worker's own one-line error is not
-buried under torchrun's report of the failure: this process adds at most one line.
+Ctrl-C, SIGTERM or SIGHUP (a closed terminal, a dropped ssh session) make every worker save a
+checkpoint at the next step that communicates; this process then prints the step saved (read
+back from the run directory, never assumed) and the command that resumes the run, and exits 0
+(1 if the workers ended without saving). A worker's own one-line error is not buried under
+torchrun's report of the failure: this process adds at most one line.
 
 `NPROC` and `MAX_RESTARTS` in the environment are the defaults of `--nproc` and
 `--max-restarts` (4 and 0).
@@ -196,13 +198,38 @@ def _failure_line(error) -> tuple[int, str | None]:
     return failure.exitcode, None
 
 
-def _stop_message(launch: Launch, original: str) -> str:
-    if (launch.run_dir / "summary.json").exists():
-        return f"replica_dist: the run had finished; its results are in {launch.run_dir}"
-    step = checkpoint.newest_with_manifest(launch.run_dir / "checkpoints")
-    if step is None:
-        return f"replica_dist: stopped before the first checkpoint; nothing to resume. Start again with: {original}"
-    return f"replica_dist: stopped after step {step}, checkpoint saved. Resume with: {launch.command()}"
+def _stop_message(launch: Launch, original: str) -> tuple[int, str]:
+    """The exit status and the line that end a launch stopped by a signal, from what the run
+    directory holds: the workers' summary.json says at which step they stopped and saved; a
+    checkpoint is claimed only where its manifest is on disk."""
+    from replica_dist.run_state import read_summary
+
+    summary = read_summary(launch.run_dir) or {}
+    newest = checkpoint.newest_with_manifest(launch.run_dir / "checkpoints")
+    if summary.get("status") == "ok":
+        return 0, f"replica_dist: the run had finished; its results are in {launch.run_dir}"
+    if summary.get("status") == "stopped" and summary.get("checkpoint") == summary.get("step") == newest:
+        return (
+            0,
+            f"replica_dist: stopped after step {newest}, checkpoint saved. Resume with: {launch.command()}",
+        )
+    if newest is None:
+        return (
+            0,
+            f"replica_dist: stopped before the first checkpoint; nothing to resume. Start again with: {original}",
+        )
+    return 1, (
+        f"replica_dist: the workers ended without saving a checkpoint at the stop; the newest checkpoint "
+        f"is of step {newest} (later steps are lost). Resume from it with: {launch.command()}"
+    )
+
+
+def _say(line: str) -> None:
+    """The launcher's last line, to a terminal that may be gone (SIGHUP)."""
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,9 +265,11 @@ def _run(launch: Launch, made_here: bool, original: str) -> int:
     try:
         torchrun(args)
     except SignalException:
-        # The agent has passed the signal on and waited for the workers' clean stop.
-        print(_stop_message(launch, original), file=sys.stderr)
-        return 0
+        # The agent has passed the signal on and waited for the workers' stop (and killed
+        # those that did not stop within its shutdown timeout).
+        status, line = _stop_message(launch, original)
+        _say(line)
+        return status
     except ChildFailedError as err:
         status, line = _failure_line(err)
         if line:

@@ -38,7 +38,7 @@ from replica_dist.diagnostics import Diagnostics
 from replica_dist.errors import RunError
 from replica_dist.evaluate import stream_score
 from replica_dist.flat import FlatState
-from replica_dist.guard import DivergedError, Guard
+from replica_dist.guard import DivergedError, Guard, NonFiniteError, StopRequested
 from replica_dist.model import build_model
 from replica_dist.progress import Progress
 from replica_dist.timing import NO_TIMER, StepTimer
@@ -133,6 +133,8 @@ def train(
     }
 
     model = build_replica(cfg, data, device, mesh)
+    if start.step == 0 and cfg.train.init_from:  # before the coupling takes its first look
+        run_state.warm_start(cfg.train.init_from, model, mesh)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = recipe.build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer)
@@ -144,13 +146,16 @@ def train(
     recipe_state = {"scheduler": scheduler, "precision": precision}
     checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
     checkpointer.restore(start)
+    if start.step > 0:  # the checkpoint holds the lr it was written with: optim.lr may have changed
+        run_state.rebase_lr(scheduler, cfg.optim.lr)
     recipe.sync_lr(scheduler)  # a replica that checkpoint.remap adds has a fresh optimizer
     # The center is a scratch copy of the network that holds the mean weights.
     diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
-    if start.step == 0:
+    if start.step == 0 or start.changes:  # the settings the next resume compares with
         _write_config(cfg, run_dir)
     progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task)
     started = time.perf_counter()
+    step, evaluation = start.step, None
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
@@ -189,6 +194,10 @@ def train(
             checkpointer.after_step(step)  # saves when due; raises StopRequested on an agreed stop
             progress.step_done(step, time.perf_counter())
 
+        if evaluation is None:  # resumed from the last step's checkpoint: only the results are left
+            mean_after = dist.replica_mean(coupling.state.pack(), mesh)
+            evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
+            progress.observe_evaluation(step, evaluation, final=True)
         wall_seconds = time.perf_counter() - started
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
@@ -199,6 +208,15 @@ def train(
         if summary["status"] != "ok":  # after summary.json, which says what diverged
             raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
         return summary
+    except StopRequested as stop:  # every rank together, after the stop's checkpoint
+        newest = checkpoint.newest_complete(run_state.checkpoint_root(run_dir)) if dist.rank() == 0 else None
+        ended = {"status": "stopped", "step": stop.step, "checkpoint": newest}
+        _write_summary(run_dir, _ended(cfg, mesh, ended, time.perf_counter() - started))
+        raise
+    except NonFiniteError as err:  # the guard stopped the run, on every rank at the same step
+        ended = {"status": "diverged", "reason": str(err), "step": step}
+        _write_summary(run_dir, _ended(cfg, mesh, ended, time.perf_counter() - started))
+        raise
     finally:
         diagnostics.close()
         run_lock.release()
@@ -216,6 +234,30 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
     failure = dist.first_failure(failure)
     if failure is not None:
         raise RunError(failure)
+
+
+def _ended(cfg: Config, mesh: dist.Mesh, ended: dict, wall_seconds: float) -> dict:
+    """summary.json of a run that ended before its last step (stopped, or diverged)."""
+    return ended | {
+        "steps": cfg.train.steps,
+        "wall_seconds": wall_seconds,
+        "world_size": mesh.num_replicas,
+        "dp": cfg.parallel.dp,
+        "coupling": cfg.coupling.name,
+    }
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json of a run that is ending on every rank at once (StopRequested, NonFiniteError),
+    written atomically by rank 0 alone, with no collective: a write that fails is a warning,
+    and the exception that ends the run says the rest."""
+    if dist.rank() != 0:
+        return
+    path = run_dir / run_state.SUMMARY
+    try:
+        checkpoint.atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    except OSError as err:
+        log.warning("could not write %s: %s", path, err)
 
 
 def _write_results(
@@ -247,7 +289,7 @@ def _write_results(
         path = weights / "center.pt"
         try:
             checkpoint.atomic_torch_save(center.state_dict(), path)
-            path = run_dir / "summary.json"
+            path = run_dir / run_state.SUMMARY
             checkpoint.atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
         except OSError as err:
             failure = checkpoint.cannot_write("final results", path, err, root)

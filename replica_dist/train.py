@@ -119,6 +119,11 @@ def main(argv: list[str]) -> int:
                 log.warning("%s", note)
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         guard.install_signal_handlers()
+        if hasattr(signal, "SIGHUP"):
+            # A closed terminal, a dropped ssh session or `tmux kill-session` is a stop like
+            # SIGTERM: torchrun's agent passes its own SIGHUP on to the workers, which would
+            # otherwise die without saving.
+            signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
         if "TORCHELASTIC_RUN_ID" in os.environ:
             watch_parent()
         device = dist.init(cfg.dist)

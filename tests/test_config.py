@@ -325,6 +325,7 @@ BAD_OVERRIDES = [
     (["train.grad_accum=0"], r"^train\.grad_accum must be >= 1"),
     (["train.precision=fp8"], r"^train\.precision must be one of fp32, bf16, fp16; got 'fp8'"),
     (["train.compile=1"], r"^train\.compile must be true or false"),
+    (["train.init_from=no/such/run"], r"^train\.init_from=no/such/run: no such file or directory"),
     (
         ["guard.max_consecutive_skips=5"],
         r"^guard\.max_consecutive_skips is only used with guard\.nonfinite=skip; got guard\.nonfinite=stop",

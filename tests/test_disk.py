@@ -290,12 +290,12 @@ def test_full_and_read_only_disks_stop_every_rank_and_the_run_resumes_bit_for_bi
     message = _run(run_dir, None if real else ("full_on_replace", 1, "weights/replica_1.pt"))
     assert re.fullmatch(
         rf"cannot write final weights {re.escape(str(weights))}/replica_[01]\.pt: {full} and run the "
-        r"same command to resume from step 15",
+        r"same command to resume from step 20",
         message,
     ), message
     assert not (run_dir / "summary.json").exists()
     assert not any(p.name.startswith(".tmp-") for p in weights.iterdir())
-    assert _resumable(run_dir) == 15
+    assert _resumable(run_dir) == 20  # the last step's checkpoint: the next attempt only writes the results
 
     # 5. Space again: the same command finishes the run as if it had never stopped.
     if real:

@@ -309,7 +309,7 @@ def test_stop_every_rank_stops_in_the_same_step_naming_the_replica(tmp_path, mod
     assert errors[0] == errors[1]
     assert errors[0]["step"] == stop_step and "replica 1 at step 5" in errors[0]["message"]
     assert _checkpoints_finite(tmp_path) == [2, 4]
-    assert not (tmp_path / "summary.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
 def _skipped_and_rates(run_dir: Path, replica: int) -> tuple[list[float], dict[int, float]]:
@@ -375,7 +375,7 @@ def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path
         str(tmp_path),
         ["coupling=tanh", "guard.nonfinite=skip", "checkpoint.every=5", "log.every=100", mode],
     )
-    assert _checkpoints_finite(tmp_path) == [10]
+    assert _checkpoints_finite(tmp_path) == [10, 12]  # and the last step's
     assert not (tmp_path / "checkpoints" / "step-00000005").exists()
 
 
@@ -468,7 +468,7 @@ def test_stop_ends_every_form_with_one_line_naming_what_where_and_what_to_try(tm
         assert outcomes[0]["message"] == outcomes[1]["message"] and outcomes[0]["step"] == outcomes[1]["step"]
         assert (outcomes[0]["step"], outcomes[0]["message"]) == (step, f"{where} {STOP_ADVICE}"), name
         assert "\n" not in outcomes[0]["message"]
-        assert not (tmp_path / name / "summary.json").exists()
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "diverged"
         assert _checkpoints_finite(tmp_path / name) == [2, 4]
     outcomes = _outcomes(tmp_path / "clean-lr")
     assert [(o["error"], o["step"]) for o in outcomes] == [("NonFiniteError", 2)] * 2
@@ -551,7 +551,7 @@ def test_skip_stops_every_form_at_the_limit_and_never_applies_or_saves_a_bad_ste
         assert outcomes[0]["message"] == outcomes[1]["message"] == _limit_message(counts, seen), name
         assert outcomes[0]["step"] == outcomes[1]["step"] == step, name
         assert (outcomes[0]["skipped"], outcomes[1]["skipped"]) == (skipped_0, skipped_1), name
-        assert not (tmp_path / name / "summary.json").exists()
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "diverged"
         saved = _checkpoints_finite(tmp_path / name)
         assert saved == ([1, 2, 3, 4] if name == "none-every-step" else [2, 4]), name
 

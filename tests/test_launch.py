@@ -219,10 +219,10 @@ HOOKS = textwrap.dedent(
 )
 
 
-def hooked_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+def hooked_env(tmp_path: Path, hooks_text: str = HOOKS, **settings: str) -> dict[str, str]:
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(HOOKS)
+    (hooks / "sitecustomize.py").write_text(hooks_text)
     env = user_env(**settings)
     env["PYTHONPATH"] = f"{hooks}{os.pathsep}{env['PYTHONPATH']}"
     return env

@@ -295,7 +295,7 @@ def test_under_bf16_the_guard_still_stops_on_an_injected_nan(tmp_path):
     messages = [(tmp_path / f"error.rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "non-finite loss in replica 1 at step 5" in messages[0]
-    assert not (tmp_path / "summary.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
 # ---- fp16: the scaler owns overflow

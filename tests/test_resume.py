@@ -183,15 +183,16 @@ def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path,
 
 
 @pytest.mark.e2e
-def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path, reference_run):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path, reference_run, signum):
     run_dir = tmp_path / "preempted"
-    out = _signal_rank_1_after_step_300(run_dir, signal.SIGTERM)
+    out = _signal_rank_1_after_step_300(run_dir, signum)  # SIGHUP: the worker's terminal closed
     stopped = re.search(r"stopped on request after step (\d+): checkpoint saved", out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
     assert 300 < step < 1500 and "resuming from" not in out  # a clean stop, not a restart
     assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists()
-    assert not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
     resumed = _torchrun(run_dir)
     out, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0 and f"step-{step:08d}" in out, out[-3000:]

@@ -263,7 +263,7 @@ def train_all(runs_dir: Path, runs: list[Run]) -> None:
     walls = json.loads(walls_path.read_text()) if walls_path.exists() else {}
     for index, run in enumerate(runs, 1):
         run_dir = runs_dir / run.name
-        if (run_dir / "summary.json").exists():
+        if _has_results(run_dir):
             continue
         if run_dir.exists():  # an interrupted run: its events would mix with the new ones
             shutil.rmtree(run_dir)
@@ -271,6 +271,15 @@ def train_all(runs_dir: Path, runs: list[Run]) -> None:
         walls[run.name] = wall
         walls_path.write_text(json.dumps(walls, indent=2) + "\n")
         print(f"[{index}/{len(runs)}] {run.name} in {wall:.1f} s", flush=True)
+
+
+def _has_results(run_dir: Path) -> bool:
+    """Whether the run ended with its final evaluation (a summary.json of a stopped run, or of
+    one the guard stopped, has none: it is trained again)."""
+    try:
+        return "replicas" in json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 # ---- reading the runs back
