@@ -141,7 +141,10 @@ def train(
         device_ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
     forward = recipe.compiled(net, cfg.train.compile)
-    recipe_state = {"scheduler": scheduler, "precision": precision}
+    samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
+    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task, samples_per_step)
+    # The progress's history is checkpointed with the recipe: a resumed run warns as an uninterrupted one.
+    recipe_state = {"scheduler": scheduler, "precision": precision, "progress": progress}
     checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
     checkpointer.restore(start)
     recipe.sync_lr(scheduler)  # a replica that checkpoint.remap adds has a fresh optimizer
@@ -149,8 +152,7 @@ def train(
     diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
     if start.step == 0:
         _write_config(cfg, run_dir)
-    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task)
-    started = time.perf_counter()
+    progress.start_clock(time.perf_counter())
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
@@ -189,7 +191,7 @@ def train(
             checkpointer.after_step(step)  # saves when due; raises StopRequested on an agreed stop
             progress.step_done(step, time.perf_counter())
 
-        wall_seconds = time.perf_counter() - started
+        wall_seconds = progress.wall_seconds(time.perf_counter())  # every segment's
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
         )

@@ -2,7 +2,8 @@
 
 A replica's state is everything that makes its next step identical to an uninterrupted
 run: weights and buffers, optimizer state, the step, its data order, the RNG states, and
-the recipe's parts (the lr scheduler, the fp16 gradient scaler).
+the recipe's parts (the lr scheduler, the fp16 gradient scaler), and the progress's history
+(the losses the loss-jump warning judges from, the training time so far).
 The coupling's schedule is a function of the step alone, so the step restores it; diloco's
 outer state (the anchor, the outer momentum) is in the coupling's state_dict.
 """
@@ -280,7 +281,7 @@ class Checkpointer:
         self.cfg, self.run_dir = cfg, run_dir
         self.model, self.optimizer, self.batches, self.coupling = model, optimizer, batches, coupling
         self.recipe = recipe or {}
-        """Name -> a part with state_dict/load_state_dict (lr scheduler, gradient scaler)."""
+        """Name -> a part with state_dict/load_state_dict (lr scheduler, gradient scaler, progress)."""
 
     def due(self, step: int) -> bool:
         """Whether `step` saves a checkpoint (the coupling then agrees on it before its update)."""
