@@ -113,18 +113,24 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str]:
             run_lock.record(run_dir)
             return _RESUME, step, checkpoint.saved_world_size(root, step), ""
     if (run_dir / "tb").exists():
-        if not same_job:
+        # A run that left no checkpoint (killed before its first, or a first one that did not
+        # fit the disk) has nothing to lose: the same command starts it over. Only checkpoints
+        # that checkpoint.resume=false declines are kept from another launch.
+        if not same_job and not cfg.checkpoint.resume and checkpoint.newest_complete(root) is not None:
             run_lock.release()
             return (
                 _TAKEN,
                 0,
                 0,
                 (
-                    f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
-                    f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+                    f"hydra.run.dir={run_dir} already holds a run with checkpoints and checkpoint.resume=false; "
+                    f"choose a new hydra.run.dir, or set checkpoint.resume=true to resume it"
                 ),
             )
-        log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
+        if same_job:
+            log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
+        else:
+            log.warning("%s holds no checkpoint and no finished run: starting the run over", run_dir)
         shutil.rmtree(run_dir / "tb")
     run_lock.record(run_dir)
     return _FRESH, 0, dist.world_size(), ""
