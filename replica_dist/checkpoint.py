@@ -501,7 +501,7 @@ def cannot_write(what: str, path: str | os.PathLike, error: OSError, root: str |
         remedy = "fix the cause"
     step = newest_complete(root)
     if step is None:
-        then = "start again with a new hydra.run.dir (no complete checkpoint to resume from)"
+        then = "run the same command to start the run over (no complete checkpoint to resume from)"
     else:
         then = f"run the same command to resume from step {step}"
     return f"cannot write {what} {path}: {cause}; {remedy} and {then}"

@@ -281,4 +281,6 @@ def _run(launch: Launch, made_here: bool, original: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from replica_dist.train import exit_now
+
+    exit_now(main())

@@ -143,7 +143,10 @@ def train(
         device_ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
     forward = recipe.compiled(net, cfg.train.compile)
-    recipe_state = {"scheduler": scheduler, "precision": precision}
+    samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
+    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task, samples_per_step)
+    # The progress's history is checkpointed with the recipe: a resumed run warns as an uninterrupted one.
+    recipe_state = {"scheduler": scheduler, "precision": precision, "progress": progress}
     checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
     checkpointer.restore(start)
     if start.step > 0:  # the checkpoint holds the lr it was written with: optim.lr may have changed
@@ -153,8 +156,7 @@ def train(
     diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
     if start.step == 0 or start.changes:  # the settings the next resume compares with
         _write_config(cfg, run_dir)
-    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task)
-    started = time.perf_counter()
+    progress.start_clock(time.perf_counter())
     step, evaluation = start.step, None
     try:
         for step in range(start.step + 1, cfg.train.steps + 1):
@@ -198,7 +200,7 @@ def train(
             mean_after = dist.replica_mean(coupling.state.pack(), mesh)
             evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
             progress.observe_evaluation(step, evaluation, final=True)
-        wall_seconds = time.perf_counter() - started
+        wall_seconds = progress.wall_seconds(time.perf_counter())  # every segment's
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
         )
@@ -211,11 +213,11 @@ def train(
     except StopRequested as stop:  # every rank together, after the stop's checkpoint
         newest = checkpoint.newest_complete(run_state.checkpoint_root(run_dir)) if dist.rank() == 0 else None
         ended = {"status": "stopped", "step": stop.step, "checkpoint": newest}
-        _write_summary(run_dir, _ended(cfg, mesh, ended, time.perf_counter() - started))
+        _write_summary(run_dir, _ended(cfg, mesh, ended, progress.wall_seconds(time.perf_counter())))
         raise
     except NonFiniteError as err:  # the guard stopped the run, on every rank at the same step
         ended = {"status": "diverged", "reason": str(err), "step": step}
-        _write_summary(run_dir, _ended(cfg, mesh, ended, time.perf_counter() - started))
+        _write_summary(run_dir, _ended(cfg, mesh, ended, progress.wall_seconds(time.perf_counter())))
         raise
     finally:
         diagnostics.close()

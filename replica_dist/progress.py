@@ -5,11 +5,16 @@ coupling can pull the replicas onto weights whose mean (the center) no longer wo
 throw a converged run back to its starting loss. `Progress` watches for both, on numbers
 every rank already has (the replicas' losses, the evaluation), so it adds no collective;
 its warnings go into the progress line (rank 0) and into summary.json.
+
+What it remembers (the losses and the center it judges from, the warnings it is showing, the
+training time so far) is in the checkpoint, so that a resumed run says what an uninterrupted
+one says.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 COLLAPSE_POINTS = 0.10
 """Center test accuracy this far below the ensemble's (classification) is worth a warning."""
@@ -30,8 +35,10 @@ COUPLED_FORMS = ("tanh", "linear", "average", "diloco")
 
 
 class Progress:
-    def __init__(self, total_steps: int, form: str, num_replicas: int, task: str):
+    def __init__(self, total_steps: int, form: str, num_replicas: int, task: str, samples_per_step: int):
         self.total_steps = total_steps
+        self.samples_per_step = samples_per_step
+        """Samples all ranks together draw in one step (for the samples/s of the progress line)."""
         self.watch_center = form in COUPLED_FORMS and num_replicas > 1
         self.form = form
         self.num_replicas = num_replicas
@@ -49,6 +56,50 @@ class Progress:
         """The first loss jump of the run, for summary.json."""
         self._timed_from: tuple[int, float] | None = None
         self._steps_done = 0
+        self._last_line: tuple[int, float] | None = None
+        self._earlier_seconds = 0.0
+        """Training time of the segments before this process's (a resumed run), up to the
+        checkpoint it resumed from."""
+        self._segment_start: float | None = None
+
+    # ---- the checkpoint
+
+    def state_dict(self) -> dict:
+        """What shapes the run's later output (warnings, the center shown, the training time),
+        the same on every rank: the losses are every replica's mean and the evaluation is shared."""
+        return {
+            "first_loss": self._first_loss,
+            "best_loss": self._best_loss,
+            "first_jump": self.first_jump,
+            "best_center": self._best_center,
+            "center_metric": self.center_metric,
+            "center_warning": self.center_warning,
+            "wall_seconds": self.wall_seconds(time.perf_counter()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        def pair(value) -> tuple[float, int] | None:  # a tuple comes back from torch.load as a list
+            return None if value is None else (float(value[0]), int(value[1]))
+
+        self._first_loss = state["first_loss"]
+        self._best_loss = pair(state["best_loss"])
+        self.first_jump = state["first_jump"]
+        self._best_center = pair(state["best_center"])
+        self.center_metric = state["center_metric"]
+        self.center_warning = state["center_warning"]
+        self._earlier_seconds = float(state["wall_seconds"])
+
+    # ---- training time
+
+    def start_clock(self, now: float) -> None:
+        """Call once, as this process's first step begins, with time.perf_counter()."""
+        self._segment_start = now
+
+    def wall_seconds(self, now: float) -> float:
+        """Training time of the whole run so far: every earlier segment up to the checkpoint
+        it was resumed from (steps redone after a kill count once), and this process's."""
+        mine = 0.0 if self._segment_start is None else now - self._segment_start
+        return self._earlier_seconds + mine
 
     # ---- time left
 
@@ -145,11 +196,23 @@ class Progress:
             f"loss {mean_loss:.4f} (mean of {self.num_replicas} replicas)",
             f"{name} {center}",
         ]
+        parts += self._speed(step, now)
         left = self.seconds_left(step, now)
         if left is not None:
             parts.append(f"{left:.0f} s left")
         parts += [f"warning: {w}" for w in (self.loss_warning, self.center_warning) if w]
         return " | ".join(parts)
+
+    def _speed(self, step: int, now: float) -> list[str]:
+        """Wall time per step and samples/s (all ranks together) since this process's previous
+        line: none on its first line, whose steps include the start-up."""
+        since, self._last_line = self._last_line, (step, now)
+        if since is None or step <= since[0] or now <= since[1]:
+            return []
+        seconds_per_step = (now - since[1]) / (step - since[0])
+        return [
+            f"{1000 * seconds_per_step:.1f} ms/step, {self.samples_per_step / seconds_per_step:.0f} samples/s"
+        ]
 
     def warnings(self) -> list[str]:
         """For summary.json: the first loss jump, and the final evaluation's center warning."""

@@ -2,7 +2,8 @@
 
 A replica's state is everything that makes its next step identical to an uninterrupted
 run: weights and buffers, optimizer state, the step, its data order, the RNG states, and
-the recipe's parts (the lr scheduler, the fp16 gradient scaler).
+the recipe's parts (the lr scheduler, the fp16 gradient scaler), and the progress's history
+(the losses the loss-jump warning judges from, the training time so far).
 The coupling's schedule is a function of the step alone, so the step restores it; diloco's
 outer state (the anchor, the outer momentum) is in the coupling's state_dict.
 """
@@ -234,19 +235,25 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str, list]:
             [],
         )
     if (run_dir / "tb").exists():
-        if not same_job:
+        # A run that left no checkpoint (killed before its first, or a first one that did not
+        # fit the disk) has nothing to lose: the same command starts it over. Only checkpoints
+        # that checkpoint.resume=false declines are kept from another launch.
+        if not same_job and not cfg.checkpoint.resume and checkpoint.newest_complete(root) is not None:
             run_lock.release()
             return (
                 _TAKEN,
                 0,
                 0,
                 (
-                    f"hydra.run.dir={run_dir} already holds a run with no checkpoint to resume from "
-                    f"(checkpoint.resume={cfg.checkpoint.resume}); choose a new hydra.run.dir"
+                    f"hydra.run.dir={run_dir} already holds a run with checkpoints and checkpoint.resume=false; "
+                    f"choose a new hydra.run.dir, or set checkpoint.resume=true to resume it"
                 ),
                 [],
             )
-        log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
+        if same_job:
+            log.warning("this job restarted before its first checkpoint: starting over in %s", run_dir)
+        else:
+            log.warning("%s holds no checkpoint and no finished run: starting the run over", run_dir)
         shutil.rmtree(run_dir / "tb")
     run_lock.record(run_dir)
     return _FRESH, 0, dist.world_size(), "", []
@@ -468,7 +475,7 @@ class Checkpointer:
         self.cfg, self.run_dir = cfg, run_dir
         self.model, self.optimizer, self.batches, self.coupling = model, optimizer, batches, coupling
         self.recipe = recipe or {}
-        """Name -> a part with state_dict/load_state_dict (lr scheduler, gradient scaler)."""
+        """Name -> a part with state_dict/load_state_dict (lr scheduler, gradient scaler, progress)."""
 
     def due(self, step: int) -> bool:
         """Whether `step` saves a checkpoint (the coupling then agrees on it before its update)."""

@@ -13,7 +13,7 @@ def _evaluation(center: float, ensemble: float, metric: str = "test/accuracy") -
 
 def test_the_readme_run_that_lost_its_center_says_so_in_the_line_and_the_summary():
     # coupling=tanh coupling.temperature=0.1: center 0.9777 at step 1340, loss 0.023 -> 2.61, center 0.1838.
-    progress = Progress(2000, "tanh", 4, "classification")
+    progress = Progress(2000, "tanh", 4, "classification", samples_per_step=64)
     progress.observe_loss(1, 2.30)
     progress.observe_loss(1340, 0.023)
     progress.observe_evaluation(1340, _evaluation(0.9777, 0.9805), final=False)
@@ -42,7 +42,7 @@ def test_the_readme_run_that_lost_its_center_says_so_in_the_line_and_the_summary
 
 
 def test_minibatch_noise_around_a_small_loss_is_no_jump():
-    progress = Progress(100, "tanh", 2, "classification")
+    progress = Progress(100, "tanh", 2, "classification", samples_per_step=64)
     for step, loss in [(1, 2.3), (20, 0.001), (40, 0.2), (60, 0.05)]:  # 200x the best, < 10% of 2.3
         progress.observe_loss(step, loss)
         assert progress.loss_warning is None
@@ -51,7 +51,7 @@ def test_minibatch_noise_around_a_small_loss_is_no_jump():
 
 
 def test_a_center_that_is_still_forming_is_no_warning_until_the_end():
-    progress = Progress(100, "linear", 2, "classification")
+    progress = Progress(100, "linear", 2, "classification", samples_per_step=64)
     progress.observe_evaluation(50, _evaluation(0.30, 0.90), final=False)  # replicas still far apart
     assert progress.center_warning is None
     progress.observe_evaluation(100, _evaluation(0.35, 0.90), final=True)
@@ -59,7 +59,7 @@ def test_a_center_that_is_still_forming_is_no_warning_until_the_end():
 
 
 def test_a_center_within_ten_points_of_the_ensemble_is_fine():
-    progress = Progress(100, "tanh", 2, "classification")
+    progress = Progress(100, "tanh", 2, "classification", samples_per_step=64)
     progress.observe_evaluation(50, _evaluation(0.95, 0.96), final=False)
     progress.observe_evaluation(100, _evaluation(0.87, 0.96), final=True)
     assert progress.warnings() == []
@@ -67,7 +67,7 @@ def test_a_center_within_ten_points_of_the_ensemble_is_fine():
 
 def test_an_uncoupled_run_has_no_center_to_lose():
     for form, replicas in (("none", 4), ("ddp", 4), ("tanh", 1)):
-        progress = Progress(100, form, replicas, "classification")
+        progress = Progress(100, form, replicas, "classification", samples_per_step=64)
         progress.observe_evaluation(50, _evaluation(0.95, 0.96), final=False)
         progress.observe_evaluation(100, _evaluation(0.10, 0.96), final=True)
         assert progress.warnings() == [], form
@@ -75,7 +75,7 @@ def test_an_uncoupled_run_has_no_center_to_lose():
 
 
 def test_regression_compares_test_losses():
-    progress = Progress(100, "average", 2, "regression")
+    progress = Progress(100, "average", 2, "regression", samples_per_step=64)
     assert "center test loss -" in progress.line(1, 1.0, now=0.0)
     progress.observe_evaluation(50, _evaluation(0.010, 0.009, "test/loss"), final=False)
     progress.observe_evaluation(100, _evaluation(0.5, 0.01, "test/loss"), final=True)
@@ -86,7 +86,7 @@ def test_regression_compares_test_losses():
 
 
 def test_the_time_left_leaves_out_the_first_step_and_waits_for_three_more():
-    progress = Progress(103, "tanh", 2, "classification")
+    progress = Progress(103, "tanh", 2, "classification", samples_per_step=64)
     assert progress.line(1, 2.3, now=60.0) == "step 1/103 | loss 2.3000 (mean of 2 replicas) | center acc -"
     progress.step_done(1, now=60.0)  # start-up: a minute
     for step in (2, 3):
@@ -94,11 +94,14 @@ def test_the_time_left_leaves_out_the_first_step_and_waits_for_three_more():
         assert progress.seconds_left(step, now=60.0 + 0.5 * (step - 1)) is None
     progress.step_done(4, now=61.5)
     assert progress.seconds_left(4, now=61.5) == 0.5 * 99
-    assert progress.line(4, 2.0, now=61.5).endswith("| center acc - | 50 s left")
+    # Steps 2 to 4 took 1.5 s: 500 ms a step, 64 samples in each.
+    assert progress.line(4, 2.0, now=61.5).endswith(
+        "| center acc - | 500.0 ms/step, 128 samples/s | 50 s left"
+    )
 
 
 def test_the_time_left_after_a_resume_counts_from_the_resumed_steps():
-    progress = Progress(1000, "tanh", 2, "classification")
+    progress = Progress(1000, "tanh", 2, "classification", samples_per_step=64)
     progress.step_done(501, now=10.0)
     assert progress.seconds_left(503, now=12.0) is None
     assert progress.seconds_left(510, now=19.0) == 1.0 * 490
@@ -130,7 +133,8 @@ def test_a_real_run_prints_the_center_only_when_known_and_the_time_left_only_whe
     }
     assert sorted(lines) == [1, 2, 4, 6, 8]
     assert lines[1].endswith("| center acc -")  # no evaluation, no timed step yet
-    assert lines[2].endswith("| center acc -")  # one timed step after the first: no estimate yet
-    assert re.search(r"\| center acc 0\.\d{4} \| \d+ s left$", lines[4])  # evaluated at step 4
+    speed = r"\d+\.\d ms/step, \d+ samples/s"  # since the previous line
+    assert re.search(rf"\| center acc - \| {speed}$", lines[2])  # one timed step: no estimate yet
+    assert re.search(rf"\| center acc 0\.\d{{4}} \| {speed} \| \d+ s left$", lines[4])  # evaluated at step 4
     assert lines[6].endswith(" s left")
     assert summary["status"] == "ok" and summary["warnings"] == []

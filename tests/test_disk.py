@@ -385,7 +385,7 @@ def test_cannot_write_names_the_file_the_cause_and_the_step_to_resume_from(tmp_p
     target = root / "step-00000015" / "replica-1.pt"
     assert cannot_write("checkpoint", target, _error(errno.ENOSPC), root) == (
         f"cannot write checkpoint {target}: No space left on device (errno 28); free space and "
-        "start again with a new hydra.run.dir (no complete checkpoint to resume from)"
+        "run the same command to start the run over (no complete checkpoint to resume from)"
     )
     _save_step(root, 5)
     _save_step(root, 10)

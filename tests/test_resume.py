@@ -19,6 +19,7 @@ from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 from replica_dist import loop
 from replica_dist.config import load_config
 from replica_dist.data import ReplicaBatches
+from replica_dist.experiments.startup import worker_pid
 
 OVERRIDES = [
     "train.steps=20",
@@ -123,20 +124,6 @@ def _torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _worker_pid(parent: int, rank: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    return None
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
@@ -156,7 +143,7 @@ def _signal_rank_1_after_step_300(run_dir: Path, signum: int) -> str:
         while not manifest.exists():
             assert time.monotonic() < deadline and process.poll() is None, "no checkpoint at step 300"
             time.sleep(0.02)
-        pid = _worker_pid(process.pid, rank=1)
+        pid = worker_pid(process.pid, rank=1)
         assert pid is not None
         os.kill(pid, signum)
         assert not (run_dir / "summary.json").exists()  # mid-run, not after
