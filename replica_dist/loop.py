@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
-from replica_dist.coupling import ReplicaCoupling
+from replica_dist.coupling import ReplicaCoupling, schedule_note, stability_note
 from replica_dist.data import (
     DataInfo,
     Dataset,
@@ -122,6 +122,9 @@ def train(
     # set (all shards) and the shared test set.
     batches = rank_batches(cfg, train_set, device, mesh)
     recipe.resolve_steps(cfg, len(batches.sampler.indices), device, mesh)  # train.epochs -> train.steps, once
+    for note in (schedule_note(cfg.coupling, cfg.train.steps), stability_note(cfg.coupling, cfg.train.steps)):
+        if note and dist.rank() == 0:  # over the run's length, train.epochs resolved
+            log.warning("%s", note)
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
     if start.finished:

@@ -111,16 +111,9 @@ def main(argv: list[str]) -> int:
         cfg, run_dir = load_config(argv)
         # Here, not at the top: the launcher imports this module for info_flags alone, and
         # the training code's imports (TensorBoard among them) would only delay its workers.
-        from replica_dist.coupling import schedule_note, stability_note
         from replica_dist.loop import train
 
         setup_logging(rank)
-        for note in (
-            schedule_note(cfg.coupling, cfg.train.steps),
-            stability_note(cfg.coupling, cfg.train.steps),
-        ):
-            if note and rank == 0:
-                log.warning("%s", note)
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
         guard.install_signal_handlers()
         if hasattr(signal, "SIGHUP"):

@@ -54,3 +54,21 @@ def test_defaults_couple_a_300_step_run_of_a_batchnorm_model(tmp_path):
     center, ensemble = summary["center"]["test_accuracy"], summary["ensemble"]["test_accuracy"]
     assert center >= ensemble - 0.02, (center, ensemble)
     assert ensemble > 0.8, summary
+
+
+@pytest.mark.e2e
+def test_a_growth_per_step_that_barely_couples_a_run_of_epochs_is_named(tmp_path):
+    """train.epochs=2 is 44 steps of digits' 2-replica shards: the note judges the schedule over
+    the steps the epochs resolve to (0.001 * 1.004^43 = 0.00119 at the last)."""
+    from trainer_runs import torchrun
+
+    result = torchrun(
+        2,
+        "train.epochs=2",
+        "coupling.eta_growth=0.004",
+        "checkpoint.every=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    notes = [line for line in result.stdout.splitlines() if "coupling: eta reaches only" in line]
+    assert len(notes) == 1 and "0.0012 at the last step of 44;" in notes[0], result.stdout
