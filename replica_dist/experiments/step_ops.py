@@ -9,7 +9,8 @@ sees everything the loop does between steps too, and prints rank 0's operations 
 name, the largest tensor it touched (elements), calls per step and their time per step (each
 call timed around itself; the dispatch mode's own cost is outside those times, so the sum is
 less than the step). Operations over tensors of a model's size are the ones that cost on a
-CPU (each a pass over memory); their count is exact where times are noisy.
+CPU (each a pass over memory); their count is exact where times are noisy. With
+--clocks-only nothing is counted: the main thread's CPU time and the wall time per step.
 
 It imports only what every commit of the trainer since its StepTimer has (replica_dist.train's
 main, replica_dist.timing.NO_TIMER), so that it runs as a file with another commit's Python in
@@ -38,6 +39,8 @@ class OperationCount(TorchDispatchMode):
         super().__init__()
         self.first, self.last, self.step = first, last, 0
         self.calls: dict[tuple[str, int], list] = defaultdict(lambda: [0, 0.0])
+        self.clocks: dict[str, float] = {}
+        """The main thread's CPU seconds and the wall seconds over the steps, when not counting."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         began = time.perf_counter()
@@ -65,9 +68,10 @@ class OperationCount(TorchDispatchMode):
         )
 
 
-def count_steps(first: int, last: int, overrides: list[str]) -> OperationCount:
+def count_steps(first: int, last: int, overrides: list[str], count: bool = True) -> OperationCount:
     """Train with `overrides`, counting the operations of steps first..last (the counter is
-    entered and left by the trainer's StepTimer, whose start_step every step calls)."""
+    entered and left by the trainer's StepTimer, whose start_step every step calls); with
+    count=False only the clocks run over those steps, with nothing in the way of the step."""
     from replica_dist import timing, train
 
     counter = OperationCount(first, last)
@@ -76,10 +80,14 @@ def count_steps(first: int, last: int, overrides: list[str]) -> OperationCount:
 
     def start_step(self):
         counter.step += 1
-        if counter.step == first:
-            counter.__enter__()
-        elif counter.step == last + 1:
-            counter.__exit__(None, None, None)
+        if counter.step in (first, last + 1):
+            now = {"cpu": time.thread_time(), "wall": time.perf_counter()}
+            if counter.step == first:
+                counter.clocks = now
+            else:
+                counter.clocks = {clock: now[clock] - began for clock, began in counter.clocks.items()}
+            if count:
+                counter.__enter__() if counter.step == first else counter.__exit__(None, None, None)
         original(self)
 
     no_timer.start_step = start_step
@@ -100,10 +108,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--min-numel", type=int, default=0, help="print only operations on tensors this large"
     )
+    parser.add_argument(
+        "--clocks-only",
+        action="store_true",
+        help="count nothing: the main thread's CPU time and the wall time per step (CPU time "
+        "is what other processes on a loaded machine disturb least)",
+    )
     args, overrides = parser.parse_known_args(argv)
-    rows = count_steps(args.first, args.last, overrides).rows()
+    counter = count_steps(args.first, args.last, overrides, count=not args.clocks_only)
     if os.environ.get("RANK", "0") != "0":  # the process group is gone: torchrun's rank
         return 0
+    if args.clocks_only:
+        steps = args.last - args.first + 1
+        cpu, wall = (counter.clocks[k] / steps * 1e3 for k in ("cpu", "wall"))
+        print(f"steps {args.first}-{args.last}: main thread CPU {cpu:.2f} ms, wall {wall:.2f} ms, per step")
+        return 0
+    rows = counter.rows()
     total_calls = sum(r["calls_per_step"] for r in rows)
     total_ms = sum(r["ms_per_step"] for r in rows)
     print(
