@@ -4,6 +4,10 @@
     note_figure  the user's note reproduced (docs/note_results.md; launch/note_figure.sh)
     bench        step time, communication and memory of every coupling (docs/benchmark.md;
                  launch/bench.sh)
+    against      the trainer's step time now against a git ref, each in its own venv, interleaved
+                 (docs/benchmark.md; launch/bench.sh --against REF)
+    step_ops     every operation of the trainer's steps with its size, or their CPU time; runs
+                 as a file in another commit's tree too
     commands     what they share: the torchrun commands they start, the runs directory
 
 Each is a program (`python -m replica_dist.experiments.study`, ...) that drives the core from

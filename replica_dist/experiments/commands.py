@@ -19,13 +19,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def torchrun_command(
-    nproc: int, overrides: Iterable[str], module: str = "replica_dist.train", extra: Iterable[str] = ()
+    nproc: int,
+    overrides: Iterable[str],
+    module: str = "replica_dist.train",
+    extra: Iterable[str] = (),
+    python: str = sys.executable,
 ) -> list[str]:
     """The argv of one single-node torchrun job of `nproc` processes, each `python -m module
     *overrides` (for the trainer, Hydra overrides such as hydra.run.dir=DIR). `extra` are
-    torchrun's own options (e.g. --max-restarts=1), placed before the module."""
+    torchrun's own options (e.g. --max-restarts=1), placed before the module; `python` is the
+    interpreter of another environment (another commit's, in against.py)."""
     return [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         "--standalone",
@@ -43,12 +48,12 @@ def shell_line(command: list[str]) -> str:
     return shlex.join("python" if arg == sys.executable else arg for arg in command)
 
 
-def run_job(command: list[str], name: str) -> float:
-    """Run one job to its end in REPO, its output captured; returns its wall time, process start
-    to exit. A job that fails raises ReportError with its name, exit status, command and the
+def run_job(command: list[str], name: str, cwd: Path = REPO) -> float:
+    """Run one job to its end in `cwd` (REPO: this checkout), its output captured; returns its
+    wall time, process start to exit. A job that fails raises ReportError with its name, exit status, command and the
     last 15 lines of its output (stderr last, where torchrun and the trainer report errors)."""
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
