@@ -677,14 +677,14 @@ class ReplicaCoupling:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
+        if scaler is not None:  # before anything moves: a misused scaler leaves the step as it was
+            with self.timer.section("compute"):
+                unscale_or_drop_gradients(scaler, self.optimizer)
         step, fragment, observe, sends, observer, coupling, checks = self._in_step.values()
         coupled = fragment is not None
         agree = agree or checks
         self._in_step = None
         self.step_count = step
-        if scaler is not None:
-            with self.timer.section("compute"):
-                unscale_or_drop_gradients(scaler, self.optimizer)
         # A plain step (it neither couples, shows nor saves, so it sends nothing): this replica
         # alone decides, and the guard's bookkeeping waits (Guard.inspect_and_settle).
         plain = not (coupled or observe or agree)
