@@ -16,7 +16,8 @@ import torch
 from trainer_runs import REPO, user_env
 from worlds import run_world
 
-from replica_dist import CouplingError, ReplicaCoupling
+from replica_dist import CouplingError, ReplicaCoupling, dist
+from replica_dist.config import load_config
 from replica_dist.coupling import DEFAULT_CHECK_EVERY
 from replica_dist.guard import NonFiniteError
 
@@ -356,3 +357,18 @@ def test_finish_inside_a_step_and_a_scaler_never_updated_are_coupling_errors(tmp
         "step(loss, scaler=) again before scaler.update(): call scaler.update() after each step",
         "2 steps taken",
     ]
+
+
+def _trainers_coupling(rank: int, world_size: int, out: str) -> None:
+    cfg, _ = load_config(["coupling=tanh", "coupling.eta=0.1", "train.steps=300"])
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    coupling = ReplicaCoupling.from_config(cfg, dist.init_mesh(1, torch.device("cpu")), model, optimizer)
+    torch.save({"check_every": coupling.check_every, "same": coupling.cfg == cfg.coupling}, Path(out, "t.pt"))
+
+
+def test_the_trainers_coupling_keeps_its_schedule_and_its_own_read_backs(tmp_path):
+    # The trainer reads back on its logging and checkpoint steps (log.every bounds the lag) and
+    # its eta grows by coupling.eta_growth: from_config adds no read back and keeps the schedule.
+    run_world(_trainers_coupling, 1, str(tmp_path))
+    assert torch.load(tmp_path / "t.pt") == {"check_every": 0, "same": True}
