@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = [
     "ReplicaCoupling",  # the coupling as an object a plain training loop calls twice a step
     "CouplingError",  # the coupling used wrongly (calls out of order, models that differ)
+    "NonFiniteError",  # a NaN or inf ended the loop (raised on every rank at a read back)
     "Config",  # the typed settings of a run (replica_dist.config; conf/ holds the choices)
     "load_config",  # overrides -> (Config, run directory), checked; a bad one is a ConfigError
     "ConfigError",  # a bad setting or input: one line, exit status 2
@@ -26,6 +27,7 @@ __all__ = [
 _HOMES = {
     "ReplicaCoupling": "replica_dist.coupling",
     "CouplingError": "replica_dist.coupling",
+    "NonFiniteError": "replica_dist.guard",
     "Config": "replica_dist.config",
     "load_config": "replica_dist.config",
     "ConfigError": "replica_dist.config",

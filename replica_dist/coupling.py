@@ -57,8 +57,8 @@ def eta_at(cfg: CouplingConfig, step: int, steps: int) -> float:
 
     eta_growth set: eta_0 * (1 + g)^(step - 1), g = eta_growth. Otherwise the geometric
     schedule from eta_0 at step 1 to cfg.eta_end (eta_final, or its default) at step `steps`,
-    whatever the run's length (a one-step run takes that end). With g > 0 or eta_final > eta_0 the replicas are drawn
-    together ever harder ("scoping")."""
+    whatever the run's length (a one-step run takes that end). With g > 0 or an end above
+    eta_0 the replicas are drawn together ever harder ("scoping")."""
     # In log space: (1 + g)^t overflows a float long before long runs end; the cap does not.
     end = cfg.eta_end
     if end is None:
@@ -679,14 +679,14 @@ class ReplicaCoupling:
             raise CouplingError(
                 "step() called without begin_step(): call begin_step() before the forward pass"
             )
+        if scaler is not None:  # before anything moves: a misused scaler leaves the step as it was
+            with self.timer.section("compute"):
+                unscale_or_drop_gradients(scaler, self.optimizer)
         step, fragment, observe, sends, observer, coupling, checks = self._in_step.values()
         coupled = fragment is not None
         agree = agree or checks
         self._in_step = None
         self.step_count = step
-        if scaler is not None:
-            with self.timer.section("compute"):
-                unscale_or_drop_gradients(scaler, self.optimizer)
         # A plain step (it neither couples, shows nor saves, so it sends nothing): this replica
         # alone decides, and the guard's bookkeeping waits (Guard.inspect_and_settle).
         plain = not (coupled or observe or agree)

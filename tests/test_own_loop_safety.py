@@ -16,7 +16,8 @@ import torch
 from trainer_runs import REPO, user_env
 from worlds import run_world
 
-from replica_dist import CouplingError, ReplicaCoupling
+from replica_dist import CouplingError, ReplicaCoupling, dist
+from replica_dist.config import load_config
 from replica_dist.coupling import DEFAULT_CHECK_EVERY
 from replica_dist.guard import NonFiniteError
 
@@ -322,3 +323,52 @@ def test_each_bad_argument_is_a_coupling_error_naming_it(args, kwargs, argument)
     assert re.search(rf"(^|[ (]){re.escape(argument)}", message), message
     assert "coupling." not in message and "guard." not in message and "dist." not in message, message
     assert "\n" not in message
+
+
+def _misuse_of_the_end_and_the_scaler(rank: int, world_size: int, out: str) -> None:
+    model, optimizer, coupling = _build(rank, "tanh", eta=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    messages = []
+    for forgets_update in (False, True, False):
+        coupling.begin_step()
+        loss = torch.nn.functional.mse_loss(model(_batch(rank, 1)[0]), _batch(rank, 1)[1])
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        try:
+            coupling.finish()
+        except CouplingError as err:
+            messages.append(str(err))
+        try:
+            coupling.step(loss, scaler=scaler)
+        except CouplingError as err:
+            messages.append(str(err))
+        if not forgets_update:
+            scaler.update()
+    messages.append(f"{coupling.step_count} steps taken")  # the refused one is not counted
+    Path(out, "messages.txt").write_text("\n".join(messages))
+
+
+def test_finish_inside_a_step_and_a_scaler_never_updated_are_coupling_errors(tmp_path):
+    run_world(_misuse_of_the_end_and_the_scaler, 1, str(tmp_path))
+    assert (tmp_path / "messages.txt").read_text().splitlines() == [
+        "finish() called between begin_step() and step(): call step() first",
+        "finish() called between begin_step() and step(): call step() first",
+        "finish() called between begin_step() and step(): call step() first",
+        "step(loss, scaler=) again before scaler.update(): call scaler.update() after each step",
+        "2 steps taken",
+    ]
+
+
+def _trainers_coupling(rank: int, world_size: int, out: str) -> None:
+    cfg, _ = load_config(["coupling=tanh", "coupling.eta=0.1", "train.steps=300"])
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    coupling = ReplicaCoupling.from_config(cfg, dist.init_mesh(1, torch.device("cpu")), model, optimizer)
+    torch.save({"check_every": coupling.check_every, "same": coupling.cfg == cfg.coupling}, Path(out, "t.pt"))
+
+
+def test_the_trainers_coupling_keeps_its_schedule_and_its_own_read_backs(tmp_path):
+    # The trainer reads back on its logging and checkpoint steps (log.every bounds the lag) and
+    # its eta grows by coupling.eta_growth: from_config adds no read back and keeps the schedule.
+    run_world(_trainers_coupling, 1, str(tmp_path))
+    assert torch.load(tmp_path / "t.pt") == {"check_every": 0, "same": True}

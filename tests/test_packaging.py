@@ -127,9 +127,9 @@ import replica_dist
 after_import = "torch" in sys.modules
 config_names = {n: getattr(replica_dist, n) for n in ("Config", "load_config", "ConfigError", "RunError")}
 after_config = "torch" in sys.modules
-from replica_dist import config, coupling, errors
+from replica_dist import config, coupling, errors, guard
 homes = {"Config": config, "load_config": config, "ConfigError": config, "RunError": errors,
-         "ReplicaCoupling": coupling, "CouplingError": coupling}
+         "ReplicaCoupling": coupling, "CouplingError": coupling, "NonFiniteError": guard}
 print(json.dumps({
     "version": replica_dist.__version__,
     "all": replica_dist.__all__,
@@ -158,6 +158,7 @@ def test_import_gives_version_and_exports_without_torch():
         "Config",
         "ConfigError",
         "CouplingError",
+        "NonFiniteError",
         "ReplicaCoupling",
         "RunError",
         "load_config",

@@ -1,9 +1,9 @@
 """What a plain step of ReplicaCoupling costs over the loop a user writes, in one process.
 
-    python -m replica_dist.experiments.step_overhead [--rounds 40] [--steps 20] [--hidden 1024,1024]
+    python -m replica_dist.experiments.step_overhead [--rounds 40] [--steps 100] [--hidden 1024,1024]
 
 The benchmark (bench.py) runs each variant in its own stretch of time, so a slow spell of a
-noisy machine lands on one variant; here three loops on three copies of the same model take
+noisy machine lands on one variant; here four loops on four copies of the same model take
 turns every `--steps` steps, in one process and one thread, and each is given its median over
 `--rounds` turns:
 
@@ -11,7 +11,10 @@ turns every `--steps` steps, in one process and one thread, and each is given it
     plain loop + one read  the same, then torch.aminmax of every gradient: the one pass over
                            the gradients that the guard's finite test must make on every step
     ReplicaCoupling none   begin_step, forward, backward, step (the guard's test, its
-                           bookkeeping, the optimizer step masked on the device)
+                           bookkeeping, the optimizer step masked on the device), with the
+                           default periodic read back (an exchange of the guard's words
+                           and one host read every check_every = 100 steps)
+    ... check_every=0      the same without the periodic read back: the difference is its cost
 
 The model and optimizer are the trainer's own (its default mlp and fused SGD, as the benchmark
 builds them) for digits' 64 inputs and 10 classes, on random data, batch 64, on the CPU (or
@@ -32,7 +35,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from replica_dist.config import load_config
-from replica_dist.coupling import ReplicaCoupling
+from replica_dist.coupling import DEFAULT_CHECK_EVERY, ReplicaCoupling
 from replica_dist.loop import build_optimizer
 from replica_dist.model import build_model
 
@@ -42,7 +45,12 @@ def main(argv: list[str]) -> int:
         prog="replica_dist.experiments.step_overhead", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--rounds", type=int, default=40, help="turns of each loop")
-    parser.add_argument("--steps", type=int, default=20, help="steps in one turn")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_CHECK_EVERY,
+        help="steps in one turn (by default check_every: each turn holds one periodic read back)",
+    )
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -64,6 +72,8 @@ def main(argv: list[str]) -> int:
         read_model, read_optimizer = model_and_optimizer()
         coupled_model, coupled_optimizer = model_and_optimizer()
         coupling = ReplicaCoupling(coupled_model, coupled_optimizer, "none")
+        unchecked_model, unchecked_optimizer = model_and_optimizer()
+        unchecked = ReplicaCoupling(unchecked_model, unchecked_optimizer, "none", check_every=0)
 
         def plain():
             plain_optimizer.zero_grad(set_to_none=True)
@@ -77,17 +87,21 @@ def main(argv: list[str]) -> int:
                 torch.aminmax(p.grad)
             read_optimizer.step()
 
-        def coupled():
-            coupling.begin_step()
-            coupled_optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(coupled_model(x), y)
-            loss.backward()
-            coupling.step(loss)
+        def coupled_loop(coupling, model, optimizer):
+            def loop():
+                coupling.begin_step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                coupling.step(loss)
+
+            return loop
 
         loops = {
             "plain loop": plain,
             "plain loop + one read": plain_and_one_read,
-            "ReplicaCoupling none": coupled,
+            "ReplicaCoupling none": coupled_loop(coupling, coupled_model, coupled_optimizer),
+            "... check_every=0": coupled_loop(unchecked, unchecked_model, unchecked_optimizer),
         }
         for loop in loops.values():  # warm-up: the optimizers' state, the allocator
             for _ in range(args.steps):
