@@ -281,6 +281,6 @@ def _run(launch: Launch, made_here: bool, original: str) -> int:
 
 
 if __name__ == "__main__":
-    from replica_dist.train import exit_now
+    from replica_dist.train import run_and_exit
 
-    exit_now(main())
+    run_and_exit(main)

@@ -170,5 +170,17 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def run_and_exit(entry_point) -> None:
+    """exit_now(entry_point()); an exception that escapes it (a peer died in a collective: the
+    traceback torchrun reports) is printed as Python would and ends the process with status 1
+    the same way, so that torchrun can restart the group without waiting for the teardown."""
+    try:
+        status = entry_point()
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    exit_now(status)
+
+
 if __name__ == "__main__":
-    exit_now(main(sys.argv[1:]))
+    run_and_exit(lambda: main(sys.argv[1:]))

@@ -10,7 +10,7 @@ temporary run directory, with `overrides` added (default: none, the default job)
                  and to the launcher's exit; the CPU seconds of all its processes together
                  (the launcher, torchrun's agent inside it, the workers)
     restart      --max-restarts 1, checkpoint.every=20, log.every=1: once step 20's checkpoint
-                 is complete, rank 1 is SIGKILLed; from the kill to the progress line of the
+                 is complete, the last rank is SIGKILLed; from the kill to the progress line of the
                  first step after the resume (torchrun noticing, the group's teardown and new
                  start, loading the checkpoint)
 
@@ -93,8 +93,8 @@ def worker_pid(parent: int, rank: int) -> int | None:
 
 
 def restart(nproc: int, overrides: list[str], run_dir: Path) -> float:
-    """Seconds from SIGKILLing rank 1 (after step RESTART_CHECKPOINT's checkpoint) to the
-    progress line of the first step after the resume."""
+    """Seconds from SIGKILLing the last rank (after step RESTART_CHECKPOINT's checkpoint) to
+    the progress line of the first step after the resume."""
     steps = 10 * RESTART_CHECKPOINT
     command = launch_command(
         nproc,
@@ -114,7 +114,7 @@ def restart(nproc: int, overrides: list[str], run_dir: Path) -> float:
         for line in process.stdout:
             lines.append(line)
             if killed_at is None and manifest.exists():
-                pid = worker_pid(process.pid, rank=1)
+                pid = worker_pid(process.pid, rank=nproc - 1)
                 if pid is not None:
                     os.kill(pid, signal.SIGKILL)
                     killed_at = time.perf_counter()
