@@ -237,7 +237,7 @@ def test_full_and_read_only_disks_stop_every_rank_and_the_run_resumes_bit_for_bi
     if real:
         # Room for the checkpoints of steps 5 and 10 and half of step 15's; final weights do
         # not fit in one page. A fresh run accepts both folders (it refuses only an old tb/).
-        step_bytes = _pages(uninterrupted / "checkpoints" / "step-00000005")
+        step_bytes = _pages(uninterrupted / "checkpoints" / "step-00000010")  # kept: 10, 15, 20
         mounts.tmpfs(ckpt, 2 * step_bytes + step_bytes // 2 // PAGE * PAGE)
         assert (uninterrupted / "weights" / "replica_0.pt").stat().st_size > PAGE
         mounts.tmpfs(weights, PAGE)
