@@ -108,7 +108,7 @@ def test_schedule_note_for_a_short_run_with_the_growth_per_step():
         "coupling.eta_final=0.4 keeps the shape the study chose"
     )
     assert schedule_note(CouplingConfig(name="linear", eta_growth=0.004), 300) is not None
-    # 0.001 * 1.004^(t-1) >= 0.04 from t = 926 on (0.039990 at 925): the full default needs no note
+    # 0.001 * 1.004^(t-1) >= 0.04 from t = 926 on (0.039990 at 925): the study's full run needs no note
     assert schedule_note(cfg, 925) is not None
     assert schedule_note(cfg, 926) is None
     assert schedule_note(cfg, 1500) is None

@@ -65,7 +65,10 @@ def shortening(overrides: list[str]) -> list[str]:
     if c.name in ELASTIC_FORMS and c.eta_end is None and c.eta_growth > 0:
         # A growth per step sized for the full run barely couples a short one (schedule_note says
         # so); ending at the full run's last eta keeps the schedule's shape over fewer steps.
-        extra.append(f"coupling.eta_final={eta_at(c, cfg.train.steps, cfg.train.steps)!r}")
+        extra += [
+            f"coupling.eta_final={eta_at(c, cfg.train.steps, cfg.train.steps)!r}",
+            "coupling.eta_growth=null",
+        ]
     return extra
 
 

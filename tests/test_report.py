@@ -154,7 +154,7 @@ def write_config(run_dir: Path, cfg: Config) -> None:
                 model=ModelConfig(_target_="torchvision.models.resnet18"),
                 data=DataConfig(_target_="my_pkg.data.Photos"),
             ),
-            "tanh, eta 0.001 to 0.397; 2 replicas, 1500 steps, sgd lr 0.05; resnet18 on Photos",
+            "tanh, eta 0.001 to 0.4; 2 replicas, 1500 steps, sgd lr 0.05; resnet18 on Photos",
         ),
     ],
 )

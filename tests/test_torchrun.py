@@ -39,9 +39,9 @@ def test_replica_events_hold_per_layer_tags(run_dir, replica):
     assert {"train/loss", "test/accuracy", "test/loss", "coupling/eta"} <= tags
     assert [e.step for e in tb.Scalars("rate/fc1.weight")] == [1, 10, 20, 30]
     assert [e.step for e in tb.Scalars("test/accuracy")] == [10, 20, 30]
-    # The default schedule, scoped: eta_t = 0.001 * 1.004^(t - 1).
+    # The default schedule, relative to the 30-step run: eta_t = 0.001 * 400^((t - 1) / 29).
     assert [e.value for e in tb.Scalars("coupling/eta")] == pytest.approx(
-        [0.001 * 1.004 ** (t - 1) for t in (1, 10, 20, 30)], rel=1e-6
+        [0.001 * 400 ** ((t - 1) / 29) for t in (1, 10, 20, 30)], rel=1e-6
     )
     assert all(e.value > 0 for e in tb.Scalars("coupling_step/fc1.weight"))
 
