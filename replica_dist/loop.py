@@ -216,11 +216,11 @@ def train(
     except StopRequested as stop:  # every rank together, after the stop's checkpoint
         newest = checkpoint.newest_complete(run_state.checkpoint_root(run_dir)) if dist.rank() == 0 else None
         ended = {"status": "stopped", "step": stop.step, "checkpoint": newest}
-        _write_summary(run_dir, _ended(cfg, mesh, ended, progress.wall_seconds(time.perf_counter())))
+        _write_summary(run_dir, _ended(cfg, ended, progress.wall_seconds(time.perf_counter())))
         raise
     except NonFiniteError as err:  # the guard stopped the run, on every rank at the same step
         ended = {"status": "diverged", "reason": str(err), "step": step}
-        _write_summary(run_dir, _ended(cfg, mesh, ended, progress.wall_seconds(time.perf_counter())))
+        _write_summary(run_dir, _ended(cfg, ended, progress.wall_seconds(time.perf_counter())))
         raise
     finally:
         diagnostics.close()
@@ -241,12 +241,12 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
         raise RunError(failure)
 
 
-def _ended(cfg: Config, mesh: dist.Mesh, ended: dict, wall_seconds: float) -> dict:
+def _ended(cfg: Config, ended: dict, wall_seconds: float) -> dict:
     """summary.json of a run that ended before its last step (stopped, or diverged)."""
     return ended | {
         "steps": cfg.train.steps,
         "wall_seconds": wall_seconds,
-        "world_size": mesh.num_replicas,
+        "world_size": dist.world_size(),
         "dp": cfg.parallel.dp,
         "coupling": cfg.coupling.name,
     }
