@@ -11,6 +11,7 @@ the coupling. --overflow-at N puts an inf into replica 1's gradient at step N, t
 """
 
 import argparse
+import sys
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,9 @@ for step in range(1, args.steps + 1):
     overflows += scaler.get_scale() < scale  # the scaler lowers its scale after an overflow
 coupling.finish()  # the last read back of the guard
 scale = scaler.get_scale()
-print(
-    f"replica {rank}: step {coupling.step_count}: loss {loss.item():.4f}, {overflows} overflowed, scale {scale:g}"
+# One write per line: both ranks print to one terminal, and print() writes the line and its end apart.
+sys.stdout.write(
+    f"replica {rank}: step {coupling.step_count}: loss {loss.item():.4f}, {overflows} overflowed, scale {scale:g}\n"
 )
+sys.stdout.flush()
 dist.destroy_process_group()

@@ -178,7 +178,9 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str, list]:
     if cfg.checkpoint.resume and root.is_dir():
         for stray in checkpoint.clean_temporaries(root):
             log.warning("removed a partial checkpoint file left by a killed writer: %s", stray)
-        saved = _saved_config(run_dir)
+        # Only a checkpoint to go on from makes the saved settings binding: a directory with none
+        # is started over below, whatever it held.
+        saved = _saved_config(run_dir) if checkpoint.newest_complete(root) is not None else None
         changes = config_changes(saved, cfg) if saved is not None else []
         refused = [change for change in changes if not may_change_on_resume(change[0])]
         if refused:

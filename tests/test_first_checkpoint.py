@@ -28,7 +28,8 @@ def test_a_first_checkpoint_that_did_not_fit_is_started_over_by_the_same_command
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     if real:  # half of the first checkpoint fits
-        step_bytes = _pages(uninterrupted / "checkpoints" / "step-00000005")
+        step_bytes = _pages(uninterrupted / "checkpoints" / "step-00000010")  # as large as step 5's; kept
+        assert step_bytes > 0
         mounts.tmpfs(ckpt, step_bytes // 2 // PAGE * PAGE)
     message = _run(run_dir, None if real else ("full_on_replace", 1, "step-00000005/replica-1.pt"))
     assert re.fullmatch(

@@ -326,7 +326,7 @@ def test_skip_every_rank_skips_the_same_step(tmp_path):
         skipped, rate = _skipped_and_rates(tmp_path, r)
         assert skipped == [0] * 4 + [1] * 8
         assert rate[5] == 0.0 and rate[4] > 0 and rate[6] > 0  # no update of any kind at step 5
-    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10, 12]  # and the last step's
     for weights in replica_weights(tmp_path, 2):
         assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -340,7 +340,7 @@ def test_overlapped_skip_only_the_replica_that_saw_it_skips(tmp_path):
     assert rate[5] == 0.0 and rate[4] > 0 and rate[6] > 0
     skipped, rate = _skipped_and_rates(tmp_path, 0)
     assert skipped == [0] * 12 and rate[5] > 0  # replica 0 had applied step 5 before it knew
-    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+    assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10, 12]  # and the last step's
     for weights in replica_weights(tmp_path, 2):
         assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -362,7 +362,7 @@ def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, po
             for r in range(2)
         ]
         assert skipped[0][12] == 0 and skipped[1][12] == 1  # only replica 1 skipped its own step 5
-        assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10]
+        assert _checkpoints_finite(tmp_path) == [2, 4, 6, 8, 10, 12]  # and the last step's
 
 
 @pytest.mark.parametrize("mode", [SYNC, OVERLAP])

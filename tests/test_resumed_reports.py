@@ -34,6 +34,7 @@ JUMPING = [
     "optim.lr=2",
     "optim.warmup_steps=599",
     "checkpoint.every=100",
+    "coupling.eta_growth=0.004",  # a pull that stays weak up to the jump: per step, not relative to the run
 ]
 KILL_AT = 250
 RESUMED_FROM = 200
