@@ -356,7 +356,7 @@ def test_every_config_key_has_a_bad_value_in_the_table():
 @pytest.fixture
 def _fixed_memory(monkeypatch):
     """64 GiB and one process on this node, so that the size checks do not depend on the machine."""
-    monkeypatch.setattr("replica_dist.config._physical_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr("replica_dist.config.memory._physical_memory_bytes", lambda: 64 * 2**30)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
 
 

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from replica_dist.config import Config, ConfigError, _check_memory, load_config, parameter_count
+from replica_dist.config import Config, ConfigError, load_config, parameter_count
+from replica_dist.config.memory import _check_memory
 from replica_dist.loop import replica_seed
 from replica_dist.model import build_model
 
@@ -110,7 +111,7 @@ def test_memory_check_skips_a_target(tmp_path, monkeypatch):
     machine whose memory a preset's estimate would exceed."""
     cfg, _ = _load(tmp_path, f"model._target_={TINY}", "model.width=4")
     assert parameter_count(cfg) is None
-    monkeypatch.setattr("replica_dist.config._physical_memory_bytes", lambda: 1)
+    monkeypatch.setattr("replica_dist.config.memory._physical_memory_bytes", lambda: 1)
     _check_memory(cfg)
 
 

@@ -31,7 +31,7 @@ def _load(tmp_path: Path, *overrides: str):
 
 
 def _memory(monkeypatch, nbytes: int, processes: int | None = None) -> None:
-    monkeypatch.setattr("replica_dist.config._physical_memory_bytes", lambda: nbytes)
+    monkeypatch.setattr("replica_dist.config.memory._physical_memory_bytes", lambda: nbytes)
     if processes is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
