@@ -1,25 +1,15 @@
-"""The coupling between replicas, as pure tensor functions of a replica's weights and the mean.
+"""ReplicaCoupling: the object a user's own loop (and the trainer's) calls, two calls a step.
 
-Each step every replica first takes its own optimizer step; then, on coupling steps, it is
-moved by `pull(...)`:
-
-    tanh     w <- w_opt + eta * tanh((mean - w) / T)    the note's rule (T = 1)
-    linear   w <- w_opt + eta * (mean - w)              elastic averaging (eta = lr*gamma)
-    average  w <- mean of the post-step weights         local SGD / model averaging
-    diloco   anchor <- OuterSGD(anchor, mean(anchor - w)) and w <- anchor, after the step
-
-For tanh and linear, `w` and `mean` are the weights *before* the step, so all replicas move
-at once from the same mean (the note's loop let replica 2 see replica 1's new weights; we
-do not). `none` never couples and `ddp` averages gradients instead (DistributedDataParallel).
-For diloco (DiLoCo, arXiv 2311.08105) `anchor` is the weights at the last sync, the same on
-every replica, and OuterSGD one step of SGD with (Nesterov) momentum; see _DiLoCo.
+It keeps a step's order: pack the weights and start their exchange before the forward pass,
+then, after the backward pass, agree with every replica on whether any value was not finite,
+take the optimizer step, and let the coupling form move the weights (replica_dist.forms: one
+module per form, looked up by name in its registry; this module never asks which form it runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import zlib
 
@@ -28,277 +18,22 @@ import torch.distributed as tdist
 from torch.amp.grad_scaler import OptState
 
 from replica_dist import dist
-from replica_dist.config import ConfigError, CouplingConfig
+from replica_dist.config import CouplingConfig, locate_target
+from replica_dist.errors import ConfigError, CouplingError
 from replica_dist.flat import FlatState
+from replica_dist.forms import FORMS, Form, form_class, fragment_bounds
+from replica_dist.forms import fragment_at as fragment_at
+from replica_dist.forms.base import unsupported_feature
+from replica_dist.forms.elastic import eta_at as eta_at
+from replica_dist.forms.elastic import schedule_note as schedule_note
+from replica_dist.forms.tanh import stability_note as stability_note
 from replica_dist.guard import Guard
 from replica_dist.timing import NO_TIMER
-
-ELASTIC_FORMS = ("tanh", "linear")
-"""Forms that pull toward the mean of the pre-step weights."""
-
-
-def pull(
-    form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
-) -> torch.Tensor:
-    """The coupling's move of weights `w` toward the replicas' `mean` (same shape): the
-    textbook form, the reference for the trainer's fused one (_Elastic.direction_)."""
-    gap = mean - w
-    if form == "tanh":
-        return eta * torch.tanh(gap / temperature)
-    if form == "linear":
-        return eta * gap
-    if form == "average":
-        return gap
-    raise ValueError(f"no pull for coupling form {form!r}")
-
-
-def eta_at(cfg: CouplingConfig, step: int, steps: int) -> float:
-    """Coupling strength at `step` (counted from 1) of a run of `steps` steps, capped at eta_max.
-
-    eta_growth set: eta_0 * (1 + g)^(step - 1), g = eta_growth. Otherwise the geometric
-    schedule from eta_0 at step 1 to cfg.eta_end (eta_final, or its default) at step `steps`,
-    whatever the run's length (a one-step run takes that end). With g > 0 or an end above
-    eta_0 the replicas are drawn together ever harder ("scoping")."""
-    # In log space: (1 + g)^t overflows a float long before long runs end; the cap does not.
-    end = cfg.eta_end
-    if end is None:
-        log_eta = math.log(cfg.eta) + (step - 1) * math.log1p(cfg.eta_growth)
-    elif steps == 1:
-        log_eta = math.log(end)
-    else:
-        log_eta = math.log(cfg.eta) + (step - 1) / (steps - 1) * math.log(end / cfg.eta)
-    return min(cfg.eta_max, math.exp(min(log_eta, math.log(cfg.eta_max))))
-
-
-STUDY_ETA_FINAL = 0.4
-"""Where the schedule docs/study.md chose (eta 0.001, growth 0.004 over 1500 steps) ends."""
-
-
-def schedule_note(cfg: CouplingConfig, steps: int) -> str | None:
-    """One line when a growing tanh/linear schedule, set by its growth per step, ends far below
-    where the study's shape ends (a shortened run that keeps eta_growth barely couples);
-    None otherwise. A constant eta and a set eta_final are the user's own choices and get no
-    note; neither does a schedule that reaches a tenth of an eta_max below the study's end."""
-    if cfg.name not in ELASTIC_FORMS or cfg.eta_end is not None or not cfg.eta_growth:
-        return None
-    target = min(STUDY_ETA_FINAL, cfg.eta_max)
-    last = eta_at(cfg, steps, steps)
-    if last >= target / 10:
-        return None
-    return (
-        f"coupling: eta reaches only {last:.2g} at the last step of {steps}; "
-        f"coupling.eta_final={target:g} keeps the shape the study chose"
-    )
-
-
-def stability_note(cfg: CouplingConfig, steps: int) -> str | None:
-    """One line when a tanh pull will overshoot the mean: near the mean eta*tanh(gap/T) is a
-    linear pull of slope eta/T, and above 2 each replica lands farther from the mean than it
-    started, so the gaps grow until tanh saturates and every weight jumps by +-eta a step
-    (a README example collapsed so at step 1340). None when eta/T stays at most 2."""
-    if cfg.name != "tanh":
-        return None
-    first_bad = next((t for t in range(1, steps + 1) if eta_at(cfg, t, steps) / cfg.temperature > 2), None)
-    if first_bad is None:
-        return None
-    return (
-        f"coupling: eta/temperature exceeds 2 from step {first_bad} (eta {eta_at(cfg, first_bad, steps):.3g}, "
-        f"T {cfg.temperature:g}): the tanh pull then overshoots the mean and can destroy the center; "
-        f"keep coupling.eta_max <= 2*coupling.temperature"
-    )
 
 
 def is_coupling_step(cfg: CouplingConfig, step: int) -> bool:
     """Whether the replicas (all of them, or one fragment) are coupled at `step` (counted from 1)."""
     return fragment_at(cfg, step) is not None
-
-
-def fragment_at(cfg: CouplingConfig, step: int) -> int | None:
-    """The fragment coupled at `step` (counted from 1), or None: with k = cfg.fragments, one
-    every every/k steps in turn, fragment 0 first, so each is coupled every `every` steps
-    (with k = 1 the whole model, fragment 0, every `every` steps)."""
-    if cfg.name not in (*ELASTIC_FORMS, "average", "diloco"):
-        return None
-    period = cfg.every // cfg.fragments
-    if step % period:
-        return None
-    return (step // period - 1) % cfg.fragments
-
-
-def fragment_bounds(sizes: list[int], k: int) -> list[tuple[int, int]]:
-    """k contiguous runs [first, end) of the tensors whose sizes (numbers of elements) are
-    `sizes`, in order, each holding whole tensors and about 1/k of the elements: run g ends
-    with the first tensor at which the running total reaches (g+1)/k of the whole, leaving
-    at least one tensor for every run after it."""
-    if not 1 <= k <= len(sizes):
-        raise CouplingError(f"fragments={k}: a model of {len(sizes)} tensors splits into 1 to {len(sizes)}")
-    total, bounds, first, running = sum(sizes), [], 0, 0
-    for g in range(k - 1):
-        end = first + 1
-        running += sizes[first]
-        while end < len(sizes) - (k - 1 - g) and running < total * (g + 1) / k:
-            running += sizes[end]
-            end += 1
-        bounds.append((first, end))
-        first = end
-    bounds.append((first, len(sizes)))
-    return bounds
-
-
-class CouplingError(ValueError):
-    """The coupling was used wrongly: calls out of order, a model that differs across
-    replicas, a process group that does not fit."""
-
-
-class _Form:
-    """What one coupling form does at a step; the step's order lives in ReplicaCoupling."""
-
-    pulls_before_step = False
-    """Pulled toward the mean of the pre-step weights (tanh, linear)."""
-    averages_after_step = False
-    """Replaced by the mean of the post-step weights (average)."""
-
-    def __init__(self, cfg: CouplingConfig):
-        self.cfg = cfg
-
-    def fragment_at(self, step: int) -> int | None:
-        """The fragment coupled at `step`, or None."""
-        return fragment_at(self.cfg, step)
-
-    def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
-        return model
-
-
-class _Elastic(_Form):
-    """tanh and linear: w += eta*tanh((mean - w)/T) or eta*(mean - w), mean of the pre-step weights."""
-
-    pulls_before_step = True
-
-    def direction_(self, total: torch.Tensor, state: FlatState, n: int, apply: torch.Tensor) -> torch.Tensor:
-        """`pull` / eta, in place in `total` (the replicas' sum of the pre-step weights) and
-        zero where `apply` is false: in four passes over the buffer (the mean's division
-        folded into the gap's scale, eta into the caller's add), where the textbook order
-        takes seven. Equal to `pull` up to rounding (tests/test_coupling.py)."""
-        state.subtract_from(total, alpha=n)  # n * (mean - w_before)
-        if self.cfg.name == "tanh":
-            total.mul_(1.0 / (n * self.cfg.temperature)).tanh_()
-        else:
-            total.mul_(1.0 / n)
-        # A skipped step moves nothing: a fill, not a product, so that a gap that is not
-        # finite (a replica's overflowed weights, agreed on in this very step) leaves no NaN.
-        return total.masked_fill_(~apply, 0)
-
-
-class _Average(_Form):
-    """average: every `every` steps, w = the mean of the post-step weights (local SGD)."""
-
-    averages_after_step = True
-
-
-class _DiLoCo(_Average):
-    """diloco: every H = `every` steps, after the optimizer step, one outer step on the anchor
-    (the weights at the last sync, the same on every replica) along the replicas' mean
-    pseudo-gradient, anchor - w; then every replica loads the new anchor.
-
-    The outer optimizer is torch.optim.SGD (momentum outer_momentum, Nesterov unless
-    outer_nesterov=false, lr outer_lr) on the anchor's parameters, so the update is PyTorch's:
-    buf <- mu*buf + delta; anchor <- anchor - lr*(delta + mu*buf) (Nesterov), or
-    anchor - lr*buf. It holds two more copies of the parameters (the anchor, the momentum).
-
-    Floating buffers (BatchNorm's running statistics) are no parameters: they take the
-    replicas' mean at each sync (as with average), not the outer step, whose momentum could
-    extrapolate a running variance below zero. With outer_lr=1 and outer_momentum=0 the
-    outer step lands on the mean too, and diloco is average up to rounding.
-
-    The first anchor is the replicas' mean of their starting weights (one all_reduce at
-    construction), loaded into every replica, so all begin identical as under DDP."""
-
-    def attach(self, state: FlatState, fragments: list[FlatState], mesh: dist.Mesh) -> None:
-        """Start from the replicas' mean, and build one outer parameter per fragment: a slice
-        of the anchor, so that a fragment's outer step moves only its own part."""
-        self.anchor = dist.replica_mean(state.pack(), mesh)
-        state.load(self.anchor)
-        param_numel = sum(t.numel() for t in state.tensors[: state.num_params])
-        self.parts = []  # per fragment: (its parameters' slice of the anchor or None, its buffers' slice)
-        for part in fragments:
-            end = part.offset + part.numel
-            split = min(max(part.offset, param_numel), end)
-            params = self.anchor[part.offset : split] if split > part.offset else None
-            self.parts.append((params, self.anchor[split:end]))
-        cfg = self.cfg
-        self.outer = torch.optim.SGD(
-            [params for params, _ in self.parts if params is not None],
-            lr=cfg.outer_lr,
-            momentum=cfg.outer_momentum,
-            nesterov=cfg.outer_nesterov and cfg.outer_momentum > 0,
-            fused=True,
-        )
-        if cfg.outer_momentum > 0:
-            # A fused SGD's first step would fill the buffer from the gradient whatever its
-            # found_inf says; a zero buffer gives the same first step (mu*0 + delta) and lets
-            # a skipped first step leave it untouched, on the device.
-            for params in self.outer.param_groups[0]["params"]:
-                self.outer.state[params]["momentum_buffer"] = torch.zeros_like(params)
-
-    def outer_step_(self, fragment: int, mean_delta: torch.Tensor, apply: torch.Tensor) -> None:
-        """The outer step of `fragment` along `mean_delta` (the replicas' mean of anchor - w,
-        laid out as that fragment), only where `apply` (a device bool) holds: a skipped sync
-        leaves its anchor and momentum as they were, on the device. The optimizer steps only
-        the parameter whose gradient is set: this fragment's."""
-        params, buffers = self.parts[fragment]
-        if params is not None:
-            params.grad = mean_delta[: params.numel()]
-            self.outer.found_inf = (~apply).to(torch.float32)
-            try:
-                self.outer.step()
-            finally:
-                del self.outer.found_inf
-                params.grad = None
-        if buffers.numel():
-            mean_buffers = torch.sub(buffers, mean_delta[mean_delta.numel() - buffers.numel() :])
-            buffers.copy_(torch.where(apply, mean_buffers, buffers))
-
-    def anchor_of(self, part: FlatState) -> torch.Tensor:
-        return self.anchor[part.offset : part.offset + part.numel]
-
-    def state_dict(self) -> dict:
-        return {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.anchor.copy_(state["anchor"])
-        self.outer.load_state_dict(state["outer_optimizer"])
-
-
-class _Uncoupled(_Form):
-    """none: independent replicas; they exchange only the guard's words, on the steps that
-    ask for it (observed or agreed steps)."""
-
-    def fragment_at(self, step: int) -> int | None:
-        return None
-
-
-class _DataParallel(_Uncoupled):
-    """ddp: no pull; DistributedDataParallel averages the gradients, so the replicas stay one."""
-
-    def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-_FORMS: dict[str, type[_Form]] = {
-    "tanh": _Elastic,
-    "linear": _Elastic,
-    "average": _Average,
-    "none": _Uncoupled,
-    "ddp": _DataParallel,
-    "diloco": _DiLoCo,
-}
 
 
 def unscale_or_drop_gradients(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
@@ -333,38 +68,41 @@ DEFAULT_CHECK_EVERY = 100
 """ReplicaCoupling's check_every: at most this many steps pass between a non-finite value and
 the error that ends the loop (one exchange of the guard's words and one host read each)."""
 
-_ETA_SCHEDULE = ("eta", "eta_growth", "eta_final", "eta_max")
-FORM_SETTINGS = {
-    "tanh": (*_ETA_SCHEDULE, "temperature", "every", "via_optimizer", "fragments"),
-    "linear": (*_ETA_SCHEDULE, "every", "via_optimizer", "fragments"),
-    "average": ("every", "fragments"),
-    "diloco": ("every", "fragments", "outer_lr", "outer_momentum", "outer_nesterov"),
-    "none": (),
-    "ddp": (),
-}
-"""The schedule's settings (CouplingConfig's fields) that each form reads; ReplicaCoupling
-refuses any other, which would change nothing."""
+FORM_SETTINGS = {name: form.settings for name, form in FORMS.items()}
+"""The schedule's settings (CouplingConfig's fields) that each built-in form reads;
+ReplicaCoupling refuses any other, which would change nothing."""
 
 CONSTANT_ETA = {"eta_growth": 0.0}
 """ReplicaCoupling's schedule when neither eta_growth= nor eta_final= asks for one: a constant
 eta (the trainer's default, CouplingConfig's, is relative to the run's length)."""
 
 
-def _schedule_of_arguments(form: str, steps: int | None, schedule: dict) -> CouplingConfig:
-    """The CouplingConfig of ReplicaCoupling's arguments; a CouplingError naming the argument
-    as the caller wrote it (`eta=`, not `coupling.eta`) for any that is unknown, means nothing
-    for `form`, or holds a bad value."""
-    if form not in FORM_SETTINGS:
-        raise CouplingError(f"form must be one of {', '.join(FORM_SETTINGS)}; got {form!r}")
+def _form_of_arguments(form: str | Form, steps: int | None, schedule: dict) -> Form:
+    """The form ReplicaCoupling's arguments ask for: a form object as it is, or a built-in
+    form's name with its settings; a CouplingError naming the argument as the caller wrote it
+    (`eta=`, not `coupling.eta`) for any that is unknown, means nothing for `form`, or holds a
+    bad value."""
+    if isinstance(form, Form):
+        if schedule:
+            raise CouplingError(
+                f"{next(iter(schedule))}= is a setting of a built-in form by name; "
+                f"{type(form).__name__} takes its settings in its own constructor"
+            )
+        return form
+    if form not in FORMS:
+        raise CouplingError(
+            f"form must be one of {', '.join(FORMS)} or a replica_dist.forms.Form; got {form!r}"
+        )
+    settings = FORMS[form].settings
     known = [f for f in CouplingConfig.__dataclass_fields__ if f != "name"]
     unknown = sorted(set(schedule) - set(known))
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean {close[0]}=?)" if close else ""
         raise CouplingError(f"ReplicaCoupling has no argument {unknown[0]}={hint}")
-    unused = [key for key in schedule if key not in FORM_SETTINGS[form]]
+    unused = [key for key in schedule if key not in settings]
     if unused:
-        used = ", ".join(f"{key}=" for key in FORM_SETTINGS[form]) or "none of the schedule's settings"
+        used = ", ".join(f"{key}=" for key in settings) or "none of the schedule's settings"
         raise CouplingError(
             f"{', '.join(f'{key}=' for key in unused)} {'means' if len(unused) == 1 else 'mean'} "
             f"nothing for form {form!r}, which reads {used}"
@@ -376,7 +114,27 @@ def _schedule_of_arguments(form: str, steps: int | None, schedule: dict) -> Coup
         raise CouplingError(_as_arguments(str(err))) from None
     if cfg.eta_end is not None and steps is None:
         raise CouplingError("eta_final needs steps=, the run's length")
-    return cfg
+    return form_class(form).from_config(cfg, steps or 1)
+
+
+def form_of_config(cfg: CouplingConfig, steps: int) -> Form:
+    """The form the trainer's coupling settings describe: the built-in form coupling.name, or
+    the user's coupling._target_ built with its arguments (coupling.kwargs), for a run of
+    `steps` steps."""
+    if not cfg._target_:
+        return form_class(cfg.name).from_config(cfg, steps)
+    form = locate_target("coupling._target_", cfg._target_, "a coupling form")(**cfg.kwargs)
+    if not isinstance(form, Form):
+        raise ConfigError(
+            f"coupling._target_={cfg._target_} built a {type(form).__name__}, not a replica_dist.forms.Form"
+        )
+    return form
+
+
+def coupling_label(cfg: CouplingConfig) -> str:
+    """The form of the trainer's coupling settings by name (summary.json's `coupling`): the
+    built-in coupling.name, or a coupling._target_'s class name."""
+    return cfg._target_.rsplit(".", 1)[-1] if cfg._target_ else cfg.name
 
 
 def _as_arguments(message: str) -> str:
@@ -384,6 +142,25 @@ def _as_arguments(message: str) -> str:
     linear, coupling.eta as eta=."""
     message = re.sub(r"coupling\.name=", "form ", message)
     return re.sub(r"coupling\.(\w+)=?", r"\1=", message)
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """What begin_step() set up for step() to finish."""
+
+    step: int
+    fragment: int | None
+    """The fragment this step couples, or None."""
+    observe: bool
+    sends: list
+    """The exchanges started (or to start) for this step, in this order on every rank."""
+    observer: object | None
+    """The diagnostics' exchange of the whole model (observe=True), exact and uncounted."""
+    coupling: object | None
+    """A pull's exchange of its fragment, compressed and counted."""
+    checks: bool
+    """The periodic read back (check_every): the same steps on every rank, so that its
+    exchange of words comes in the same order everywhere."""
 
 
 class ReplicaCoupling:
@@ -412,7 +189,7 @@ class ReplicaCoupling:
         >>> torch.manual_seed(dist.get_rank())  # each replica starts from its own weights
         >>> model = torch.nn.Linear(10, 1)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
-        >>> coupling = ReplicaCoupling(model, optimizer, "tanh", eta=0.001, eta_final=0.4, steps=100)
+        >>> coupling = ReplicaCoupling(model, optimizer, eta=0.001, eta_final=0.4, steps=100)
         >>> for step in range(100):
         ...     x = torch.randn(32, 10); y = x.sum(1, keepdim=True)
         ...     coupling.begin_step()
@@ -438,20 +215,21 @@ class ReplicaCoupling:
     the step (hence the eta schedule's phase and the coupling period's) and the guard's state;
     with the model's and the optimizer's state dicts it resumes a run bit for bit.
 
-    With ``"diloco"`` the constructor sets every replica's weights to their mean (the first
-    anchor; one all_reduce), and ``state_dict()`` holds the anchor and the outer optimizer's
-    momentum too: construct the coupling first, then load the saved state dicts.
+    A form with state of its own (diloco's anchor and outer momentum) builds it in the
+    constructor, which may communicate (diloco sets every replica's weights to their mean),
+    and ``state_dict()`` holds it too: construct the coupling first, then load the saved
+    state dicts.
 
     Mixed precision: bf16 autocast needs nothing; with a torch.amp.GradScaler, call
     ``step(loss, scaler=scaler)`` in place of ``scaler.step(optimizer)``, then
     ``scaler.update()``: an overflow leaves out this replica's optimizer step only.
 
-    Arguments: the model and its optimizer; `form` (tanh, linear, average, none, ddp, diloco)
-    and the schedule, as the fields of replica_dist.config.CouplingConfig that the form reads
-    (FORM_SETTINGS: eta, eta_growth, eta_final, eta_max, temperature, every, via_optimizer,
-    fragments, outer_lr, outer_momentum, outer_nesterov; any other is refused), with the
-    trainer's defaults except the eta schedule (CONSTANT_ETA): eta is constant unless eta_growth or
-    eta_final asks for a schedule; `steps`, the run's length (needed by eta_final);
+    Arguments: the model and its optimizer; `form`, a built-in form's name
+    (replica_dist.forms.FORMS; default the trainer's, CouplingConfig.name) and its schedule,
+    as the fields of replica_dist.config.CouplingConfig that the form reads (FORM_SETTINGS;
+    any other is refused), with the trainer's defaults except the eta schedule
+    (CONSTANT_ETA): eta is constant unless eta_growth or eta_final asks for a schedule; or a
+    form object of one's own (a replica_dist.forms.Form, its settings its own); `steps`, the run's length (needed by eta_final);
     `check_every` (DEFAULT_CHECK_EVERY; 0 or None: only where asked); `overlap`, `bucket_mb`,
     `compress` (none, bf16, int8), `compress_chunk` and `error_feedback` (DistConfig;
     compression applies to the coupling's exchange, see dist.ReplicaExchange, and
@@ -466,7 +244,7 @@ class ReplicaCoupling:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        form: str = "tanh",
+        form: str | Form = CouplingConfig.name,
         *,
         steps: int | None = None,
         check_every: int = DEFAULT_CHECK_EVERY,
@@ -484,7 +262,7 @@ class ReplicaCoupling:
         mesh=None,
         **schedule,
     ):
-        cfg = _schedule_of_arguments(form, steps, schedule)
+        form = _form_of_arguments(form, steps, schedule)
         if nonfinite not in ("stop", "skip"):
             raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
@@ -496,10 +274,13 @@ class ReplicaCoupling:
             )
         if compress not in dist.COMPRESSIONS:
             raise CouplingError(f"compress= must be one of {', '.join(dist.COMPRESSIONS)}; got {compress!r}")
-        if compress != "none" and form in ("none", "ddp"):
-            raise CouplingError(
-                f"compress= applies to the coupling's exchange of weights; form {form!r} has none: use 'none'"
-            )
+        refusal = unsupported_feature(
+            form,
+            {"compression": "compress="} if compress != "none" else {},
+            f"form {form.label!r}",
+        )
+        if refusal:
+            raise CouplingError(refusal)
         if error_feedback and compress == "none":
             raise CouplingError("error_feedback= needs compress='bf16' or 'int8'")
         if compress_chunk < 1:
@@ -507,7 +288,7 @@ class ReplicaCoupling:
         self._build(
             model,
             optimizer,
-            cfg,
+            form,
             steps=steps,
             check_every=check_every or 0,
             overlap=overlap,
@@ -524,7 +305,7 @@ class ReplicaCoupling:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        cfg: CouplingConfig,
+        form: Form,
         *,
         steps: int | None,
         check_every: int,
@@ -538,12 +319,11 @@ class ReplicaCoupling:
         timer,
     ) -> None:
         """Everything but the checks of a user's arguments (the trainer's config has its own)."""
-        self.cfg = cfg
+        self.form = form
         self.steps = steps or 1
         self.check_every = check_every
         """Every check_every-th step (counted from 1) agrees on the guard's words and reads
         them back, as step(loss, agree=True) does; 0: only where the caller asks."""
-        self.form = _FORMS[cfg.name](cfg)
         self.model, self.optimizer = model, optimizer
         self.overlap = overlap
         self.timer = timer or NO_TIMER
@@ -557,31 +337,27 @@ class ReplicaCoupling:
         """Bytes this rank handed to the coupling's collectives so far (dist.ReplicaExchange
         defines them); the diagnostics' exchanges on logging steps are not counted."""
         self._check_same_model()
-        bounds = fragment_bounds([t.numel() for t in self.state.tensors], self.cfg.fragments)
+        bounds = fragment_bounds([t.numel() for t in self.state.tensors], form.fragments)
         self.fragments = [self.state] if len(bounds) == 1 else [self.state.part(*run) for run in bounds]
         """The parts coupled in turn (coupling.fragments); one, the whole state, by default."""
-        if isinstance(self.form, _DiLoCo):
-            self.form.attach(self.state, self.fragments, self.mesh)
+        form.attach(self.state, self.fragments, self.mesh)
         # One per fragment, allocated once: the weights sent, the mean received, then the pull,
-        # all in this buffer. Uncoupled forms communicate only when asked, into a buffer of the
-        # moment.
-        self._exchanges = (
-            []
-            if isinstance(self.form, _Uncoupled)
-            else [self._new_exchange(part.numel) for part in self.fragments]
-        )
+        # all in this buffer. A form that exchanges no weights communicates only when asked,
+        # into a buffer of the moment.
+        self._exchanges = [self._new_exchange(part.numel) for part in self.fragments] if form.moment else []
         self.step_count = 0
         """Steps taken (or skipped) so far; the next one is step_count + 1."""
-        self._in_step: dict | None = None
+        self._in_step: _StepPlan | None = None
         self.observed: dict[str, torch.Tensor] = {}
         """On a step begun with observe=True: `before` (the weights before the step),
         `mean_before` (the replicas' mean of them) and `after_optimizer` (after the optimizer
         step, before the pull), flat vectors laid out as `state`; empty otherwise."""
 
     @classmethod
-    def from_config(cls, cfg, mesh, model, optimizer, guard=None, timer=None) -> ReplicaCoupling:
+    def from_config(cls, cfg, mesh, model, optimizer, guard=None, timer=None, form=None) -> ReplicaCoupling:
         """The coupling a trainer config (replica_dist.config.Config) describes, among the
-        replicas of `mesh` (replica_dist.dist.init_mesh); it names the mesh's step. The
+        replicas of `mesh` (replica_dist.dist.init_mesh), with its form (form_of_config's, unless
+        `form` is that already built); it names the mesh's step. The
         trainer reads the guard back on its own logging and checkpoint steps (log.every
         bounds the lag), so this coupling reads back only where it is asked (check_every=0)."""
         tensors = len(FlatState(model).tensors)
@@ -594,7 +370,7 @@ class ReplicaCoupling:
         coupling._build(
             model,
             optimizer,
-            dataclasses.replace(cfg.coupling),
+            form or form_of_config(cfg.coupling, cfg.train.steps),
             steps=cfg.train.steps,
             check_every=0,
             overlap=cfg.dist.overlap,
@@ -626,7 +402,7 @@ class ReplicaCoupling:
         self.mesh.step = step  # a collective that fails names it
         fragment = self.form.fragment_at(step)
         coupled = fragment is not None
-        pulls = coupled and self.form.pulls_before_step
+        pulls = coupled and self.form.moment == "before"
         # The coupling's exchange (a pull's: its fragment's, compressed and counted), and the
         # diagnostics' of the whole model, exact and uncounted. With one fragment a step that
         # pulls and observes sends once, and the diagnostics read the coupling's mean.
@@ -648,17 +424,15 @@ class ReplicaCoupling:
                 for exchange, _ in sends:
                     self._start(exchange, couples=exchange is coupling)
             self.state.save_buffers()  # the forward pass moves them
-        self._in_step = {
-            "step": step,
-            "fragment": fragment,
-            "observe": observe,
-            "sends": [exchange for exchange, _ in sends],  # in this order on every rank
-            "observer": observer,
-            "coupling": coupling,
-            # The periodic read back (check_every): the same steps on every rank, so that its
-            # exchange of words comes in the same order everywhere.
-            "checks": bool(self.check_every) and step % self.check_every == 0,
-        }
+        self._in_step = _StepPlan(
+            step=step,
+            fragment=fragment,
+            observe=observe,
+            sends=[exchange for exchange, _ in sends],
+            observer=observer,
+            coupling=coupling,
+            checks=bool(self.check_every) and step % self.check_every == 0,
+        )
 
     def step(
         self, loss: torch.Tensor, agree: bool = False, scaler: torch.amp.GradScaler | None = None
@@ -682,10 +456,10 @@ class ReplicaCoupling:
         if scaler is not None:  # before anything moves: a misused scaler leaves the step as it was
             with self.timer.section("compute"):
                 unscale_or_drop_gradients(scaler, self.optimizer)
-        step, fragment, observe, sends, observer, coupling, checks = self._in_step.values()
+        plan, self._in_step = self._in_step, None
+        step, fragment, observe = plan.step, plan.fragment, plan.observe
         coupled = fragment is not None
-        agree = agree or checks
-        self._in_step = None
+        agree = agree or plan.checks
         self.step_count = step
         # A plain step (it neither couples, shows nor saves, so it sends nothing): this replica
         # alone decides, and the guard's bookkeeping waits (Guard.inspect_and_settle).
@@ -699,14 +473,12 @@ class ReplicaCoupling:
                 own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers)
         if not plain:
             with self.timer.section("communication"):
-                apply = self._agree(step, sends, observer, coupling, agree) & own
+                apply = self._agree(step, plan, agree) & own
         with self.timer.section("update"):
-            pull = self._update(step, apply, fragment, coupling, settled=plain)
+            pull = self._update(step, apply, fragment, plan.coupling, settled=plain)
         # Every replica moves at once, from the same mean.
-        if coupled and isinstance(self.form, _DiLoCo):
-            self._outer_step(step, fragment)
-        elif coupled and self.form.averages_after_step:
-            self._average(step, fragment)
+        if coupled and self.form.moment == "after":
+            self._after_step(step, fragment)
         elif pull is not None:
             with self.timer.section("update"):
                 self.fragments[fragment].add(pull, alpha=self.eta)
@@ -727,20 +499,20 @@ class ReplicaCoupling:
             guard.decide(step, dist.share_words(guard.word(), self.mesh))
         guard.read_back(step)
 
-    def _agree(self, step: int, sends: list, observer, coupling, agree: bool) -> torch.Tensor:
+    def _agree(self, step: int, plan: _StepPlan, agree: bool) -> torch.Tensor:
         """The mean of the pre-step weights and every rank's guard word, from one all_reduce of
         one buffer (two when a step observes and pulls one fragment of several), so that all
         ranks skip or stop together: whether every replica may apply (a device bool; the
         decision is taken on the device)."""
-        guard = self.guard
+        guard, sends, coupling = self.guard, plan.sends, plan.coupling
         apply = guard.may_apply()
         for exchange in sends:
             if not self.overlap:
                 self._start(exchange, couples=exchange is coupling)
-            # A pull folds the division by n into its own arithmetic (_Elastic.direction_).
+            # A pull folds the division by n into its own arithmetic (Form.direction_).
             total, words = exchange.wait(divide=exchange is not coupling)
             apply = apply & guard.decide(step, words)
-            if exchange is observer:  # the buffer turns into the pull below
+            if exchange is plan.observer:  # the buffer turns into the pull below
                 n = self.mesh.num_replicas  # asks the process group: not on a plain step
                 self.observed["mean_before"] = total / n if exchange is coupling else total.clone()
         # Words that were sent before this step's own check (overlapped), or not at all.
@@ -757,11 +529,11 @@ class ReplicaCoupling:
         state, pull = self.state, None
         if not settled:
             self.guard.settle(step, apply)
-        if fragment is not None and self.form.pulls_before_step:
+        if fragment is not None and self.form.moment == "before":
             part = self.fragments[fragment]
             # Before the optimizer step, while the parameters still hold w_before.
-            direction = self.form.direction_(exchange.flat, part, self.mesh.num_replicas, apply)
-            if self.cfg.via_optimizer:
+            direction = self.form.direction_(exchange.flat, part, self.mesh.num_replicas, apply, step)
+            if self.form.via_optimizer:
                 part.pull_through_optimizer(direction.mul_(self.eta))
             else:
                 pull = direction
@@ -806,51 +578,26 @@ class ReplicaCoupling:
         if couples:
             self.bytes_sent += exchange.last_bytes
 
-    def _average(self, step: int, fragment: int) -> None:
-        """average: the weights after the step (of `fragment`), replaced by their mean over
-        the replicas."""
+    def _after_step(self, step: int, fragment: int) -> None:
+        """A form of moment "after": what it sends (of `fragment`, after the optimizer step),
+        exchanged with the guard's words, and its move given the replicas' mean of it, where
+        every replica agreed to apply this step (a device bool; no read back)."""
         part, exchange = self.fragments[fragment], self._exchanges[fragment]
         with self.timer.section("update"):
-            part.pack(out=exchange.flat)
+            self.form.send_(part, exchange.flat, fragment)
         with self.timer.section("communication"):
             self._start(exchange, couples=True)
-            mean_after_step, words = exchange.wait()
-            self.guard.decide(step, words)
-        with self.timer.section("update"):
-            part.load(mean_after_step)
-
-    def _outer_step(self, step: int, fragment: int) -> None:
-        """diloco: the replicas' mean pseudo-gradient (anchor - w after the step), as one
-        exchange that carries the guard's words as _average's does; the outer step on the
-        anchor where every replica agrees to apply this step (else the sync is skipped: the
-        anchor and momentum stay, each replica keeps its weights and the next sync spans
-        2H steps); then every replica loads the anchor."""
-        form, part, exchange = self.form, self.fragments[fragment], self._exchanges[fragment]
-        anchor = form.anchor_of(part)
-        with self.timer.section("update"):
-            part.pack(out=exchange.flat)
-            torch.sub(anchor, exchange.flat, out=exchange.flat)
-        with self.timer.section("communication"):
-            self._start(exchange, couples=True)
-            mean_delta, words = exchange.wait()
+            mean, words = exchange.wait()
             apply = self.guard.decide(step, words)
         with self.timer.section("update"):
-            form.outer_step_(fragment, mean_delta, apply)
-            # A skipped sync keeps each replica's own weights: chosen on the device, in the
-            # exchange's buffer (free until the next step packs it), with no read back.
-            weights = part.pack(out=exchange.flat)
-            part.load(torch.where(apply, anchor, weights, out=weights))
+            self.form.receive_(part, mean, apply, fragment, exchange.flat)
 
     # ---- what a loop reads
 
     @property
     def eta(self) -> float:
         """The coupling strength at the current step (the one begun, else the last)."""
-        cfg = self.cfg
-        if cfg.eta_final is None and cfg.eta_growth == 0:  # exactly eta: not exp(log(eta))
-            return min(cfg.eta, cfg.eta_max)
-        step = self._in_step["step"] if self._in_step else max(self.step_count, 1)
-        return eta_at(cfg, step, self.steps)
+        return self.form.scale(self._in_step.step if self._in_step else max(self.step_count, 1))
 
     @property
     def stop_agreed(self) -> bool:
@@ -871,8 +618,9 @@ class ReplicaCoupling:
         if self._exchanges and self._exchanges[0].residual is not None:
             # The fragments tile the model: one vector laid out as `state`, whatever their number.
             state["residual"] = torch.cat([exchange.residual for exchange in self._exchanges])
-        if isinstance(self.form, _DiLoCo):
-            state["diloco"] = self.form.state_dict()
+        form_state = self.form.state_dict()
+        if form_state:  # under its name, as checkpoints before forms were plug-ins hold it
+            state[self.form.label] = form_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -887,15 +635,15 @@ class ReplicaCoupling:
             saved = state["residual"]
             for part, exchange in zip(self.fragments, self._exchanges):
                 exchange.residual.copy_(saved.narrow(0, part.offset, part.numel))
-        if isinstance(self.form, _DiLoCo):
-            self.form.load_state_dict(state["diloco"])
+        if self.form.label in state:
+            self.form.load_state_dict(state[self.form.label])
 
     # ---- internals
 
     def _new_exchange(self, numel: int, compressed: bool = True):
         # The diagnostics' exchanges (all an uncoupled form makes) are always exact: no
         # compression buffers, no residual.
-        compression = self._compression if compressed and not isinstance(self.form, _Uncoupled) else {}
+        compression = self._compression if compressed and "compression" in self.form.supports else {}
         return dist.ReplicaExchange(
             numel,
             Guard.WORD_LENGTH,
@@ -931,7 +679,7 @@ class ReplicaCoupling:
             device=self._device,
         )
         both = torch.cat([mine, -mine])
-        with dist._collective("all_reduce (model check)", self.mesh.step):
+        with dist.collective("all_reduce (model check)", self.mesh.step):
             tdist.all_reduce(both, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
         highest, lowest = both[:3].tolist(), (-both[3:]).tolist()
         if highest != lowest:

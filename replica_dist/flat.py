@@ -100,6 +100,13 @@ class FlatState:
             )
         return flat
 
+    def pack_before(self) -> torch.Tensor:
+        """The weights from before this step as a new flat vector (valid where subtract_from is)."""
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            torch._foreach_copy_(self.views(out), self.tensors[: self.num_params] + self._saved_buffers)
+        return out
+
     def pull_through_optimizer(self, pull: torch.Tensor) -> None:
         """Enter `pull` into the gradients as the term -pull (the gradient of the coupling
         potential), so momentum and weight decay act on it. Floating buffers, which no

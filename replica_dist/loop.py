@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
 from replica_dist.config import Config, OptimConfig
-from replica_dist.coupling import ReplicaCoupling, schedule_note, stability_note
+from replica_dist.coupling import ReplicaCoupling, coupling_label, form_of_config
 from replica_dist.data import (
     DataInfo,
     Dataset,
@@ -122,8 +122,9 @@ def train(
     # set (all shards) and the shared test set.
     batches = rank_batches(cfg, train_set, device, mesh)
     recipe.resolve_steps(cfg, len(batches.sampler.indices), device, mesh)  # train.epochs -> train.steps, once
-    for note in (schedule_note(cfg.coupling, cfg.train.steps), stability_note(cfg.coupling, cfg.train.steps)):
-        if note and dist.rank() == 0:  # over the run's length, train.epochs resolved
+    form = form_of_config(cfg.coupling, cfg.train.steps)
+    for note in form.notes(cfg.train.steps):
+        if dist.rank() == 0:  # over the run's length, train.epochs resolved
             log.warning("%s", note)
     # Fresh, or resumed from the newest complete checkpoint: decided once, for every rank.
     start = run_state.decide_start(cfg, run_dir)
@@ -140,14 +141,14 @@ def train(
         run_state.warm_start(cfg.train.init_from, model, mesh)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = recipe.build_scheduler(cfg.optim, optimizer, cfg.train.steps)
-    coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer)
+    coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer, form)
     net = coupling.wrap(model)  # ddp: DistributedDataParallel; it starts the replicas identical
     if cfg.parallel.dp > 1:  # the ranks of one replica average their gradients
         device_ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
     forward = recipe.compiled(net, cfg.train.compile)
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
-    progress = Progress(cfg.train.steps, cfg.coupling.name, mesh.num_replicas, data.task, samples_per_step)
+    progress = Progress(cfg.train.steps, form, mesh.num_replicas, data.task, samples_per_step)
     # The progress's history is checkpointed with the recipe: a resumed run warns as an uninterrupted one.
     recipe_state = {"scheduler": scheduler, "precision": precision, "progress": progress}
     checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
@@ -248,7 +249,7 @@ def _ended(cfg: Config, ended: dict, wall_seconds: float) -> dict:
         "wall_seconds": wall_seconds,
         "world_size": dist.world_size(),
         "dp": cfg.parallel.dp,
-        "coupling": cfg.coupling.name,
+        "coupling": coupling_label(cfg.coupling),
     }
 
 
@@ -370,7 +371,7 @@ def _summary(
         "wall_seconds": wall_seconds,
         "world_size": len(rows),
         "dp": cfg.parallel.dp,
-        "coupling": cfg.coupling.name,
+        "coupling": coupling_label(cfg.coupling),
         "task": data.task,
         "replicas": replicas,
         "center": center,

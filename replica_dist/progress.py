@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import time
 
+from replica_dist.forms import Form, form_class
+
 COLLAPSE_POINTS = 0.10
 """Center test accuracy this far below the ensemble's (classification) is worth a warning."""
 COLLAPSE_LOSS_RATIO = 2.0
@@ -30,17 +32,19 @@ WARMUP_STEPS = 1
 MIN_TIMED_STEPS = 3
 """Steps after the warm-up before the time left is shown at all."""
 
-COUPLED_FORMS = ("tanh", "linear", "average", "diloco")
-"""Forms whose center is meant to work: an uncoupled run's mean of weights is no model."""
-
 
 class Progress:
-    def __init__(self, total_steps: int, form: str, num_replicas: int, task: str, samples_per_step: int):
+    def __init__(
+        self, total_steps: int, form: str | Form, num_replicas: int, task: str, samples_per_step: int
+    ):
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
         """Samples all ranks together draw in one step (for the samples/s of the progress line)."""
-        self.watch_center = form in COUPLED_FORMS and num_replicas > 1
-        self.form = form
+        form = form_class(form) if isinstance(form, str) else form
+        # A center is meant to work only where the form couples: an uncoupled mean is no model.
+        self.watch_center = form.moment is not None and num_replicas > 1
+        self.advice = form.advice
+        """Said of a center that fell: what to change in the form's settings."""
         self.num_replicas = num_replicas
         self.task = task
         self.center_metric: float | None = None
@@ -156,7 +160,7 @@ class Progress:
                 earlier = f" (it was {was[0]:.4f} at step {was[1]})" if fell else ""
                 self.center_warning = (
                     f"center accuracy {center:.4f} is {100 * gap:.0f} points below the ensemble's "
-                    f"{ensemble:.4f}{earlier}{self._advice() if fell else ''}"
+                    f"{ensemble:.4f}{earlier}{self.advice if fell else ''}"
                 )
             if math.isfinite(center) and (was is None or center > was[0]):
                 self._best_center = (center, step)
@@ -172,18 +176,10 @@ class Progress:
                 earlier = f" (it was {was[0]:.4g} at step {was[1]})" if fell else ""
                 self.center_warning = (
                     f"center test loss {center:.4g} is {center / ensemble:.3g} times the ensemble's "
-                    f"{ensemble:.4g}{earlier}{self._advice() if fell else ''}"
+                    f"{ensemble:.4g}{earlier}{self.advice if fell else ''}"
                 )
             if math.isfinite(center) and (was is None or center < was[0]):
                 self._best_center = (center, step)
-
-    def _advice(self) -> str:
-        """For a center that fell: the coupling pulled the replicas onto weights whose mean fails."""
-        if self.form == "tanh":
-            return ": the coupling may be too strong (a lower coupling.eta or a higher coupling.temperature)"
-        if self.form == "linear":
-            return ": the coupling may be too strong (a lower coupling.eta)"
-        return ""
 
     # ---- what the run says
 

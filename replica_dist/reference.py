@@ -9,8 +9,8 @@ before the step, w̄ = mean_a w_a:
              step with (Nesterov) momentum on the anchor along delta (floating buffers: the
              anchor's minus delta, their mean); w_a <- anchor. The first anchor is the mean
              of the starting weights, where every replica begins.
-With coupling.fragments = k > 1 the tensors form k contiguous groups (coupling.fragment_bounds),
-and a step couples only the group coupling.fragment_at names: the rules above, for its tensors.
+With coupling.fragments = k > 1 the tensors form k contiguous groups (forms.fragment_bounds),
+and a step couples only the group forms.fragment_at names: the rules above, for its tensors.
 (with momentum, weight decay or Adam, "- lr*g_a" is that optimizer's step; with
 via_optimizer the pull enters as the gradient term instead). The distributed trainer
 (replica_dist.loop on replica_dist.coupling.ReplicaCoupling) must equal this to 1e-6; the
@@ -25,11 +25,26 @@ import math
 import torch
 
 from replica_dist.config import Config
-from replica_dist.coupling import fragment_at, fragment_bounds
 from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
 from replica_dist.evaluate import LOSSES
+from replica_dist.forms import fragment_at, fragment_bounds
 from replica_dist.loop import build_optimizer, replica_seed
 from replica_dist.model import build_model
+
+
+def pull(
+    form: str, w: torch.Tensor, mean: torch.Tensor, eta: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """The coupling's move of weights `w` toward the replicas' `mean` (same shape), in the
+    textbook order: the reference for each form's fused one (replica_dist.forms)."""
+    gap = mean - w
+    if form == "tanh":
+        return eta * torch.tanh(gap / temperature)
+    if form == "linear":
+        return eta * gap
+    if form == "average":
+        return gap
+    raise ValueError(f"no pull for coupling form {form!r}")
 
 
 def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tensor]]:
@@ -83,9 +98,7 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
 
         def elastic_pull(w, m, eta=eta):
-            if c.name == "tanh":
-                return eta * torch.tanh((m - w) / c.temperature)
-            return eta * (m - w)
+            return pull(c.name, w, m, eta, c.temperature)
 
         for model, replica_batches in zip(models, batches):
             grads = []

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from replica_dist.config import CouplingConfig
-from replica_dist.coupling import ELASTIC_FORMS, eta_at
+from replica_dist.forms import FORMS
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 """{tag: (steps, values)} of one TensorBoard run, in the order the events were written."""
@@ -84,29 +84,17 @@ def _g(value: float) -> str:
 
 
 def coupling_text(coupling: dict, steps: int) -> str:
-    """The coupling of a run's config.yaml in a few words, e.g. `tanh, eta 0.001 to 0.4, T 0.1`."""
+    """The coupling of a run's config.yaml in a few words, e.g. `tanh, eta 0.001 to 0.4, T 0.1`:
+    the form's own words (replica_dist.forms), or a form of one's own by its class's name."""
+    if coupling.get("_target_"):
+        return _named(coupling)
     name = str(coupling.get("name", "?"))
-    words = [name]
-    if name in ELASTIC_FORMS:
-        # Only the schema's keys: a config.yaml from an older or newer trainer still titles.
-        known = CouplingConfig.__dataclass_fields__
-        cfg = CouplingConfig(**{k: v for k, v in coupling.items() if k in known})
-        first, last = eta_at(cfg, 1, steps), eta_at(cfg, steps, steps)
-        words.append(f"eta {_g(first)}" if first == last else f"eta {_g(first)} to {_g(last)}")
-        if name == "tanh" and cfg.temperature != 1.0:
-            words.append(f"T {_g(cfg.temperature)}")
-        if cfg.via_optimizer:
-            words.append("via optimizer")
-    if name in (*ELASTIC_FORMS, "average") and coupling.get("every", 1) != 1:
-        words.append(f"every {coupling['every']}")
-    if name == "diloco":
-        defaults = CouplingConfig()
-        words.append(f"H {coupling.get('every', defaults.every)}")
-        words.append(f"outer lr {_g(coupling.get('outer_lr', defaults.outer_lr))}")
-        momentum = coupling.get("outer_momentum", defaults.outer_momentum)
-        nesterov = coupling.get("outer_nesterov", defaults.outer_nesterov) and momentum > 0
-        words.append(f"{'Nesterov ' if nesterov else ''}momentum {_g(momentum)}")
-    return ", ".join(words)
+    if name not in FORMS:  # a config.yaml from a newer trainer still titles
+        return name
+    # Only the schema's keys: a config.yaml from an older or newer trainer still titles.
+    known = CouplingConfig.__dataclass_fields__
+    cfg = CouplingConfig(**{k: v for k, v in coupling.items() if k in known})
+    return ", ".join(FORMS[name].from_config(cfg, steps).words())
 
 
 def _named(part: dict) -> str:

@@ -137,6 +137,15 @@ BAD_OVERRIDES = [
     (["data=seed", "data.library_size=0"], r"data\.library_size must be >= 1"),
     (["data=seed", "data.fixed_batch=0"], r"data\.fixed_batch must be >= 1"),
     (["coupling.name=mean"], r"coupling\.name"),
+    (["coupling._target_=no.such.Form"], r"^coupling\._target_=no\.such\.Form: cannot import it"),
+    (
+        ["coupling._target_=torch.nn.Linear"],
+        r"^coupling\._target_=torch\.nn\.Linear: not a subclass of replica_dist\.forms\.Form",
+    ),
+    (
+        ["coupling.kwargs={k: 3}"],
+        r"^coupling\.kwargs\.k is an argument of a form chosen by coupling\._target_",
+    ),
     (["coupling.eta_growth=-0.1"], r"coupling\.eta_growth"),
     (["optim.name=lbfgs"], r"optim\.name"),
     (["optim.momentum=1"], r"optim\.momentum"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from replica_dist.config import CouplingConfig
-from replica_dist.coupling import eta_at, is_coupling_step, pull, schedule_note
+from replica_dist.coupling import eta_at, is_coupling_step, schedule_note
+from replica_dist.reference import pull
 
 W = torch.tensor([0.0, 1.0, -2.0, 0.25], dtype=torch.float64)
 MEAN = torch.tensor([0.5, 0.5, 0.5, 0.25], dtype=torch.float64)
@@ -172,7 +173,7 @@ def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
 def test_the_fused_pull_equals_the_textbook_one(form, temperature):
     # The trainer's pull works in place on the replicas' sum with the mean's division folded
     # in; its result, times eta, must be `pull` of the weights and the mean.
-    from replica_dist.coupling import _Elastic
+    from replica_dist.forms import FORMS
     from replica_dist.flat import FlatState
 
     torch.manual_seed(0)
@@ -183,9 +184,9 @@ def test_the_fused_pull_equals_the_textbook_one(form, temperature):
     others = [w + 0.3 * torch.randn_like(w) for _ in range(2)]
     total = w + others[0] + others[1]
     expected = pull(form, w, total / 3, eta=0.05, temperature=temperature)
-    elastic = _Elastic(CouplingConfig(name=form, temperature=temperature))
-    direction = elastic.direction_(total.clone(), state, 3, torch.tensor(True))
+    elastic = FORMS[form].from_config(CouplingConfig(name=form, temperature=temperature), 1)
+    direction = elastic.direction_(total.clone(), state, 3, torch.tensor(True), 1)
     torch.testing.assert_close(0.05 * direction, expected, atol=1e-8, rtol=1e-6)
     # Not applied: exactly zero, even where the gap is not finite.
     total[0] = float("inf")
-    assert torch.equal(elastic.direction_(total, state, 3, torch.tensor(False)), torch.zeros_like(w))
+    assert torch.equal(elastic.direction_(total, state, 3, torch.tensor(False), 1), torch.zeros_like(w))

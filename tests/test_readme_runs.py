@@ -23,7 +23,7 @@ from trainer_runs import REPO, scalar
 from worlds import COLLECTIVE_TIMEOUT_S
 
 from replica_dist.config import load_config
-from replica_dist.coupling import ELASTIC_FORMS, eta_at, schedule_note
+from replica_dist.coupling import FORM_SETTINGS, eta_at, schedule_note
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def shortening(overrides: list[str]) -> list[str]:
         return extra
     extra += [f"train.steps={SHORT_STEPS}", "log.every=100", "eval.every=100"]
     c = cfg.coupling
-    if c.name in ELASTIC_FORMS and c.eta_end is None and c.eta_growth > 0:
+    if "eta" in FORM_SETTINGS[c.name] and c.eta_end is None and c.eta_growth > 0:
         # A growth per step sized for the full run barely couples a short one (schedule_note says
         # so); ending at the full run's last eta keeps the schedule's shape over fewer steps.
         extra += [
@@ -134,7 +134,7 @@ def test_readme_line_trains(line, tmp_path):
     assert summary["coupling"] == cfg.coupling.name
     coupled = cfg.coupling.name != "none"
     c = cfg.coupling
-    if c.name in ELASTIC_FORMS and c.eta_end is not None:
+    if "eta" in FORM_SETTINGS[c.name] and c.eta_end is not None:
         # The run-relative schedule, read back as logged: eta * (end/eta)^((t-1)/(T-1)), end being
         # eta_final or, unset, min(0.4, eta_max) (never below eta).
         end = c.eta_final if c.eta_final is not None else max(c.eta, min(0.4, c.eta_max))

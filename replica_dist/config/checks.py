@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the offending key."""
+from replica_dist.errors import ConfigError
 
 
 def _check(ok: bool, message: str) -> None:

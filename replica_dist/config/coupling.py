@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
-from replica_dist.config.checks import _check, _check_choices, add_choices
+from replica_dist.config.checks import CHOICES, _check, _check_choices
+from replica_dist.errors import ConfigError
+from replica_dist.forms import DEFAULT_FORM, FORMS, Form, form_class
+from replica_dist.targets import locate_target
 
-CouplingName = Literal["tanh", "linear", "average", "none", "ddp", "diloco"]
-add_choices({"CouplingName": CouplingName})
-if not TYPE_CHECKING:
-    CouplingName = str
+CouplingName = str
+"""A built-in form's name: a key of replica_dist.forms.FORMS."""
+CHOICES["CouplingName"] = tuple(FORMS)
 
 DEFAULT_ETA_FINAL = 0.4
 """Where the default eta schedule of tanh and linear ends, at the last step (docs/study.md)."""
@@ -18,13 +21,13 @@ DEFAULT_ETA_FINAL = 0.4
 
 @dataclass
 class CouplingConfig:
-    name: CouplingName = "tanh"
-    """Coupling form. tanh: w += eta*tanh((mean - w)/T), the note's rule. linear:
-    w += eta*(mean - w), elastic averaging. average: w = mean of the post-step weights
-    (local SGD). none: independent replicas. ddp: DistributedDataParallel, one model.
-    diloco: every `every` (= H) steps an outer SGD step with Nesterov momentum on the shared
-    weights, along the replicas' mean pseudo-gradient (weights at the last sync minus now);
-    every replica continues from the result (DiLoCo, arXiv 2311.08105)."""
+    name: CouplingName = DEFAULT_FORM
+    """Coupling form. A name of replica_dist.forms.FORMS: tanh: w += eta*tanh((mean - w)/T), the
+    note's rule. linear: w += eta*(mean - w), elastic averaging. average: w = mean of the
+    post-step weights (local SGD). none: independent replicas. ddp: DistributedDataParallel,
+    one model. diloco: every `every` (= H) steps an outer SGD step with Nesterov momentum on
+    the shared weights, along the replicas' mean pseudo-gradient (weights at the last sync
+    minus now); every replica continues from the result (DiLoCo, arXiv 2311.08105)."""
     eta: float = 0.001
     """Coupling strength eta_0 (tanh, linear); for tanh it bounds the pull per weight and step
     (chosen by the study: docs/study.md)."""
@@ -64,8 +67,23 @@ class CouplingConfig:
     (Streaming DiLoCo), so each exchange carries about 1/fragments of the model. Must divide
     `every`, and be at most the model's number of tensors."""
 
+    _target_: str = ""
+    """A coupling form of one's own instead of the built-in ones: a dotted path to a subclass
+    of replica_dist.forms.Form (my_pkg.forms.MyForm), built with the arguments in `kwargs`.
+    coupling.name and its settings are then unused, and refused on the command line."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """_target_ only: its keyword arguments. `coupling.KEY=VALUE` (or +coupling.KEY=VALUE) for
+    a KEY that is not one of the keys above lands here, as does coupling.kwargs.KEY=VALUE."""
+
     def __post_init__(self) -> None:
+        _check(
+            bool(self._target_) or not self.kwargs,
+            f"coupling.kwargs are arguments of a form chosen by coupling._target_, which is not set; "
+            f"got coupling.kwargs.{next(iter(self.kwargs), '')}",
+        )
         _check_choices(self, "coupling.")
+        form = form_class(self.name)
+        form.check(self)
         _check(self.eta > 0, f"coupling.eta must be > 0; got {self.eta}")
         _check(
             self.eta_growth is None or self.eta_final is None,
@@ -81,34 +99,23 @@ class CouplingConfig:
             f"coupling.eta_max must be >= coupling.eta ({self.eta}); got {self.eta_max}",
         )
         _check(
-            self.name != "linear" or self.eta_max <= 1,
-            f"coupling.eta_max must be <= 1 for coupling.name=linear (beyond 1 the pull "
-            f"overshoots the mean); got {self.eta_max}",
-        )
-        _check(
             self.eta_final is None or 0 < self.eta_final <= self.eta_max,
             f"coupling.eta_final must be in (0, coupling.eta_max={self.eta_max}]; got {self.eta_final}",
         )
         _check(self.temperature > 0, f"coupling.temperature must be > 0; got {self.temperature}")
-        _check(
-            self.every >= 1 or self.name != "diloco",
-            f"coupling.every (the outer period H of coupling.name=diloco) must be >= 1; got {self.every}",
-        )
         _check(self.every >= 1, f"coupling.every must be >= 1; got {self.every}")
         _check(self.outer_lr > 0, f"coupling.outer_lr must be > 0; got {self.outer_lr}")
         _check(
             0 <= self.outer_momentum < 1,
             f"coupling.outer_momentum must be in [0, 1); got {self.outer_momentum}",
         )
-        _check(
-            not self.via_optimizer or self.name in ("tanh", "linear"),
-            f"coupling.via_optimizer is only for coupling.name=tanh or linear; got {self.name}",
-        )
         _check(self.fragments >= 1, f"coupling.fragments must be >= 1; got {self.fragments}")
-        _check(
-            self.fragments == 1 or self.name in ("tanh", "linear", "average", "diloco"),
-            f"coupling.fragments is only for coupling.name=tanh, linear, average or diloco; got {self.name}",
-        )
+        for key in ("via_optimizer", "fragments"):  # they change what the coupling builds
+            changed = getattr(self, key) != _DEFAULTS[key]
+            _check(
+                not changed or key in form.settings,
+                f"coupling.{key} is only for coupling.name={_or(forms_reading(key))}; got {self.name}",
+            )
         _check(
             self.every % self.fragments == 0,
             f"coupling.fragments must divide coupling.every ({self.every}), so that each fragment "
@@ -127,17 +134,41 @@ class CouplingConfig:
         return max(self.eta, min(DEFAULT_ETA_FINAL, self.eta_max))
 
 
+def locate_form(cfg: CouplingConfig) -> type[Form]:
+    """The class of the form `cfg` chooses: the built-in coupling.name, or coupling._target_
+    imported (a ConfigError naming it where it is no replica_dist.forms.Form)."""
+    if not cfg._target_:
+        return form_class(cfg.name)
+    target = locate_target("coupling._target_", cfg._target_, "a coupling form")
+    if not (isinstance(target, type) and issubclass(target, Form)):
+        raise ConfigError(
+            f"coupling._target_={cfg._target_}: not a subclass of replica_dist.forms.Form "
+            f"(PullForm for a pull toward the mean)"
+        )
+    return target
+
+
+def form_words(cfg: CouplingConfig) -> str:
+    """The form as the user chose it, to name it in a message."""
+    return f"coupling._target_={cfg._target_}" if cfg._target_ else f"coupling.name={cfg.name}"
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CouplingConfig)}
+
+
+def forms_reading(key: str) -> tuple[str, ...]:
+    """The built-in forms whose settings include coupling.`key`."""
+    return tuple(name for name, form in FORMS.items() if key in form.settings)
+
+
+def _or(names: tuple[str, ...]) -> str:
+    return " or ".join(", ".join(names).rsplit(", ", 1))
+
+
+COUPLING_SETTINGS = tuple(key for key in _DEFAULTS if key not in ("_target_", "kwargs"))
+"""The built-in forms' keys (coupling.name among them)."""
+
 COUPLING_APPLIES_TO: dict[str, tuple[str, tuple[str, ...]]] = {
-    "coupling.eta": ("coupling", ("tanh", "linear")),
-    "coupling.eta_growth": ("coupling", ("tanh", "linear")),
-    "coupling.eta_final": ("coupling", ("tanh", "linear")),
-    "coupling.eta_max": ("coupling", ("tanh", "linear")),
-    "coupling.temperature": ("coupling", ("tanh",)),
-    "coupling.every": ("coupling", ("tanh", "linear", "average", "diloco")),
-    "coupling.via_optimizer": ("coupling", ("tanh", "linear")),
-    "coupling.outer_lr": ("coupling", ("diloco",)),
-    "coupling.outer_momentum": ("coupling", ("diloco",)),
-    "coupling.outer_nesterov": ("coupling", ("diloco",)),
-    "coupling.fragments": ("coupling", ("tanh", "linear", "average", "diloco")),
+    f"coupling.{key}": ("coupling", forms_reading(key)) for key in COUPLING_SETTINGS if key != "name"
 }
-"""The coupling's rows of replica_dist.config.overrides.APPLIES_TO."""
+"""The coupling's rows of replica_dist.config.overrides.APPLIES_TO, from the forms' settings."""

@@ -24,7 +24,12 @@ from replica_dist.config.overrides import (
     _schema,
 )
 from replica_dist.config.run import Config, register_configs
-from replica_dist.config.targets import _check_model_extras, _check_model_target, _route_model_arguments
+from replica_dist.config.targets import (
+    _check_coupling_target,
+    _check_model_target,
+    _check_target_extras,
+    _route_target_arguments,
+)
 
 # An installed wheel carries the configs inside the package (pyproject maps replica_dist.conf to
 # conf/); a checkout, run in place or installed editable, keeps them at its top level.
@@ -41,14 +46,14 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
     `__post_init__` (ranges), every problem below is one ConfigError naming the key or the
     override: an override that does not parse; a key that `+`/`++` adds outside the schema;
     a bool given anything but true or false; a non-finite float or an integer beyond int64;
-    a key set for a group option that ignores it (APPLIES_TO); a model._target_ that does not
-    import, takes other arguments or comes with preset keys; sizes whose dataset or model
+    a key set for a group option that ignores it (APPLIES_TO); a model._target_ (or
+    coupling._target_) that does not import, takes other arguments or comes with preset keys; sizes whose dataset or model
     cannot fit in this machine's memory."""
     register_configs()
     schema = _schema()
     parsed = _parse_overrides(overrides)
     _check_override_values(parsed, schema)
-    routed, typed = _route_model_arguments(parsed)
+    routed, typed = _route_target_arguments(parsed)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             dict_cfg = compose("config", overrides=routed, return_hydra_config=True)
@@ -57,7 +62,7 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
             del dict_cfg["hydra"]
         container = OmegaConf.to_container(dict_cfg, resolve=False)
         _check_known_keys(container, Config)
-        _check_model_extras(container["model"], typed)
+        _check_target_extras(container, typed)
         cfg = OmegaConf.to_object(dict_cfg)
     except ConfigError:
         raise
@@ -68,6 +73,7 @@ def load_config(overrides: list[str]) -> tuple[Config, Path]:
         raise ConfigError(f"cannot apply overrides {' '.join(overrides)!r}: {_one_line(err)}") from None
     _check_numbers(cfg)
     _check_model_target(cfg, parsed)  # first: with a target, every preset key is the problem
+    _check_coupling_target(cfg, parsed)
     _check_applies(cfg, parsed)
     _check_length_set_once(cfg, parsed)
     _check_memory(cfg)

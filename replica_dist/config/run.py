@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from replica_dist.config.checks import Backend, Compression, Device, Init, _check, _check_choices
-from replica_dist.config.coupling import CouplingConfig
+from replica_dist.config.coupling import CouplingConfig, form_words, locate_form
 from replica_dist.config.model_data import DataConfig, ModelConfig
 from replica_dist.config.training import (
     CheckpointConfig,
@@ -18,6 +18,7 @@ from replica_dist.config.training import (
     OptimConfig,
     TrainConfig,
 )
+from replica_dist.forms.base import unsupported_feature
 
 TIMEOUT_MAX_S = 30 * 24 * 3600
 BUCKET_MAX_MB = 2**20
@@ -113,24 +114,16 @@ class Config:
     def __post_init__(self) -> None:
         _check_choices(self, "")
         _check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
-        _check(
-            not (self.checkpoint.remap and self.coupling.name == "ddp"),
-            "checkpoint.remap is not available for coupling.name=ddp (its replicas must stay identical)",
+        asked = {
+            "compression": f"dist.compress={self.dist.compress}" if self.dist.compress != "none" else None,
+            "remap": "checkpoint.remap" if self.checkpoint.remap else None,
+            "replica_dp": f"parallel.dp={self.parallel.dp}" if self.parallel.dp > 1 else None,
+        }
+        form = locate_form(self.coupling)
+        refusal = unsupported_feature(
+            form, {feature: key for feature, key in asked.items() if key}, form_words(self.coupling)
         )
-        _check(
-            not (self.checkpoint.remap and self.coupling.name == "diloco"),
-            "checkpoint.remap is not available for coupling.name=diloco (its outer state, the weights at "
-            "the last sync and their momentum, belongs to the replicas that saved it)",
-        )
-        _check(
-            self.parallel.dp == 1 or self.coupling.name != "ddp",
-            "parallel.dp must be 1 for coupling.name=ddp (ddp is data parallel over the whole world already)",
-        )
-        _check(
-            self.dist.compress == "none" or self.coupling.name != "ddp",
-            "dist.compress applies to the coupling exchange; coupling.name=ddp averages gradients in "
-            "DDP's own all_reduce: use dist.compress=none",
-        )
+        _check(refusal is None, str(refusal))
         _check(
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",

@@ -4,55 +4,14 @@ overrides and its signature."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 
 from replica_dist.config.checks import CHOICES, ConfigError
+from replica_dist.config.coupling import COUPLING_SETTINGS, CouplingConfig, locate_form
 from replica_dist.config.model_data import MODEL_DATA_ARGUMENTS, MODEL_PRESET_KEYS, ModelConfig
 from replica_dist.config.overrides import _check_known_keys
 from replica_dist.config.run import Config
-from replica_dist.errors import one_line
-
-
-def locate_target(key: str, path: str, builds: str):
-    """The callable that the `_target_` setting `key` names (`path`), imported; one ConfigError
-    naming `key=path` and why not. Like Hydra's own lookup (the longest importable module,
-    then attributes), without its multi-line messages and its logged failure. `builds` says
-    what the callable is for ("a model")."""
-    where = f"{key}={path}"
-    parts = path.split(".")
-    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
-        raise ConfigError(f"{where}: not a dotted path to a class or function (module.Name)")
-    obj = None
-    for i in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:i])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # Missing itself (or a parent): try a shorter module. Missing inside it: its problem.
-            if err.name is not None and (module_name + ".").startswith(err.name + "."):
-                continue
-            raise ConfigError(
-                f"{where}: cannot import {module_name}: {one_line(err, with_type=True)}"
-            ) from None
-        except Exception as err:  # the module exists but fails to import
-            raise ConfigError(
-                f"{where}: cannot import {module_name}: {one_line(err, with_type=True)}"
-            ) from None
-        break
-    if obj is None:
-        raise ConfigError(f"{where}: cannot import it: no module named {parts[0]!r}")
-    for j in range(i, len(parts)):
-        if not hasattr(obj, parts[j]):
-            raise ConfigError(
-                f"{where}: cannot import it: {'.'.join(parts[:j])} has no attribute {parts[j]!r}"
-            )
-        obj = getattr(obj, parts[j])
-    if not callable(obj) or inspect.ismodule(obj):
-        raise ConfigError(
-            f"{where}: names a {type(obj).__name__}, not a class or function that builds {builds}"
-        )
-    return obj
+from replica_dist.targets import locate_target
 
 
 def model_signature(target) -> inspect.Signature | None:
@@ -63,43 +22,93 @@ def model_signature(target) -> inspect.Signature | None:
         return None
 
 
-def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
-    """The overrides, with each argument of a model._target_ moved to model.kwargs: `model.KEY=V`
-    for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set or add; `+` and `~` keep
-    theirs), and so do `model.kwargs.KEY=V` and `model.kwargs={...}`. Hydra's schema holds no
-    such key, so only `++` would reach it. Also returns, by argument, the key as typed: without
-    a model._target_ such a key is reported as the unknown key it then is."""
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"kwargs"}
+TARGET_GROUPS = {"model": ModelConfig, "coupling": CouplingConfig}
+"""Groups whose `_target_` names a class of the user's own, its arguments in `kwargs`."""
+
+
+def _route_target_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
+    """The overrides, with each argument of a model._target_ (or coupling._target_) moved to
+    model.kwargs: `model.KEY=V` for a KEY the schema lacks becomes `++model.kwargs.KEY=V` (set
+    or add; `+` and `~` keep theirs), and so do `model.kwargs.KEY=V` and `model.kwargs={...}`.
+    Hydra's schema holds no such key, so only `++` would reach it. Also returns, by group and
+    argument ("model.width"), the key as typed: without a _target_ such a key is reported as
+    the unknown key it then is."""
+    fields = {
+        group: {f.name for f in dataclasses.fields(cls)} - {"kwargs"} for group, cls in TARGET_GROUPS.items()
+    }
     routed, typed = [], {}
     for override in parsed:
         key, text = override.key_or_group, override.input_line
         parts = key.split(".")
-        if override.package is not None or len(parts) < 2 or parts[0] != "model" or parts[1] in model_fields:
+        group = parts[0]
+        if override.package is not None or len(parts) < 2 or group not in fields or parts[1] in fields[group]:
             routed.append(text)
             continue
         prefix = text[: len(text) - len(text.lstrip("~+"))]
-        if key == "model.kwargs":  # a whole dict: merged into the (empty, hence closed) default
+        if key == f"{group}.kwargs":  # a whole dict: merged into the (empty, hence closed) default
             routed.append(f"{prefix or '++'}{text[len(prefix) :]}")
             continue
-        argument = key.removeprefix("model.kwargs.") if parts[1] == "kwargs" else key.removeprefix("model.")
-        typed.setdefault(argument.split(".")[0], key)
+        argument = (
+            key.removeprefix(f"{group}.kwargs.") if parts[1] == "kwargs" else key.removeprefix(f"{group}.")
+        )
+        typed.setdefault(f"{group}.{argument.split('.')[0]}", key)
         rest = text[text.index(key, len(prefix)) + len(key) :]
-        routed.append(f"{prefix or '++'}model.kwargs.{argument}{rest}")
+        routed.append(f"{prefix or '++'}{group}.kwargs.{argument}{rest}")
     return routed, typed
 
 
-def _check_model_extras(model: dict, typed: dict[str, str]) -> None:
-    """Model arguments need a model._target_; without one, a key routed from `model.KEY` is an
-    unknown key of the schema (a typo of a preset key, most likely)."""
-    extras = model.get("kwargs") or {}
-    if model.get("_target_") or not extras:
+def _check_target_extras(container: dict, typed: dict[str, str]) -> None:
+    """Arguments need a _target_; without one, a key routed from `model.KEY` (`coupling.KEY`)
+    is an unknown key of the schema (a typo of a preset key, most likely)."""
+    for group in TARGET_GROUPS:
+        extras = container[group].get("kwargs") or {}
+        if container[group].get("_target_") or not extras:
+            continue
+        first = next(iter(extras))
+        if not typed.get(f"{group}.{first}", f"{group}.kwargs.").startswith(f"{group}.kwargs."):
+            _check_known_keys({group: {first: None}}, Config)
+        builds = "a model" if group == "model" else "a form"
+        raise ConfigError(
+            f"{group}.kwargs.{first} is an argument of {builds} chosen by {group}._target_, which is not set"
+        )
+
+
+def _check_coupling_target(cfg: Config, parsed: list) -> None:
+    """With coupling._target_: no built-in form's key on the command line (it would be
+    ignored), and arguments its constructor accepts."""
+    c = cfg.coupling
+    if not c._target_:
         return
-    first = next(iter(extras))
-    if not typed.get(first, "model.kwargs.").startswith("model.kwargs."):
-        _check_known_keys({"model": {first: None}}, Config)
-    raise ConfigError(
-        f"model.kwargs.{first} is an argument of a model chosen by model._target_, which is not set"
-    )
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or override.is_hydra_override():
+            continue
+        parts = key.split(".")
+        if key == "coupling" or (
+            parts[0] == "coupling" and len(parts) == 2 and parts[1] in COUPLING_SETTINGS
+        ):
+            key = key if parts[1:] else f"{key}={override.value()}"
+            raise ConfigError(
+                f"{key} is a setting of the built-in forms, not of coupling._target_={c._target_} "
+                f"(drop it; an argument of the target by that name is coupling.kwargs.{parts[-1]}=VALUE)"
+            )
+    _bind("coupling._target_", c._target_, locate_form(c), c.kwargs, {})
+
+
+def _bind(key: str, path: str, target, kwargs: dict, filled: dict) -> None:
+    """A ConfigError naming `key` where `target`'s signature does not take `kwargs` (and `filled`)."""
+    signature = model_signature(target)
+    if signature is None:
+        return
+    try:
+        signature.bind(**kwargs, **filled)
+    except TypeError as err:
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=inspect.Signature.empty,
+        )
+        shown = " ".join(str(bare).split())
+        raise ConfigError(f"{key}={path}: {err}; its signature is {shown}") from None
 
 
 def _check_model_target(cfg: Config, parsed: list) -> None:
@@ -130,12 +139,4 @@ def _check_model_target(cfg: Config, parsed: list) -> None:
     if signature is None:
         return
     filled = {n: 1 for n in MODEL_DATA_ARGUMENTS if n in signature.parameters and n not in m.kwargs}
-    try:
-        signature.bind(**m.kwargs, **filled)
-    except TypeError as err:
-        bare = signature.replace(
-            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
-            return_annotation=inspect.Signature.empty,
-        )
-        shown = " ".join(str(bare).split())
-        raise ConfigError(f"model._target_={m._target_}: {err}; its signature is {shown}") from None
+    _bind("model._target_", m._target_, target, m.kwargs, filled)
