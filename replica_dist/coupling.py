@@ -4,13 +4,15 @@ It keeps a step's order: pack the weights and start their exchange before the fo
 then, after the backward pass, agree with every replica on whether any value was not finite,
 take the optimizer step, and let the coupling form move the weights (replica_dist.forms: one
 module per form, looked up by name in its registry; this module never asks which form it runs).
+
+Above 500 lines because ReplicaCoupling's docstring is the public object's manual (a runnable
+example, the guard's and the checkpoint's contract, every argument) and its two calls share
+one step's state; the forms, the choice of form and the guard live in modules of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 import zlib
 
 import torch
@@ -18,12 +20,15 @@ import torch.distributed as tdist
 from torch.amp.grad_scaler import OptState
 
 from replica_dist import dist
-from replica_dist.config import CouplingConfig, locate_target
+from replica_dist.config import CouplingConfig
 from replica_dist.errors import ConfigError, CouplingError
 from replica_dist.flat import FlatState
-from replica_dist.forms import FORMS, Form, form_class, fragment_bounds
+from replica_dist.forms import Form, fragment_bounds
 from replica_dist.forms import fragment_at as fragment_at
 from replica_dist.forms.base import unsupported_feature
+from replica_dist.forms.chosen import FORM_SETTINGS as FORM_SETTINGS
+from replica_dist.forms.chosen import coupling_label as coupling_label
+from replica_dist.forms.chosen import form_of_arguments, form_of_config
 from replica_dist.forms.elastic import eta_at as eta_at
 from replica_dist.forms.elastic import schedule_note as schedule_note
 from replica_dist.forms.tanh import stability_note as stability_note
@@ -67,81 +72,6 @@ def unscale_or_drop_gradients(scaler: torch.amp.GradScaler, optimizer: torch.opt
 DEFAULT_CHECK_EVERY = 100
 """ReplicaCoupling's check_every: at most this many steps pass between a non-finite value and
 the error that ends the loop (one exchange of the guard's words and one host read each)."""
-
-FORM_SETTINGS = {name: form.settings for name, form in FORMS.items()}
-"""The schedule's settings (CouplingConfig's fields) that each built-in form reads;
-ReplicaCoupling refuses any other, which would change nothing."""
-
-CONSTANT_ETA = {"eta_growth": 0.0}
-"""ReplicaCoupling's schedule when neither eta_growth= nor eta_final= asks for one: a constant
-eta (the trainer's default, CouplingConfig's, is relative to the run's length)."""
-
-
-def _form_of_arguments(form: str | Form, steps: int | None, schedule: dict) -> Form:
-    """The form ReplicaCoupling's arguments ask for: a form object as it is, or a built-in
-    form's name with its settings; a CouplingError naming the argument as the caller wrote it
-    (`eta=`, not `coupling.eta`) for any that is unknown, means nothing for `form`, or holds a
-    bad value."""
-    if isinstance(form, Form):
-        if schedule:
-            raise CouplingError(
-                f"{next(iter(schedule))}= is a setting of a built-in form by name; "
-                f"{type(form).__name__} takes its settings in its own constructor"
-            )
-        return form
-    if form not in FORMS:
-        raise CouplingError(
-            f"form must be one of {', '.join(FORMS)} or a replica_dist.forms.Form; got {form!r}"
-        )
-    settings = FORMS[form].settings
-    known = [f for f in CouplingConfig.__dataclass_fields__ if f != "name"]
-    unknown = sorted(set(schedule) - set(known))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]}=?)" if close else ""
-        raise CouplingError(f"ReplicaCoupling has no argument {unknown[0]}={hint}")
-    unused = [key for key in schedule if key not in settings]
-    if unused:
-        used = ", ".join(f"{key}=" for key in settings) or "none of the schedule's settings"
-        raise CouplingError(
-            f"{', '.join(f'{key}=' for key in unused)} {'means' if len(unused) == 1 else 'mean'} "
-            f"nothing for form {form!r}, which reads {used}"
-        )
-    try:
-        asked = "eta_growth" in schedule or "eta_final" in schedule
-        cfg = CouplingConfig(name=form, **(schedule if asked else CONSTANT_ETA | schedule))
-    except ConfigError as err:
-        raise CouplingError(_as_arguments(str(err))) from None
-    if cfg.eta_end is not None and steps is None:
-        raise CouplingError("eta_final needs steps=, the run's length")
-    return form_class(form).from_config(cfg, steps or 1)
-
-
-def form_of_config(cfg: CouplingConfig, steps: int) -> Form:
-    """The form the trainer's coupling settings describe: the built-in form coupling.name, or
-    the user's coupling._target_ built with its arguments (coupling.kwargs), for a run of
-    `steps` steps."""
-    if not cfg._target_:
-        return form_class(cfg.name).from_config(cfg, steps)
-    form = locate_target("coupling._target_", cfg._target_, "a coupling form")(**cfg.kwargs)
-    if not isinstance(form, Form):
-        raise ConfigError(
-            f"coupling._target_={cfg._target_} built a {type(form).__name__}, not a replica_dist.forms.Form"
-        )
-    return form
-
-
-def coupling_label(cfg: CouplingConfig) -> str:
-    """The form of the trainer's coupling settings by name (summary.json's `coupling`): the
-    built-in coupling.name, or a coupling._target_'s class name."""
-    return cfg._target_.rsplit(".", 1)[-1] if cfg._target_ else cfg.name
-
-
-def _as_arguments(message: str) -> str:
-    """A CouplingConfig message in ReplicaCoupling's words: coupling.name=linear as form
-    linear, coupling.eta as eta=."""
-    message = re.sub(r"coupling\.name=", "form ", message)
-    return re.sub(r"coupling\.(\w+)=?", r"\1=", message)
 
 
 @dataclasses.dataclass
@@ -262,7 +192,7 @@ class ReplicaCoupling:
         mesh=None,
         **schedule,
     ):
-        form = _form_of_arguments(form, steps, schedule)
+        form = form_of_arguments(form, steps, schedule)
         if nonfinite not in ("stop", "skip"):
             raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:

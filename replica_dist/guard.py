@@ -93,7 +93,8 @@ class StopRequested(Exception):
 # Slots of the guard's state, a small vector on the model's device (see Guard).
 _FIRST, _KIND, _LATEST, _IN_ROW, _REQUESTED, _SKIPPED, _COUNTED, _FROZEN, _STOP, _UNCLEAN = range(10)
 _WORD_SLOTS = [_FIRST, _KIND, _REQUESTED, _IN_ROW, _LATEST]
-"""Where each number of a word comes from (see Guard.word)."""
+"""Where each number of a word comes from (see Guard.word); its columns, by name:"""
+WORD_FIRST, WORD_KIND, WORD_REQUESTED, WORD_IN_ROW, WORD_LATEST = range(len(_WORD_SLOTS))
 
 
 class Guard:
@@ -102,7 +103,7 @@ class Guard:
     `read_back`, on the steps that log or checkpoint, brings the agreed outcome to the host
     (and raises there). See the module's docstring for the rules."""
 
-    WORD_LENGTH = 5
+    WORD_LENGTH = len(_WORD_SLOTS)
     """Numbers in a word: see `word`."""
 
     def __init__(self, policy: str, max_consecutive_skips: int = 20):
@@ -314,16 +315,16 @@ class Guard:
         self._settle_window()
         s = self._state
         words = words.to(s.dtype)
-        bad_now = (words[:, 4] == step).any()
-        error = (words[:, 3] >= self.max_consecutive_skips).any()
+        bad_now = (words[:, WORD_LATEST] == step).any()
+        error = (words[:, WORD_IN_ROW] >= self.max_consecutive_skips).any()
         if self.policy == "stop":
-            error = error | (words[:, 0] > 0).any()
+            error = error | (words[:, WORD_FIRST] > 0).any()
         if self._error_table is None:
             self._error_table = torch.zeros_like(words)
         # The first table that ended the run names what ended it.
         self._error_table = torch.where(error & (s[_FROZEN] == 0), words, self._error_table)
         s[_FROZEN] = torch.where(error, 1.0, s[_FROZEN])
-        s[_STOP] = torch.where((words[:, 2] > 0).any(), 1.0, s[_STOP])
+        s[_STOP] = torch.where((words[:, WORD_REQUESTED] > 0).any(), 1.0, s[_STOP])
         s[_UNCLEAN] = torch.where(bad_now, step, s[_UNCLEAN])
         return ~bad_now & (s[_FROZEN] == 0)
 
@@ -334,17 +335,18 @@ class Guard:
         under the stop policy, SkipLimitError when a replica reached the skip limit; sets
         `stop_agreed` and `all_clean`."""
         self._settle_window()
-        table = self._error_table if self._error_table is not None else self._state.new_zeros(0, 5)
+        width = self.WORD_LENGTH
+        table = self._error_table if self._error_table is not None else self._state.new_zeros(0, width)
         values = torch.cat([self._state, table.flatten()]).tolist()
         state, rows = values[: len(self._state)], values[len(self._state) :]
         self.stop_agreed = self.stop_agreed or bool(state[_STOP])
         self.all_clean = int(state[_UNCLEAN]) != step
         if state[_FROZEN]:
-            table = [[int(v) for v in rows[i : i + 5]] for i in range(0, len(rows), 5)]
+            table = [[int(v) for v in rows[i : i + width]] for i in range(0, len(rows), width)]
             raise self._error(table)
 
     def _error(self, rows: list[list[int]]) -> NonFiniteError:
-        bad = {replica: (row[0], row[1]) for replica, row in enumerate(rows) if row[0]}
+        bad = {r: (row[WORD_FIRST], row[WORD_KIND]) for r, row in enumerate(rows) if row[WORD_FIRST]}
         where = ", ".join(f"non-finite {_kind(k)} in replica {r} at step {s}" for r, (s, k) in bad.items())
         if bad and self.policy == "stop":
             return NonFiniteError(
@@ -352,7 +354,11 @@ class Guard:
             )
         # A replica that fails again and again (a diverged one, a fixed batch) would
         # otherwise freeze, or leave the run to end with non-finite results.
-        over = [(r, row[3]) for r, row in enumerate(rows) if row[3] >= self.max_consecutive_skips]
+        over = [
+            (r, row[WORD_IN_ROW])
+            for r, row in enumerate(rows)
+            if row[WORD_IN_ROW] >= self.max_consecutive_skips
+        ]
         who = ", ".join(f"replica {r} skipped {n} steps in a row" for r, n in over)
         seen = f": {where}" if where else ""
         return SkipLimitError(

@@ -73,16 +73,21 @@ def _check_target_extras(container: dict, typed: dict[str, str]) -> None:
         )
 
 
+def _settings_typed(parsed: list):
+    """(key, override) of each override that sets a config key (not a deletion, a package or
+    Hydra's own)."""
+    for override in parsed:
+        if not (override.is_delete() or override.package is not None or override.is_hydra_override()):
+            yield override.key_or_group, override
+
+
 def _check_coupling_target(cfg: Config, parsed: list) -> None:
     """With coupling._target_: no built-in form's key on the command line (it would be
     ignored), and arguments its constructor accepts."""
     c = cfg.coupling
     if not c._target_:
         return
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or override.package is not None or override.is_hydra_override():
-            continue
+    for key, override in _settings_typed(parsed):
         parts = key.split(".")
         if key == "coupling" or (
             parts[0] == "coupling" and len(parts) == 2 and parts[1] in COUPLING_SETTINGS
@@ -118,10 +123,7 @@ def _check_model_target(cfg: Config, parsed: list) -> None:
     m = cfg.model
     if not m._target_:
         return
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or override.package is not None or override.is_hydra_override():
-            continue
+    for key, override in _settings_typed(parsed):
         if key == "model" and override.value() in CHOICES["ModelName"]:
             raise ConfigError(
                 f"model={override.value()} is a preset and model._target_={m._target_} replaces it; "

@@ -14,7 +14,7 @@ class DataParallel(Form):
 
     name = "ddp"
     why_not = {
-        "compression": "it averages gradients in DDP's own all_reduce: use dist.compress=none",
+        "compression": "it averages gradients in DDP's own all_reduce",
         "remap": "its replicas must stay identical",
         "replica_dp": "ddp is data parallel over the whole world already",
     }

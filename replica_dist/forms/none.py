@@ -11,4 +11,4 @@ class Uncoupled(Form):
 
     name = "none"
     supports = frozenset({"remap", "replica_dp"})
-    why_not = {"compression": "it exchanges no weights: use dist.compress=none"}
+    why_not = {"compression": "it exchanges no weights"}
