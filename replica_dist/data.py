@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from replica_dist import vision
-from replica_dist.config import ConfigError, DataConfig, ModelConfig, locate_target
-from replica_dist.errors import RunError, one_line
+from replica_dist.config import DataConfig, ModelConfig
+from replica_dist.errors import ConfigError, RunError, one_line
 from replica_dist.model import check_input_shape
+from replica_dist.targets import locate_target
 
 log = logging.getLogger(__name__)
 

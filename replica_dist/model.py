@@ -9,14 +9,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from replica_dist.config import (
-    MODEL_DATA_ARGUMENTS,
-    ConfigError,
-    ModelConfig,
-    locate_target,
-    model_signature,
-)
-from replica_dist.errors import one_line
+from replica_dist.config import MODEL_DATA_ARGUMENTS, ModelConfig
+from replica_dist.errors import ConfigError, one_line
+from replica_dist.targets import locate_target, model_signature
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,18 @@
 Hydra checks types and unknown keys; `__post_init__` checks ranges. Library code receives
 these dataclasses (built once with `OmegaConf.to_object`), never a DictConfig.
 
-The package, by concern: `checks` (ConfigError, the range check, the choice types), the schema
+The package, by concern: `checks` (the range check, the choice types), the schema
 in `model_data` (model.*, data.*), `coupling` (coupling.*), `training` (optim.*, train.*, log.*,
 eval.*, guard.*, checkpoint.*, flatness.*) and `run` (dist.*, parallel.*, Config); `overrides`
-(the command line's checks, APPLIES_TO), `targets` (a `_target_`'s import and signature),
+(the command line's checks, APPLIES_TO), `model_target` (a model._target_'s checks),
 `memory` (sizes that cannot fit), `load` (load_config, CONF_DIR) and `help` (help_text). The
-names below are the ones callers import from `replica_dist.config`.
+names below are the ones callers import from `replica_dist.config` (ConfigError's home is
+replica_dist.errors, locate_target's replica_dist.targets).
 """
 
 from __future__ import annotations
 
-from replica_dist.config.checks import CHOICES, ConfigError
+from replica_dist.config.checks import CHOICES
 from replica_dist.config.coupling import DEFAULT_ETA_FINAL, CouplingConfig
 from replica_dist.config.help import help_text
 from replica_dist.config.load import CONF_DIR, load_config
@@ -34,7 +35,6 @@ from replica_dist.config.run import (
     ParallelConfig,
     register_configs,
 )
-from replica_dist.config.targets import locate_target, model_signature
 from replica_dist.config.training import (
     RESUMABLE_KEYS,
     CheckpointConfig,
@@ -46,6 +46,8 @@ from replica_dist.config.training import (
     TrainConfig,
     may_change_on_resume,
 )
+from replica_dist.errors import ConfigError
+from replica_dist.targets import locate_target, model_signature
 
 __all__ = [
     "APPLIES_TO",

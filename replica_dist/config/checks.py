@@ -1,13 +1,11 @@
-"""What every part of the config shares: its error, the range check and the choice types."""
+"""What every part of the config shares: the range check and the choice types."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Literal, get_args, get_origin
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the offending key."""
+from replica_dist.errors import ConfigError
 
 
 def _check(ok: bool, message: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-from replica_dist.config.checks import ConfigError
 from replica_dist.config.run import Config
+from replica_dist.errors import ConfigError
 
 
 def _physical_memory_bytes() -> int | None:
