@@ -9,6 +9,10 @@ import inspect
 
 from replica_dist.errors import ConfigError, one_line
 
+MODEL_DATA_ARGUMENTS = ("num_classes", "num_outputs")
+"""Arguments of a model._target_ that, when its signature names them and the user did not
+set them, take the data's number of outputs."""
+
 
 def locate_target(key: str, path: str, builds: str):
     """The callable that the `_target_` setting `key` names (`path`), imported; one ConfigError

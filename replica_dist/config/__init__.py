@@ -20,9 +20,7 @@ from replica_dist.config.help import help_text
 from replica_dist.config.load import CONF_DIR, load_config
 from replica_dist.config.memory import generated_data_bytes, parameter_count
 from replica_dist.config.model_data import (
-    MODEL_DATA_ARGUMENTS,
     MODEL_PRESET_KEYS,
-    VISION_DATA,
     DataConfig,
     ModelConfig,
 )
@@ -46,8 +44,9 @@ from replica_dist.config.training import (
     TrainConfig,
     may_change_on_resume,
 )
+from replica_dist.data_names import VISION_DATA
 from replica_dist.errors import ConfigError
-from replica_dist.targets import locate_target, model_signature
+from replica_dist.targets import MODEL_DATA_ARGUMENTS, locate_target, model_signature
 
 __all__ = [
     "APPLIES_TO",

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from replica_dist.config.memory import _check_memory
-from replica_dist.config.model_data import VISION_DATA
 from replica_dist.config.model_target import _check_model_extras, _check_model_target, _route_model_arguments
 from replica_dist.config.overrides import (
     _check_applies,
@@ -24,6 +23,7 @@ from replica_dist.config.overrides import (
     _schema,
 )
 from replica_dist.config.run import Config, register_configs
+from replica_dist.data_names import VISION_DATA
 from replica_dist.errors import ConfigError
 
 # An installed wheel carries the configs inside the package (pyproject maps replica_dist.conf to

@@ -7,11 +7,11 @@ import dataclasses
 import inspect
 
 from replica_dist.config.checks import CHOICES
-from replica_dist.config.model_data import MODEL_DATA_ARGUMENTS, MODEL_PRESET_KEYS, ModelConfig
+from replica_dist.config.model_data import MODEL_PRESET_KEYS, ModelConfig
 from replica_dist.config.overrides import _check_known_keys
 from replica_dist.config.run import Config
 from replica_dist.errors import ConfigError
-from replica_dist.targets import locate_target, model_signature
+from replica_dist.targets import MODEL_DATA_ARGUMENTS, locate_target, model_signature
 
 
 def _route_model_arguments(parsed: list) -> tuple[list[str], dict[str, str]]:
