@@ -24,10 +24,12 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 
-from replica_dist.config import ConfigError, DistConfig
-
-COMPRESSIONS = ("none", "bf16", "int8")
-"""How the coupling exchange sends the weights (DistConfig.compress)."""
+from replica_dist.config import (
+    COMPRESSIONS,  # noqa: F401 (replica_dist.coupling reads dist.COMPRESSIONS)
+    ConfigError,
+    DistConfig,
+    check_compression,
+)
 
 
 def init(cfg: DistConfig) -> torch.device:
@@ -255,10 +257,7 @@ class ReplicaExchange:
         chunk: int = 1024,
         error_feedback: bool = False,
     ):
-        if compress not in COMPRESSIONS:
-            raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}; got {compress!r}")
-        if error_feedback and compress == "none":
-            raise ValueError("error_feedback needs compress=bf16 or int8")
+        check_compression(compress, error_feedback, prefix="")
         self.mesh = mesh
         n = self.mesh.num_replicas
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)

@@ -27,10 +27,12 @@ from replica_dist.config.model_data import (
 from replica_dist.config.overrides import APPLIES_TO
 from replica_dist.config.run import (
     BUCKET_MAX_MB,
+    COMPRESSIONS,
     TIMEOUT_MAX_S,
     Config,
     DistConfig,
     ParallelConfig,
+    check_compression,
     register_configs,
 )
 from replica_dist.config.training import (
@@ -52,6 +54,7 @@ __all__ = [
     "APPLIES_TO",
     "BUCKET_MAX_MB",
     "CHOICES",
+    "COMPRESSIONS",
     "CONF_DIR",
     "DEFAULT_ETA_FINAL",
     "MODEL_DATA_ARGUMENTS",
@@ -73,6 +76,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
+    "check_compression",
     "generated_data_bytes",
     "help_text",
     "load_config",
