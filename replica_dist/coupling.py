@@ -931,7 +931,7 @@ class ReplicaCoupling:
             device=self._device,
         )
         both = torch.cat([mine, -mine])
-        with dist._collective("all_reduce (model check)", self.mesh.step):
+        with dist.collective("all_reduce (model check)", self.mesh.step):
             tdist.all_reduce(both, op=tdist.ReduceOp.MAX, group=self.mesh.replicas)
         highest, lowest = both[:3].tolist(), (-both[3:]).tolist()
         if highest != lowest:

@@ -145,7 +145,10 @@ class CollectiveError(RuntimeError):
 
 
 @contextmanager
-def _collective(name: str, step: int = 0) -> Iterator[None]:
+def collective(name: str, step: int = 0) -> Iterator[None]:
+    """Around a collective call (here or in a caller's own, as coupling.py's): its failure, a
+    RuntimeError from the process group, becomes one CollectiveError naming `name`, the step
+    (0: start-up) and this rank, with the first line of the cause."""
     try:
         yield
     except RuntimeError as err:
@@ -157,7 +160,7 @@ def _collective(name: str, step: int = 0) -> Iterator[None]:
 def replica_mean(flat: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """The mean over replicas of `flat` (left untouched), in a new tensor: one all_reduce."""
     total = flat.clone()
-    with _collective("all_reduce (replica mean)", mesh.step):
+    with collective("all_reduce (replica mean)", mesh.step):
         tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=mesh.replicas)
     return total.div_(mesh.num_replicas)
 
@@ -290,7 +293,7 @@ class ReplicaExchange:
         self.table[self.mesh.replica].copy_(row)
         self._compressed_in_flight = self.compress != "none" and not exact
         group = self.mesh.replicas
-        with _collective("all_reduce (replica mean)", self.mesh.step):
+        with collective("all_reduce (replica mean)", self.mesh.step):
             if not self._compressed_in_flight:
                 self._works = [
                     tdist.all_reduce(bucket, op=tdist.ReduceOp.SUM, group=group, async_op=True)
@@ -350,7 +353,7 @@ class ReplicaExchange:
         """The replicas' mean (in `flat`, overwritten; their sum with divide=False) and every
         replica's row (on the device, the same on every rank; with parallel.dp > 1 the
         largest over the replica's ranks). Nothing is read back to the host."""
-        with _collective("all_reduce (replica mean)", self.mesh.step):
+        with collective("all_reduce (replica mean)", self.mesh.step):
             for work in self._works:
                 work.wait()
         self._works = []
@@ -372,28 +375,28 @@ def _agree_within_replica(table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     rank must reach all of them (one tiny all_reduce, only when dp > 1)."""
     if mesh.within is None:
         return table
-    with _collective("all_reduce (guard words across dp)", mesh.step):
+    with collective("all_reduce (guard words across dp)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=mesh.within)
     return table
 
 
 def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
     """Overwrite `flat` on every rank with rank `src`'s values."""
-    with _collective("broadcast"):
+    with collective("broadcast"):
         tdist.broadcast(flat, src=src)
 
 
 def broadcast_object(value: object, src: int = 0) -> object:
     """Rank `src`'s picklable `value`, on every rank (for start-up decisions, not hot paths)."""
     holder = [value]
-    with _collective("broadcast_object_list"):
+    with collective("broadcast_object_list"):
         tdist.broadcast_object_list(holder, src=src)
     return holder[0]
 
 
 def barrier() -> None:
     """Wait until every rank has arrived here."""
-    with _collective("barrier"):
+    with collective("barrier"):
         tdist.barrier()
 
 
@@ -402,7 +405,7 @@ def gather_rows(values: list[float], device: torch.device, mesh: Mesh) -> torch.
     NaN stays in its row): one all_reduce."""
     table = torch.zeros(mesh.num_replicas, len(values), dtype=torch.float64, device=device)
     table[mesh.replica] = torch.tensor(values, dtype=torch.float64)
-    with _collective("all_reduce (per-replica values)", mesh.step):
+    with collective("all_reduce (per-replica values)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
     return table.cpu()
 
@@ -412,7 +415,7 @@ def share_words(word: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     without the weights: one small all_reduce."""
     table = torch.zeros(mesh.num_replicas, len(word), dtype=word.dtype, device=word.device)
     table[mesh.replica].copy_(word)
-    with _collective("all_reduce (guard words)", mesh.step):
+    with collective("all_reduce (guard words)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
     return _agree_within_replica(table, mesh)
 
@@ -427,7 +430,7 @@ def first_failure(failure: str | None) -> str | None:
     # Gloo reduces CPU tensors; NCCL only reduces tensors on this rank's GPU.
     device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
     lowest = torch.tensor([world_size() if failure is None else rank()], dtype=torch.int64, device=device)
-    with _collective("all_reduce (write failures)"):
+    with collective("all_reduce (write failures)"):
         tdist.all_reduce(lowest, op=tdist.ReduceOp.MIN)
     source = int(lowest.item())
     if source == world_size():
