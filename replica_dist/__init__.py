@@ -30,7 +30,7 @@ _HOMES = {
     "NonFiniteError": "replica_dist.guard",
     "Config": "replica_dist.config",
     "load_config": "replica_dist.config",
-    "ConfigError": "replica_dist.config",
+    "ConfigError": "replica_dist.errors",
     "RunError": "replica_dist.errors",
 }
 

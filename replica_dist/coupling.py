@@ -20,15 +20,15 @@ import torch.distributed as tdist
 from torch.amp.grad_scaler import OptState
 
 from replica_dist import dist
-from replica_dist.config import CouplingConfig
+from replica_dist.config import CouplingConfig, check_compression
 from replica_dist.errors import ConfigError, CouplingError
 from replica_dist.flat import FlatState
 from replica_dist.forms import Form, fragment_bounds
 from replica_dist.forms import fragment_at as fragment_at
 from replica_dist.forms.base import unsupported_feature
 from replica_dist.forms.chosen import FORM_SETTINGS as FORM_SETTINGS
+from replica_dist.forms.chosen import as_arguments, form_of_arguments, form_of_config
 from replica_dist.forms.chosen import coupling_label as coupling_label
-from replica_dist.forms.chosen import form_of_arguments, form_of_config
 from replica_dist.forms.elastic import eta_at as eta_at
 from replica_dist.forms.elastic import schedule_note as schedule_note
 from replica_dist.forms.tanh import stability_note as stability_note
@@ -202,8 +202,10 @@ class ReplicaCoupling:
                 f"check_every= must be a number of steps >= 1 (0 or None: never read back by itself); "
                 f"got {check_every!r}"
             )
-        if compress not in dist.COMPRESSIONS:
-            raise CouplingError(f"compress= must be one of {', '.join(dist.COMPRESSIONS)}; got {compress!r}")
+        try:
+            check_compression(compress, error_feedback, prefix="")
+        except ConfigError as err:
+            raise CouplingError(as_arguments(str(err))) from None
         refusal = unsupported_feature(
             form,
             {"compression": "compress="} if compress != "none" else {},
@@ -211,8 +213,6 @@ class ReplicaCoupling:
         )
         if refusal:
             raise CouplingError(refusal)
-        if error_feedback and compress == "none":
-            raise CouplingError("error_feedback= needs compress='bf16' or 'int8'")
         if compress_chunk < 1:
             raise CouplingError(f"compress_chunk= must be >= 1; got {compress_chunk}")
         self._build(
@@ -270,7 +270,7 @@ class ReplicaCoupling:
         bounds = fragment_bounds([t.numel() for t in self.state.tensors], form.fragments)
         self.fragments = [self.state] if len(bounds) == 1 else [self.state.part(*run) for run in bounds]
         """The parts coupled in turn (coupling.fragments); one, the whole state, by default."""
-        form.attach(self.state, self.fragments, self.mesh)
+        form.attach(self.state, self.fragments, lambda tensor: dist.replica_mean(tensor, self.mesh))
         # One per fragment, allocated once: the weights sent, the mean received, then the pull,
         # all in this buffer. A form that exchanges no weights communicates only when asked,
         # into a buffer of the moment.

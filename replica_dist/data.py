@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from replica_dist import vision
-from replica_dist.config import ConfigError, DataConfig, ModelConfig, locate_target
-from replica_dist.errors import RunError, one_line
+from replica_dist.data_names import VISION_DATA
+from replica_dist.errors import ConfigError, RunError, one_line
 from replica_dist.model import check_input_shape
+from replica_dist.targets import locate_target
+
+if TYPE_CHECKING:
+    from replica_dist.config import DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 def _digits(cfg: DataConfig, seed: int):
     images, target = load_digits()
-    x = (images / 16.0)[:, None, :, :]  # (n, 1, 8, 8), pixels in [0, 1]
+    x = (images / 16.0).reshape(-1, *DIGITS_SHAPE)  # pixels in [0, 1]
     return (*_split(x, target, cfg.test_fraction, seed), "classification", "cross_entropy")
 
 
@@ -96,10 +101,15 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
+def _teacher_width(num_outputs: int) -> int:
+    """Hidden units of the teacher network that labels data.name=teacher."""
+    return 4 * num_outputs
+
+
 def _teacher(cfg: DataConfig, seed: int):
     rng = _rng(seed, _TEACHER)
     x = rng.standard_normal((cfg.num_samples, cfg.input_dim))
-    hidden = 4 * cfg.num_outputs
+    hidden = _teacher_width(cfg.num_outputs)
     w1 = rng.standard_normal((cfg.input_dim, hidden)) / np.sqrt(cfg.input_dim)
     w2 = rng.standard_normal((hidden, cfg.num_outputs)) / np.sqrt(hidden)
     y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
@@ -112,6 +122,33 @@ def _seed_library(cfg: DataConfig, seed: int):
     y = rng.standard_normal((cfg.library_size, cfg.num_outputs))
     # The library is both what replicas draw their fixed batches from and the shared test set.
     return x, y, x, y, "regression", "sse"
+
+
+DIGITS_SHAPE = (1, 8, 8)
+"""One digits sample: a single channel of 8 x 8 pixels."""
+DIGITS_CLASSES = 10
+
+
+def generated_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int] | None:
+    """Sample shape and number of outputs of the data generated here (digits, seed, teacher),
+    known from the config before anything is generated; None for data read later."""
+    if cfg.name == "digits":
+        return DIGITS_SHAPE, DIGITS_CLASSES
+    if cfg.name in ("seed", "teacher"):
+        return (cfg.input_dim,), cfg.num_outputs
+    return None
+
+
+def generated_bytes(cfg: DataConfig) -> int:
+    """Bytes of the float64 arrays generated for data.name=teacher (the inputs, the teacher's
+    first layer and its hidden activations) or seed (the library's inputs and targets); 0 for
+    digits, which is read (1797 samples of 64 pixels), and for data not generated here."""
+    if cfg.name == "teacher":
+        hidden = _teacher_width(cfg.num_outputs)
+        return 8 * (cfg.num_samples * cfg.input_dim + cfg.input_dim * hidden + cfg.num_samples * hidden)
+    if cfg.name == "seed":
+        return 8 * cfg.library_size * (cfg.input_dim + cfg.num_outputs)
+    return 0
 
 
 _REQUIRED = ("X_train", "y_train", "X_test", "y_test")
@@ -394,7 +431,7 @@ def _target_datasets(cfg: DataConfig, seed: int) -> tuple[TorchDataset, TorchDat
 
 DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], tuple[TorchDataset, TorchDataset]]] = {
     "dataset": _target_datasets,
-    **dict.fromkeys(vision.VISION_NAMES, vision.datasets),  # torchvision is imported only when used
+    **dict.fromkeys(VISION_DATA, vision.datasets),  # torchvision is imported only when used
 }
 """data.name -> (train set, test set) of map-style Datasets, read through a DataLoader."""
 

@@ -19,19 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 
-from replica_dist.errors import ConfigError
-
-if TYPE_CHECKING:
-    from replica_dist.config import DistConfig
-
-COMPRESSIONS = ("none", "bf16", "int8")
-"""How the coupling exchange sends the weights (DistConfig.compress)."""
+from replica_dist.config import (
+    COMPRESSIONS,  # noqa: F401 (the exchange's choices, as dist.COMPRESSIONS)
+    ConfigError,
+    DistConfig,
+    check_compression,
+)
 
 
 def init(cfg: DistConfig) -> torch.device:
@@ -148,8 +146,9 @@ class CollectiveError(RuntimeError):
 
 @contextmanager
 def collective(name: str, step: int = 0) -> Iterator[None]:
-    """Around a torch.distributed call: its failure or timeout becomes one CollectiveError
-    naming the collective (`name`) and the training step."""
+    """Around a collective call (here or in a caller's own, as coupling.py's): its failure, a
+    RuntimeError from the process group, becomes one CollectiveError naming `name`, the step
+    (0: start-up) and this rank, with the first line of the cause."""
     try:
         yield
     except RuntimeError as err:
@@ -261,10 +260,7 @@ class ReplicaExchange:
         chunk: int = 1024,
         error_feedback: bool = False,
     ):
-        if compress not in COMPRESSIONS:
-            raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}; got {compress!r}")
-        if error_feedback and compress == "none":
-            raise ValueError("error_feedback needs compress=bf16 or int8")
+        check_compression(compress, error_feedback, prefix="")
         self.mesh = mesh
         n = self.mesh.num_replicas
         self.buffer = torch.zeros(numel + n * row_len, dtype=dtype, device=device)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from replica_dist import checkpoint, run_lock
 from replica_dist.config import ConfigError, load_config
+from replica_dist.worker_protocol import LAUNCHER_ENV, ONE_LINE_KEY
 
 USAGE = (
     "usage: {prog} [--nproc N] [--max-restarts K] [--nnodes N --rdzv-endpoint HOST:PORT --rdzv-id JOB]\n"
@@ -36,12 +37,6 @@ USAGE = (
 )
 PROG_ENV = "REPLICA_DIST_PROG"
 """How the resume command names this program: launch/run.sh sets it to itself."""
-LAUNCHER_ENV = "REPLICA_DIST_LAUNCHER"
-"""Set in the workers' environment: the launcher, not the worker, prints how to resume and
-the worker's one-line error."""
-ONE_LINE_KEY = "replica_dist_exit_status"
-"""In a worker's torchrun error file that holds its one-line error: the exit status it meant
-(see train.fail)."""
 RUNS_ROOT = Path("runs")
 
 

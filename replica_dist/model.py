@@ -4,27 +4,30 @@ metrics read well, or any model that model._target_ names (its own parameter nam
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from replica_dist.config import (
-    MODEL_DATA_ARGUMENTS,
-    ConfigError,
-    ModelConfig,
-    locate_target,
-    model_signature,
-)
-from replica_dist.errors import one_line
+from replica_dist.errors import ConfigError, one_line
+from replica_dist.targets import MODEL_DATA_ARGUMENTS, locate_target, model_signature
+
+if TYPE_CHECKING:
+    from replica_dist.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+_KERNEL = 3
+"""The cnn's convolutions are KERNEL x KERNEL, padded to keep the image's size."""
+_POOLED = 2
+"""The cnn pools each channel to POOLED x POOLED before its linear layer."""
 
 
 def mlp(cfg: ModelConfig, input_dim: int, num_outputs: int) -> nn.Sequential:
-    widths = [input_dim, *cfg.hidden, num_outputs]
+    widths = _mlp_widths(cfg, input_dim, num_outputs)
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
         layers[f"fc{i}"] = nn.Linear(fan_in, fan_out, bias=cfg.bias)
@@ -34,17 +37,39 @@ def mlp(cfg: ModelConfig, input_dim: int, num_outputs: int) -> nn.Sequential:
 
 
 def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
-    channels = [input_shape[0], *cfg.hidden]
+    channels = _cnn_channels(cfg, input_shape)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]), start=1):
-        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=cfg.bias)
+        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, kernel_size=_KERNEL, padding=_KERNEL // 2, bias=cfg.bias)
         if cfg.batch_norm:
             layers[f"bn{i}"] = nn.BatchNorm2d(c_out)
         layers[f"act{i}"] = _ACTIVATIONS[cfg.activation]()
-    layers["pool"] = nn.AdaptiveAvgPool2d(2)
+    layers["pool"] = nn.AdaptiveAvgPool2d(_POOLED)
     layers["flatten"] = nn.Flatten()
-    layers["fc"] = nn.Linear(4 * channels[-1], num_outputs, bias=cfg.bias)
+    layers["fc"] = nn.Linear(_POOLED**2 * channels[-1], num_outputs, bias=cfg.bias)
     return nn.Sequential(layers)
+
+
+def _mlp_widths(cfg: ModelConfig, input_dim: int, num_outputs: int) -> list[int]:
+    return [input_dim, *cfg.hidden, num_outputs]
+
+
+def _cnn_channels(cfg: ModelConfig, input_shape: tuple[int, ...]) -> list[int]:
+    return [input_shape[0], *cfg.hidden]
+
+
+def parameter_count(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> int:
+    """Weights (and biases, BatchNorm affine parameters) of the preset `cfg` names for samples of
+    `input_shape`: what mlp and cnn build, counted from the same widths, in Python integers so
+    that a network far beyond any memory is counted too (the config refuses it by this count)."""
+    if cfg.name == "cnn":
+        channels = _cnn_channels(cfg, input_shape)
+        count = sum(
+            _KERNEL**2 * a * b + b * cfg.bias + 2 * b * cfg.batch_norm for a, b in zip(channels, channels[1:])
+        )
+        return count + _POOLED**2 * channels[-1] * num_outputs + num_outputs * cfg.bias
+    widths = _mlp_widths(cfg, math.prod(input_shape), num_outputs)
+    return sum(a * b + b * cfg.bias for a, b in zip(widths, widths[1:]))
 
 
 def check_input_shape(cfg: ModelConfig, input_shape: tuple[int, ...], what: str) -> None:
@@ -116,7 +141,7 @@ def build_model(
             check_input_shape(cfg, input_shape, f"the data has samples of shape {input_shape}")
             model = cnn(cfg, input_shape, num_outputs)
         else:
-            model = mlp(cfg, int(torch.tensor(input_shape).prod()), num_outputs)
+            model = mlp(cfg, math.prod(input_shape), num_outputs)
         if cfg.init_std > 0:
             for name, param in model.named_parameters():
                 if name.endswith("weight") and param.dim() > 1:

@@ -23,7 +23,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from replica_dist.config import ConfigError
+from replica_dist.errors import ConfigError
 
 LOCK_NAME = ".lock"
 _held: dict[Path, IO[str]] = {}

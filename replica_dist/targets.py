@@ -1,5 +1,6 @@
-"""A `_target_` setting (model._target_, coupling._target_, data.name=dataset): the callable
-it names, imported, or one error that names the setting."""
+"""The callable a `_target_` setting names (model._target_, data._target_, coupling._target_),
+imported with one ConfigError naming the key; here, apart from the config, so that the builders
+(model.py, data.py) and the config's checks share it without importing each other."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import importlib
 import inspect
 
 from replica_dist.errors import ConfigError, one_line
+
+MODEL_DATA_ARGUMENTS = ("num_classes", "num_outputs")
+"""Arguments of a model._target_ that, when its signature names them and the user did not
+set them, take the data's number of outputs."""
 
 
 def locate_target(key: str, path: str, builds: str):
@@ -48,3 +53,11 @@ def locate_target(key: str, path: str, builds: str):
             f"{where}: names a {type(obj).__name__}, not a class or function that builds {builds}"
         )
     return obj
+
+
+def model_signature(target) -> inspect.Signature | None:
+    """The target's call signature; None where Python cannot tell (some builtins)."""
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None

@@ -27,7 +27,7 @@ from replica_dist import dist
 from replica_dist.config import ConfigError, help_text, load_config
 from replica_dist.errors import RunError
 from replica_dist.guard import Guard, StopRequested
-from replica_dist.launch import LAUNCHER_ENV, ONE_LINE_KEY
+from replica_dist.worker_protocol import LAUNCHER_ENV, ONE_LINE_KEY
 
 log = logging.getLogger("replica_dist")
 USAGE = "usage: torchrun [torchrun options] -m replica_dist.train [--cfg job] [--help] [overrides ...]"

@@ -25,15 +25,17 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from replica_dist.config import VISION_DATA, ConfigError, DataConfig
-from replica_dist.errors import one_line
+from replica_dist.data_names import VISION_DATA
+from replica_dist.errors import ConfigError, one_line
 
-VISION_NAMES = VISION_DATA
+if TYPE_CHECKING:
+    from replica_dist.config import DataConfig
+
 INSTALL = 'pip install "replica_dist[vision]" (in a checkout: pip install -e ".[vision]")'
 """The extra pins torch==2.14.1 with torchvision==0.29.1: a venv of its own, beside the CPU torch."""
 
@@ -70,7 +72,7 @@ class VisionInfo:
 
 
 def is_vision(name: str) -> bool:
-    return name in VISION_NAMES
+    return name in VISION_DATA
 
 
 def _torchvision(name: str):

@@ -324,6 +324,20 @@ def test_bad_compression_configs_name_the_key_in_one_line(tmp_path, overrides, m
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "arguments"),
+    [(["dist.compress=fp8"], {"compress": "fp8"}), (["dist.error_feedback=true"], {"error_feedback": True})],
+)
+def test_the_exchange_built_directly_refuses_what_the_config_refuses(tmp_path, overrides, arguments):
+    """Before any collective (no process group here): the config's message, for the argument."""
+    with pytest.raises(ConfigError) as from_config:
+        load_config([f"hydra.run.dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ValueError) as from_exchange:
+        dist.ReplicaExchange(NUMEL, ROW_LEN, torch.float32, torch.device("cpu"), 1e6, None, **arguments)
+    assert str(from_exchange.value) == str(from_config.value).replace("dist.", "")
+    assert dist.COMPRESSIONS == ("none", "bf16", "int8")
+
+
 # ---- 7. resume through the public object, with the residual
 
 

@@ -173,8 +173,8 @@ def test_stability_note_names_the_first_step_where_eta_over_t_exceeds_2():
 def test_the_fused_pull_equals_the_textbook_one(form, temperature):
     # The trainer's pull works in place on the replicas' sum with the mean's division folded
     # in; its result, times eta, must be `pull` of the weights and the mean.
-    from replica_dist.forms import FORMS
     from replica_dist.flat import FlatState
+    from replica_dist.forms import FORMS
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))

@@ -42,6 +42,18 @@ def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     assert "all_reduce (replica mean) failed at step 7 on rank 0" in message
 
 
+def test_a_failed_collective_is_one_line_naming_it_the_step_and_the_rank(monkeypatch):
+    monkeypatch.setattr(dist, "rank", lambda: 3)
+    with pytest.raises(dist.CollectiveError) as info, dist.collective("all_reduce (mine)", 12):
+        raise RuntimeError("\nConnection closed by peer\nmore detail")
+    assert str(info.value) == "all_reduce (mine) failed at step 12 on rank 3: Connection closed by peer"
+    with pytest.raises(dist.CollectiveError, match=r"^broadcast failed at start-up on rank 3: RuntimeError$"):
+        with dist.collective("broadcast"):
+            raise RuntimeError()
+    with pytest.raises(KeyError), dist.collective("barrier"):  # not the process group's: as it is
+        raise KeyError("mine")
+
+
 def _npz(path, **arrays) -> str:
     np.savez(path, **arrays)
     return str(path)

@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from replica_dist import data as data_module
+from replica_dist import model as model_module
 from replica_dist.config import (
     APPLIES_TO,
     CHOICES,
     Config,
     ConfigError,
+    DataConfig,
+    ModelConfig,
     generated_data_bytes,
     help_text,
     load_config,
@@ -161,6 +165,64 @@ def test_parameter_count_matches_the_built_model(tmp_path, overrides):
     data = load_dataset(cfg.data, cfg.seed, torch.float32)
     model = build_model(cfg.model, data.input_shape, data.num_outputs, 0)
     assert parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("model", "input_shape", "outputs"),
+    [
+        (ModelConfig(hidden=[]), (13,), 2),
+        (ModelConfig(hidden=[5, 4, 3], bias=False), (2, 3), 7),
+        (ModelConfig(name="cnn", hidden=[3]), (1, 8, 8), 10),
+        (ModelConfig(name="cnn", hidden=[4, 2], batch_norm=True), (3, 5, 7), 4),
+        (ModelConfig(name="cnn", hidden=[6], bias=False, batch_norm=True), (2, 1, 1), 1),
+    ],
+)
+def test_model_parameter_count_is_the_built_networks(model, input_shape, outputs):
+    built = build_model(model, input_shape, outputs, 0)
+    assert model_module.parameter_count(model, input_shape, outputs) == sum(
+        p.numel() for p in built.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(),
+        DataConfig(name="seed", input_dim=6, num_outputs=3, library_size=20, fixed_batch=4),
+        DataConfig(name="teacher", num_samples=60, input_dim=5, num_outputs=3),
+    ],
+    ids=["digits", "seed", "teacher"],
+)
+def test_generated_shape_is_the_generated_datas(cfg):
+    data = load_dataset(cfg, 0, torch.float64)
+    assert data_module.generated_shape(cfg) == (data.input_shape, data.num_outputs)
+
+
+def test_teacher_bytes_are_the_arrays_it_draws(monkeypatch):
+    """The teacher's inputs and first layer as drawn, and its hidden activations (one per sample
+    and hidden unit), all float64."""
+    drawn = []
+    real_rng = data_module._rng
+
+    class Recording:
+        def __init__(self, rng):
+            self.rng = rng
+
+        def standard_normal(self, shape):
+            drawn.append(shape)
+            return self.rng.standard_normal(shape)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    monkeypatch.setattr(data_module, "_rng", lambda *seeds: Recording(real_rng(*seeds)))
+    cfg = DataConfig(name="teacher", num_samples=60, input_dim=5, num_outputs=3)
+    load_dataset(cfg, 0, torch.float64)
+    inputs, first_layer, second_layer = drawn
+    assert inputs == (60, 5) and first_layer[0] == 5 and second_layer == (first_layer[1], 3)
+    hidden = first_layer[1]
+    assert data_module.generated_bytes(cfg) == 8 * (60 * 5 + 5 * hidden + 60 * hidden)
+    assert data_module.generated_bytes(DataConfig()) == 0
 
 
 def test_generated_data_bytes_closed_form(tmp_path):

@@ -1,4 +1,4 @@
-"""What every part of the config shares: its error, the range check and the choice types."""
+"""What every part of the config shares: the range check and the choice types."""
 
 from __future__ import annotations
 

@@ -9,9 +9,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from replica_dist.config.checks import ConfigError
 from replica_dist.config.memory import _check_memory
-from replica_dist.config.model_data import VISION_DATA
 from replica_dist.config.overrides import (
     _check_applies,
     _check_known_keys,
@@ -24,12 +22,14 @@ from replica_dist.config.overrides import (
     _schema,
 )
 from replica_dist.config.run import Config, register_configs
-from replica_dist.config.targets import (
+from replica_dist.config.user_targets import (
     _check_coupling_target,
     _check_model_target,
     _check_target_extras,
     _route_target_arguments,
 )
+from replica_dist.data_names import VISION_DATA
+from replica_dist.errors import ConfigError
 
 # An installed wheel carries the configs inside the package (pyproject maps replica_dist.conf to
 # conf/); a checkout, run in place or installed editable, keeps them at its top level.

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import os
 
-from replica_dist.config.checks import ConfigError
 from replica_dist.config.run import Config
+from replica_dist.errors import ConfigError
 
 
 def _physical_memory_bytes() -> int | None:
@@ -17,42 +16,25 @@ def _physical_memory_bytes() -> int | None:
         return None
 
 
-def _data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
-    """Sample shape and number of outputs the data will have; for a file, whose arrays are read
-    only later, the smallest possible (one input, one output), so estimates stay lower bounds."""
-    d = cfg.data
-    if d.name == "digits":
-        return (1, 8, 8), 10
-    if d.name in ("seed", "teacher"):
-        return (d.input_dim,), d.num_outputs
-    return (1, 1, 1) if cfg.model.name == "cnn" else (1,), 1
-
-
 def parameter_count(cfg: Config) -> int | None:
-    """Weights (and biases, BatchNorm affine parameters) of the model the config builds,
-    counted as replica_dist.model builds them; None for a model._target_, unknown until built."""
-    m = cfg.model
-    if m._target_:
+    """Weights (and biases, BatchNorm affine parameters) of the model the config builds, counted
+    by replica_dist.model; None for a model._target_, unknown until built. Data read only later
+    (a file, a dataset) counts as the smallest possible (one input, one output), so the count
+    stays a lower bound."""
+    if cfg.model._target_:
         return None
-    shape, outputs = _data_shape(cfg)
-    if m.name == "cnn":
-        channels = [shape[0], *m.hidden]
-        count = sum(9 * a * b + b * m.bias + 2 * b * m.batch_norm for a, b in zip(channels, channels[1:]))
-        return count + 4 * channels[-1] * outputs + outputs * m.bias
-    widths = [math.prod(shape), *m.hidden, outputs]
-    return sum(a * b + b * m.bias for a, b in zip(widths, widths[1:]))
+    from replica_dist import data, model  # torch: only when a config is checked, not imported
+
+    smallest = ((1, 1, 1) if cfg.model.name == "cnn" else (1,)), 1
+    shape, outputs = data.generated_shape(cfg.data) or smallest
+    return model.parameter_count(cfg.model, shape, outputs)
 
 
 def generated_data_bytes(cfg: Config) -> int:
-    """Bytes of the float64 arrays replica_dist.data generates (0 for digits and file, which
-    are not generated: digits is 1797 samples of 64 pixels)."""
-    d = cfg.data
-    if d.name == "teacher":
-        hidden = 4 * d.num_outputs
-        return 8 * (d.num_samples * d.input_dim + d.input_dim * hidden + d.num_samples * hidden)
-    if d.name == "seed":
-        return 8 * d.library_size * (d.input_dim + d.num_outputs)
-    return 0
+    """Bytes of the float64 arrays replica_dist.data generates for the config's data."""
+    from replica_dist import data
+
+    return data.generated_bytes(cfg.data)
 
 
 def _check_memory(cfg: Config) -> None:

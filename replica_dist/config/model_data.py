@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replica_dist.config.checks import Activation, DataName, ModelName, Split, Task, _check, _check_choices
+from replica_dist.data_names import VISION_DATA
 
 
 @dataclass
@@ -61,13 +62,9 @@ class ModelConfig:
 
 MODEL_PRESET_KEYS = ("name", "hidden", "activation", "bias", "batch_norm", "init_std")
 """The keys of the built-in networks: with model._target_ set they would be ignored."""
-MODEL_DATA_ARGUMENTS = ("num_classes", "num_outputs")
-"""Arguments of a model._target_ that, when its signature names them and the user did not
-set them, take the data's number of outputs."""
 
 
-# The torchvision presets (replica_dist/vision.py) and the keys only they read.
-VISION_DATA = ("imagefolder", "cifar10", "cifar100", "mnist", "fashionmnist")
+# The keys only the torchvision presets (VISION_DATA, replica_dist/vision.py) read.
 _VISION_KEYS = ("root", "augment", "crop_padding", "flip", "normalize", "mean", "std", "image_size")
 
 

@@ -11,10 +11,12 @@ import re
 
 from hydra.errors import HydraException
 
-from replica_dist.config.checks import ConfigError, _check
+from replica_dist.config.checks import _check
 from replica_dist.config.coupling import COUPLING_APPLIES_TO
-from replica_dist.config.model_data import _VISION_KEYS, VISION_DATA
+from replica_dist.config.model_data import _VISION_KEYS
 from replica_dist.config.run import Config
+from replica_dist.data_names import VISION_DATA
+from replica_dist.errors import ConfigError
 
 
 def _one_line(err: BaseException) -> str:

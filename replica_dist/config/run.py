@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from replica_dist.config.checks import Backend, Compression, Device, Init, _check, _check_choices
+from replica_dist.config.checks import (
+    CHOICES,
+    Backend,
+    Compression,
+    Device,
+    Init,
+    _check,
+    _check_choices,
+    _one_of,
+)
 from replica_dist.config.coupling import CouplingConfig, form_words, locate_form
 from replica_dist.config.model_data import DataConfig, ModelConfig
 from replica_dist.config.training import (
@@ -21,6 +30,20 @@ from replica_dist.config.training import (
 from replica_dist.forms.base import unsupported_feature
 
 TIMEOUT_MAX_S = 30 * 24 * 3600
+COMPRESSIONS = CHOICES["Compression"]
+"""How the coupling exchange may send the weights (dist.compress)."""
+
+
+def check_compression(compress: str, error_feedback: bool, prefix: str = "dist.") -> None:
+    """A compression among COMPRESSIONS, and error feedback only with one: for DistConfig and for
+    dist.ReplicaExchange built without a config (`prefix` ''), one check and one message."""
+    _one_of(f"{prefix}compress", compress, COMPRESSIONS)
+    _check(
+        not error_feedback or compress != "none",
+        f"{prefix}error_feedback needs compression: set {prefix}compress=bf16 or int8, or drop {prefix}error_feedback",
+    )
+
+
 BUCKET_MAX_MB = 2**20
 
 
@@ -65,10 +88,7 @@ class DistConfig:
     def __post_init__(self) -> None:
         _check_choices(self, "dist.")
         _check(self.compress_chunk >= 1, f"dist.compress_chunk must be >= 1; got {self.compress_chunk}")
-        _check(
-            not self.error_feedback or self.compress != "none",
-            "dist.error_feedback needs compression: set dist.compress=bf16 or int8, or drop dist.error_feedback",
-        )
+        check_compression(self.compress, self.error_feedback)
         _check(
             0 < self.timeout_s <= TIMEOUT_MAX_S,
             f"dist.timeout_s must be in (0, {TIMEOUT_MAX_S}] seconds; got {self.timeout_s}",

@@ -84,9 +84,10 @@ class Form:
         """The module to run the forward and backward passes through."""
         return model
 
-    def attach(self, state: FlatState, fragments: list[FlatState], mesh) -> None:
+    def attach(self, state: FlatState, fragments: list[FlatState], replica_mean) -> None:
         """Once, at construction, on every rank: build the form's own state from the first
-        weights (`state`, split into `fragments`). May communicate over `mesh`'s replicas."""
+        weights (`state`, split into `fragments`). `replica_mean(tensor)`, a collective that
+        every rank calls alike, gives the replicas' mean of a tensor."""
 
     def scale(self, step: int) -> float:
         """The factor of direction_'s result (a pull's strength, eta); 1 by default."""

@@ -53,7 +53,7 @@ def form_of_arguments(form: str | Form, steps: int | None, schedule: dict) -> Fo
         asked = "eta_growth" in schedule or "eta_final" in schedule
         cfg = CouplingConfig(name=form, **(schedule if asked else CONSTANT_ETA | schedule))
     except ConfigError as err:
-        raise CouplingError(_as_arguments(str(err))) from None
+        raise CouplingError(as_arguments(str(err))) from None
     if cfg.eta_end is not None and steps is None:
         raise CouplingError("eta_final needs steps=, the run's length")
     return form_class(form).from_config(cfg, steps or 1)
@@ -79,8 +79,9 @@ def coupling_label(cfg: CouplingConfig) -> str:
     return cfg._target_.rsplit(".", 1)[-1] if cfg._target_ else cfg.name
 
 
-def _as_arguments(message: str) -> str:
-    """A CouplingConfig message in ReplicaCoupling's words: coupling.name=linear as form
-    linear, coupling.eta as eta=."""
+def as_arguments(message: str) -> str:
+    """A config message in ReplicaCoupling's words: coupling.name=linear as form linear,
+    coupling.eta as eta=, a bare compress or error_feedback as compress= or error_feedback=."""
     message = re.sub(r"coupling\.name=", "form ", message)
-    return re.sub(r"coupling\.(\w+)=?", r"\1=", message)
+    message = re.sub(r"coupling\.(\w+)=?", r"\1=", message)
+    return re.sub(r"(?<![\w.=])(compress|error_feedback)(?![\w=])", r"\1=", message)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from replica_dist import dist
 from replica_dist.errors import ConfigError
 from replica_dist.flat import FlatState
 from replica_dist.forms.base import Form, periodic_fragment
@@ -67,10 +66,10 @@ class DiLoCo(Form):
     def fragment_at(self, step: int) -> int | None:
         return periodic_fragment(step, self.every, self.fragments)
 
-    def attach(self, state: FlatState, fragments: list[FlatState], mesh) -> None:
+    def attach(self, state: FlatState, fragments: list[FlatState], replica_mean) -> None:
         """Start from the replicas' mean, and build one outer parameter per fragment: a slice
         of the anchor, so that a fragment's outer step moves only its own part."""
-        self.anchor = dist.replica_mean(state.pack(), mesh)
+        self.anchor = replica_mean(state.pack())
         state.load(self.anchor)
         param_numel = sum(t.numel() for t in state.tensors[: state.num_params])
         self.parts = []  # per fragment: (its parameters' slice of the anchor or None, its buffers' slice)

@@ -1,26 +1,19 @@
-"""A `_target_` setting: the callable it names, and a model._target_'s checks against the
-overrides and its signature."""
+"""The checks of a model._target_ or coupling._target_ (a class of the user's own): its
+arguments routed to model.kwargs (coupling.kwargs), no preset or built-in form's key beside it,
+and arguments its signature accepts."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 
-from replica_dist.config.checks import CHOICES, ConfigError
+from replica_dist.config.checks import CHOICES
 from replica_dist.config.coupling import COUPLING_SETTINGS, CouplingConfig, locate_form
-from replica_dist.config.model_data import MODEL_DATA_ARGUMENTS, MODEL_PRESET_KEYS, ModelConfig
+from replica_dist.config.model_data import MODEL_PRESET_KEYS, ModelConfig
 from replica_dist.config.overrides import _check_known_keys
 from replica_dist.config.run import Config
-from replica_dist.targets import locate_target
-
-
-def model_signature(target) -> inspect.Signature | None:
-    """The target's call signature; None where Python cannot tell (some builtins)."""
-    try:
-        return inspect.signature(target)
-    except (TypeError, ValueError):
-        return None
-
+from replica_dist.errors import ConfigError
+from replica_dist.targets import MODEL_DATA_ARGUMENTS, locate_target, model_signature
 
 TARGET_GROUPS = {"model": ModelConfig, "coupling": CouplingConfig}
 """Groups whose `_target_` names a class of the user's own, its arguments in `kwargs`."""
