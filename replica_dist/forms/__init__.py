@@ -15,6 +15,10 @@ do not). ReplicaCoupling, the config, the progress line and the reports look a f
 A form of one's own subclasses PullForm (or Form) and is used as
 ``ReplicaCoupling(model, optimizer, MyForm(...))`` or, in the trainer,
 ``coupling._target_=my_pkg.MyForm coupling.KEY=VALUE ...`` (its keyword arguments).
+
+The config reads this registry (names, settings, checks) in a process that has not loaded
+torch (the launcher's): the form modules use torch only through the tensors they are handed,
+and import anything else from torch where it is first used.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ README's "A coupling form of your own").
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from replica_dist.errors import CouplingError
-from replica_dist.flat import FlatState
+
+if TYPE_CHECKING:  # the registry is read by the config, which loads no torch (see forms/__init__)
+    import torch
+
+    from replica_dist.flat import FlatState
 
 FEATURES = ("compression", "remap", "replica_dp")
 """The run's options a form may support (`Form.supports`): a compressed exchange of weights

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from replica_dist.forms.base import Form
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataParallel(Form):

@@ -3,11 +3,15 @@ sync, along the replicas' mean pseudo-gradient (DiLoCo, arXiv 2311.08105)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from replica_dist.errors import ConfigError
-from replica_dist.flat import FlatState
 from replica_dist.forms.base import Form, periodic_fragment
+
+if TYPE_CHECKING:  # at run time the tensors' own methods: the config reads this module without torch
+    import torch
+
+    from replica_dist.flat import FlatState
 
 
 class DiLoCo(Form):
@@ -80,7 +84,9 @@ class DiLoCo(Form):
             params = self.anchor[part.offset : split] if split > part.offset else None
             self.parts.append((params, self.anchor[split:end]))
             self.offsets.append((part.offset, end))
-        self.outer = torch.optim.SGD(
+        from torch.optim import SGD  # here: the config imports this module, and no torch (forms/__init__)
+
+        self.outer = SGD(
             [params for params, _ in self.parts if params is not None],
             lr=self.outer_lr,
             momentum=self.outer_momentum,
@@ -92,12 +98,12 @@ class DiLoCo(Form):
             # found_inf says; a zero buffer gives the same first step (mu*0 + delta) and lets
             # a skipped first step leave it untouched, on the device.
             for params in self.outer.param_groups[0]["params"]:
-                self.outer.state[params]["momentum_buffer"] = torch.zeros_like(params)
+                self.outer.state[params]["momentum_buffer"] = params.new_zeros(params.shape)
 
     def send_(self, part: FlatState, flat: torch.Tensor, fragment: int) -> torch.Tensor:
         """The pseudo-gradient, anchor - w after the step."""
         part.pack(out=flat)
-        return torch.sub(self._anchor_of(fragment), flat, out=flat)
+        return flat.neg_().add_(self._anchor_of(fragment))
 
     def receive_(
         self, part: FlatState, mean: torch.Tensor, apply: torch.Tensor, fragment: int, spare: torch.Tensor
@@ -107,7 +113,7 @@ class DiLoCo(Form):
         the device in `spare`, with no read back."""
         self._outer_step_(fragment, mean, apply)
         weights = part.pack(out=spare)
-        part.load(torch.where(apply, self._anchor_of(fragment), weights, out=weights))
+        part.load(self._anchor_of(fragment).where(apply, weights))
 
     def _outer_step_(self, fragment: int, mean_delta: torch.Tensor, apply: torch.Tensor) -> None:
         """The outer step of `fragment` along `mean_delta` (laid out as that fragment), only
@@ -117,15 +123,15 @@ class DiLoCo(Form):
         params, buffers = self.parts[fragment]
         if params is not None:
             params.grad = mean_delta[: params.numel()]
-            self.outer.found_inf = (~apply).to(torch.float32)
+            self.outer.found_inf = (~apply).float()
             try:
                 self.outer.step()
             finally:
                 del self.outer.found_inf
                 params.grad = None
         if buffers.numel():
-            mean_buffers = torch.sub(buffers, mean_delta[mean_delta.numel() - buffers.numel() :])
-            buffers.copy_(torch.where(apply, mean_buffers, buffers))
+            mean_buffers = buffers - mean_delta[mean_delta.numel() - buffers.numel() :]
+            buffers.copy_(mean_buffers.where(apply, buffers))
 
     def _anchor_of(self, fragment: int) -> torch.Tensor:
         first, end = self.offsets[fragment]

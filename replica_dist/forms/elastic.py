@@ -4,11 +4,14 @@ strength eta that follows a schedule (replica_dist.forms.tanh, replica_dist.form
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from replica_dist.flat import FlatState
 from replica_dist.forms.base import FEATURES, Form, periodic_fragment
+
+if TYPE_CHECKING:
+    import torch
+
+    from replica_dist.flat import FlatState
 
 ETA_SCHEDULE = ("eta", "eta_growth", "eta_final", "eta_max")
 """The coupling keys of the eta schedule."""

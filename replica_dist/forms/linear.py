@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from replica_dist.errors import ConfigError
 from replica_dist.forms.elastic import Elastic
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Linear(Elastic):

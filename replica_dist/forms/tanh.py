@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from replica_dist.forms.elastic import Elastic, eta_at
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Tanh(Elastic):
