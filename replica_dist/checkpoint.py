@@ -30,6 +30,11 @@ written by another world size or another config, rather than silently falling ba
 older one. load_replica reads with torch.load(weights_only=True), so the saved state must
 hold only plain types (see save_replica); save_replica checks that before writing, so a
 checkpoint that could not be loaded back is refused at save time, not found at resume time.
+
+Why one module of about 550 lines: every part is one side of the protocol above and is read
+against it (the atomic writes make a final name mean a whole file, the manifest makes a step
+complete, the reading trusts only what a manifest vouches for, pruning keeps the newest complete
+one); split, each half would state the other's guarantees again.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ then, after the backward pass, agree with every replica on whether any value was
 take the optimizer step, and let the coupling form move the weights (replica_dist.forms: one
 module per form, looked up by name in its registry; this module never asks which form it runs).
 
-Above 500 lines because ReplicaCoupling's docstring is the public object's manual (a runnable
+Why one module above 500 lines: ReplicaCoupling's docstring is the public object's manual (a runnable
 example, the guard's and the checkpoint's contract, every argument) and its two calls share
 one step's state; the forms, the choice of form and the guard live in modules of their own.
 """

@@ -22,18 +22,10 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
 from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
+from replica_dist.batches import LoaderBatches, ReplicaBatches, ReplicaSampler, rank_indices, stream
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ReplicaCoupling, coupling_label, form_of_config
-from replica_dist.data import (
-    DataInfo,
-    Dataset,
-    LoaderBatches,
-    ReplicaBatches,
-    ReplicaSampler,
-    build_datasets,
-    rank_indices,
-    stream,
-)
+from replica_dist.data import DataInfo, Dataset, build_datasets
 from replica_dist.diagnostics import Diagnostics
 from replica_dist.errors import RunError
 from replica_dist.evaluate import stream_score

@@ -24,8 +24,9 @@ import math
 
 import torch
 
+from replica_dist.batches import ReplicaBatches, replica_indices
 from replica_dist.config import Config
-from replica_dist.data import ReplicaBatches, load_dataset, replica_indices
+from replica_dist.data import load_dataset
 from replica_dist.evaluate import LOSSES
 from replica_dist.forms import fragment_at, fragment_bounds
 from replica_dist.loop import build_optimizer, replica_seed

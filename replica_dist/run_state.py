@@ -6,6 +6,9 @@ the recipe's parts (the lr scheduler, the fp16 gradient scaler), and the progres
 (the losses the loss-jump warning judges from, the training time so far).
 The coupling's schedule is a function of the step alone, so the step restores it; diloco's
 outer state (the anchor, the outer momentum) is in the coupling's state_dict.
+
+Why one module of about 500 lines: deciding how a run starts (fresh, resumed, refused) reads
+the same saved state that saving writes and restoring reads back, so the three stay together.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from replica_dist import checkpoint, dist, run_lock
+from replica_dist.batches import ReplicaBatches
 from replica_dist.config import RESUMABLE_KEYS, Config, ConfigError, may_change_on_resume
-from replica_dist.data import ReplicaBatches
 from replica_dist.errors import RunError, one_line
 from replica_dist.guard import DivergedError, StopRequested
 

@@ -378,7 +378,7 @@ def test_replica_batches_continue_identically_from_their_state():
 
 def test_batch_size_larger_than_the_data_is_said_once(caplog):
     x, y = _labelled(8)
-    with caplog.at_level(logging.INFO, logger="replica_dist.data"):
+    with caplog.at_level(logging.INFO, logger="replica_dist.batches"):
         ReplicaBatches(x, y, 100000000, seed=0, rank=0)
         ReplicaBatches(x, y, 8, seed=0, rank=0)  # the whole shard by choice: nothing to say
     assert [r.getMessage() for r in caplog.records] == [

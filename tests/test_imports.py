@@ -1,5 +1,5 @@
-"""The package's import graph, read with ast from the source: no cycles, and the core never imports
-replica_dist.experiments.
+"""The package's structure, read with ast from the source: no import cycles, the core never
+imports replica_dist.experiments, and no module of the core is long without saying why.
 
 Every import counts, at module level or inside a function (one inside a function that closes a
 cycle is a cycle all the same, only deferred), except under `if TYPE_CHECKING:`, which never runs.
@@ -15,8 +15,9 @@ from pathlib import Path
 from trainer_runs import REPO
 
 PACKAGE = REPO / "replica_dist"
-
-
+LONG_LINES = 500
+"""A core module longer than this says why in its docstring, in a sentence "Why one module ...".
+"""
 def _module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -167,3 +168,16 @@ def test_the_core_never_imports_the_experiments():
     assert {
         m: sorted(t for t in graph[m] if t.startswith("replica_dist.experiments")) for m in core
     } == dict.fromkeys(core, [])
+
+
+def test_no_core_module_is_long_without_saying_why():
+    unexplained = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("experiments/"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines > LONG_LINES and "Why one module" not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained[relative] = lines
+    assert unexplained == {}

@@ -14,16 +14,16 @@ from trainer_runs import REPO, replica_weights, train_losses, user_env
 from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import loop
-from replica_dist.config import ConfigError, DataConfig, load_config
-from replica_dist.data import (
+from replica_dist.batches import (
     DatasetStream,
     LoaderBatches,
     ReplicaBatches,
     ReplicaSampler,
     TensorStream,
-    build_datasets,
     rank_indices,
 )
+from replica_dist.config import ConfigError, DataConfig, load_config
+from replica_dist.data import build_datasets
 from replica_dist.evaluate import predict, score, stream_score
 from replica_dist.model import build_model
 
@@ -272,7 +272,7 @@ def test_num_workers_without_a_dataset_is_refused():
 
 
 def test_a_checkpoint_of_the_older_data_order_is_refused_in_one_line():
-    from replica_dist.data import EpochOrder
+    from replica_dist.batches import EpochOrder
     from replica_dist.errors import RunError
 
     order = EpochOrder(10, 3, 0, 0)

@@ -12,6 +12,7 @@ import torch
 
 from replica_dist import data as data_module
 from replica_dist import model as model_module
+from replica_dist import streams
 from replica_dist.config import (
     APPLIES_TO,
     CHOICES,
@@ -202,7 +203,7 @@ def test_teacher_bytes_are_the_arrays_it_draws(monkeypatch):
     """The teacher's inputs and first layer as drawn, and its hidden activations (one per sample
     and hidden unit), all float64."""
     drawn = []
-    real_rng = data_module._rng
+    real_rng = streams.rng
 
     class Recording:
         def __init__(self, rng):
@@ -215,7 +216,7 @@ def test_teacher_bytes_are_the_arrays_it_draws(monkeypatch):
         def __getattr__(self, name):
             return getattr(self.rng, name)
 
-    monkeypatch.setattr(data_module, "_rng", lambda *seeds: Recording(real_rng(*seeds)))
+    monkeypatch.setattr(streams, "rng", lambda *seeds: Recording(real_rng(*seeds)))
     cfg = DataConfig(name="teacher", num_samples=60, input_dim=5, num_outputs=3)
     load_dataset(cfg, 0, torch.float64)
     inputs, first_layer, second_layer = drawn
