@@ -59,6 +59,7 @@ def test_pipelined_timer_charges_each_step_the_wall_time_since_the_last_one_ende
     assert sectioned.steps == [{"compute": pytest.approx(0.003)}]
 
 
+@pytest.mark.slow
 def test_pipelined_benchmark_reports_whole_steps(tmp_path):
     arguments = [
         "--steps=12", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=2", "--pipelined",
@@ -74,6 +75,8 @@ def test_pipelined_benchmark_reports_whole_steps(tmp_path):
         assert [c.strip() for c in row.split("|")[1:-1]][7:10] == ["-", "-", "-"], row
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_benchmark_runs_every_variant_under_torchrun(tmp_path):
     arguments = [
         "--steps=32", "--warmup=2", "--hidden=32", "--rounds=1", "--bandwidth-iterations=3",

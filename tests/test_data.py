@@ -445,6 +445,8 @@ def test_task_regression_takes_float_targets_as_auto_does(tmp_path):
     assert torch.equal(auto.y_train, explicit.y_train) and torch.equal(auto.y_test, explicit.y_test)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_integer_regression_targets_train_to_a_finite_mse_below_the_constant_guess(tmp_path):
     path, y = _integer_targets(tmp_path / "counts.npz")
     run_dir = tmp_path / "run"

@@ -33,6 +33,7 @@ class ResidualBNNet(nn.Module):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_defaults_couple_a_300_step_run_of_a_batchnorm_model(tmp_path):
     from trainer_runs import torchrun  # here: the workers import this module for its model alone
 
@@ -57,6 +58,7 @@ def test_defaults_couple_a_300_step_run_of_a_batchnorm_model(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_growth_per_step_that_barely_couples_a_run_of_epochs_is_named(tmp_path):
     """train.epochs=2 is 44 steps of digits' 2-replica shards: the note judges the schedule over
     the steps the epochs resolve to (0.001 * 1.004^43 = 0.00119 at the last)."""

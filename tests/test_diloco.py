@@ -197,6 +197,7 @@ def _trainer(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) ->
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_trainer_resumes_bit_for_bit(tmp_path):
     reference, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_world(_trainer, 2, str(reference))

@@ -225,6 +225,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_full_and_read_only_disks_stop_every_rank_and_the_run_resumes_bit_for_bit(
     tmp_path, mounts, uninterrupted
 ):
@@ -460,6 +461,7 @@ def test_a_checkpoint_too_big_for_the_disk_raises_enospc_and_leaves_nothing(tmp_
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_full_checkpoint_disk_through_the_launcher_is_one_line_and_resumes(tmp_path, mounts):
     """As a user meets it: launch/run.sh on a run directory whose checkpoints/ fills up."""
     if not _mounts_work():

@@ -81,7 +81,10 @@ def _train_cases(rank: int, world_size: int, root: str) -> None:
         loop.train(config(case, Path(root) / case), Path(root) / case, torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
+# A world of 4 is the slow tier's: the world of 2 already takes every case through the fast tier.
+@pytest.fixture(
+    scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda n: f"world{n}"
+)
 def trained(request, tmp_path_factory):
     world_size = request.param
     root = tmp_path_factory.mktemp(f"world{world_size}")
@@ -152,6 +155,7 @@ def _train_each_comm_mode(rank: int, world_size: int, root: str) -> None:
             loop.train(cfg, run_dir, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_overlapped_and_bucketed_equal_synchronous_bit_for_bit(tmp_path):
     run_world(_train_each_comm_mode, 2, str(tmp_path))
     for case in OVERLAPPED_CASES:
@@ -218,6 +222,7 @@ def _largest_new_tensor_per_step(rank: int, world_size: int, root: str) -> None:
         (run_dir / f"largest.rank{rank}.json").write_text(json.dumps(largest))
 
 
+@pytest.mark.slow
 def test_training_steps_that_do_not_log_allocate_nothing_model_sized(tmp_path):
     run_world(_largest_new_tensor_per_step, 2, str(tmp_path))
     numel = 64 * 32 + 32 + 32 * 10 + 10  # the mlp of COMMON on digits
@@ -247,6 +252,7 @@ def _train_on_a_mesh(rank: int, world_size: int, root: str) -> None:
         loop.train(cfg, run_dir, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_replicas_times_data_parallel_ranks_of_a_replica_stay_identical_and_replicas_couple(tmp_path):
     run_world(_train_on_a_mesh, 4, str(tmp_path))
     for case, overrides in MESH_CASES.items():
@@ -299,6 +305,7 @@ def _stop_requested_on_one_rank_of_a_mesh(rank: int, world_size: int, root: str)
         (Path(root) / f"stopped.rank{rank}").write_text(str(stop.step))
 
 
+@pytest.mark.slow
 def test_a_stop_seen_by_one_rank_of_a_mesh_stops_every_rank_at_the_same_step(tmp_path):
     # Rank 3 shares its mesh column with rank 1 only; its word reaches ranks 0 and 2 through
     # the max over each replica's ranks. Overlapped, the word leaves with step 6's all_reduce;
@@ -321,6 +328,7 @@ def _train_logging_every_step(rank: int, world_size: int, root: str) -> None:
         loop.train(cfg, run_dir, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_average_every_k_and_ddp_every_step_leave_replicas_together(tmp_path):
     run_world(_train_logging_every_step, 2, str(tmp_path))
     for case, together_steps in (("average", {4, 8, 12}), ("ddp", set(range(1, 13)))):
@@ -477,7 +485,7 @@ def _train_for_overlaps(rank: int, world_size: int, root: str) -> None:
     loop.train(cfg, run_dir, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("world_size", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_overlaps_equal_brute_force_pairwise_products(tmp_path, world_size):
     run_world(_train_for_overlaps, world_size, str(tmp_path))
     weights = replica_weights(tmp_path, world_size)

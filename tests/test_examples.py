@@ -37,6 +37,7 @@ def own_loop(tmp_path, name: str, *args: str, fails: bool = False) -> subprocess
     )
 
 
+@pytest.mark.slow
 def test_own_loop_trains_and_resumes_bit_for_bit(tmp_path):
     straight = own_loop(tmp_path, "straight")
     assert straight.stdout.startswith("step 120: loss ")
@@ -58,6 +59,7 @@ def test_own_loop_trains_and_resumes_bit_for_bit(tmp_path):
     assert "--resume: there is no checkpoint" in missing.stderr
 
 
+@pytest.mark.slow
 def test_own_loop_resumed_at_its_last_step_ends_cleanly(tmp_path):
     own_loop(tmp_path, "ended", "--stop-at", "50")
     done = run_example(
@@ -74,6 +76,7 @@ def test_own_loops_checkpoints_are_ignored_by_git(tmp_path):
     assert done.stdout.split() == names
 
 
+@pytest.mark.slow
 def test_own_loop_amp_skips_an_overflow_in_one_replica_only(tmp_path):
     done = run_example(tmp_path, "own_loop_amp.py", "--steps", "120", "--overflow-at", "3")
     lines = sorted(done.stdout.splitlines())

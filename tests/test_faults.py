@@ -34,6 +34,7 @@ def _rank_one_goes_silent(rank: int, world_size: int, out: str) -> None:
             f.write(f"{time.monotonic() - started}\n{err}")
 
 
+@pytest.mark.slow
 def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     out = tmp_path / "error.txt"
     run_world(_rank_one_goes_silent, 2, str(out), collective_timeout_s=HANG_TIMEOUT_S)

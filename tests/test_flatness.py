@@ -207,6 +207,7 @@ def flatness_run(tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_writes_flatness_json(flatness_run):
     run_dir, done = flatness_run
     record = json.loads((run_dir / "flatness.json").read_text())
@@ -222,6 +223,7 @@ def test_cli_writes_flatness_json(flatness_run):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("run", ["center", "replica_0", "replica_1"])
+@pytest.mark.slow
 def test_cli_writes_scalars_into_the_runs(flatness_run, run):
     run_dir, _ = flatness_run
     record = json.loads((run_dir / "flatness.json").read_text())
@@ -237,6 +239,7 @@ def test_cli_writes_scalars_into_the_runs(flatness_run, run):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_refuses_to_overwrite_without_force(flatness_run):
     run_dir, _ = flatness_run
     before = (run_dir / "flatness.json").read_bytes()
@@ -252,6 +255,7 @@ def test_cli_refuses_to_overwrite_without_force(flatness_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_refuses_a_missing_or_unfinished_run(tmp_path):
     done = flatness_cli(str(tmp_path / "nowhere"))
     assert done.returncode == 2
@@ -281,6 +285,7 @@ def _train_with_flatness(rank: int, world_size: int, run_dir: str) -> None:
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_flatness_at_the_end_of_training_equals_the_command_line(tmp_path):
     from worlds import run_world
 

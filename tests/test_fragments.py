@@ -281,6 +281,7 @@ def _trainer(rank: int, world_size: int, case: str, run_dir: str, fail_at_step: 
 
 
 @pytest.mark.parametrize("case", TRAINER_CASES)
+@pytest.mark.slow
 def test_the_trainer_with_fragments_and_compression_resumes_bit_for_bit(tmp_path, case):
     reference, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_world(_trainer, 2, case, str(reference))

@@ -331,6 +331,7 @@ def test_skip_every_rank_skips_the_same_step(tmp_path):
         assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow
 def test_overlapped_skip_only_the_replica_that_saw_it_skips(tmp_path):
     run_world(
         _train_with_nan, 2, str(tmp_path), ["coupling=tanh", "guard.nonfinite=skip", "log.every=1", OVERLAP]
@@ -346,6 +347,7 @@ def test_overlapped_skip_only_the_replica_that_saw_it_skips(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.slow
 def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, policy):
     # coupling=none talks only on logging (every 4) and checkpoint (every 2) steps: step 6 here.
     run_world(
@@ -366,6 +368,7 @@ def test_independent_replicas_decide_at_the_next_communicating_step(tmp_path, po
 
 
 @pytest.mark.parametrize("mode", [SYNC, OVERLAP])
+@pytest.mark.slow
 def test_no_checkpoint_is_written_at_a_step_that_saw_a_non_finite_value(tmp_path, mode):
     # The NaN reaches replica 1 at its 5th batch; with checkpoint.every=5 that step is skipped
     # everywhere and its checkpoint is not written, while the ones around it are.
@@ -455,6 +458,8 @@ def _form_runs(policy: str) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_stop_ends_every_form_with_one_line_naming_what_where_and_what_to_try(tmp_path):
     more = {
         "clean-tanh": ["coupling=tanh", "dist.overlap=false"],
@@ -520,6 +525,8 @@ SKIP_EXPECTED = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_skip_stops_every_form_at_the_limit_and_never_applies_or_saves_a_bad_step(tmp_path):
     runs = _form_runs("skip") | {
         "average-every-4": ["coupling=average", "guard.nonfinite=skip", "dist.overlap=false"],

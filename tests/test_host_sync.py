@@ -106,6 +106,8 @@ def counted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", FORMS)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_plain_step_reads_nothing_back_from_the_device(counted, name):
     for rank in range(2):
         result = json.loads((counted / name / f"reads.rank{rank}.json").read_text())

@@ -4,11 +4,13 @@ bad launches that must each end in one line, exit status 2 and no directory."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
 import signal
 import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -71,15 +73,23 @@ def no_traceback(*texts: str) -> None:
         assert "Traceback" not in text and "Error:" not in text.replace("replica_dist: error:", ""), text
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run every interrupted one must equal bit for bit."""
-    cwd = tmp_path_factory.mktemp("reference")
+@functools.cache
+def _uninterrupted_run(base_temp: Path) -> Path:
+    cwd = Path(tempfile.mkdtemp(prefix="reference", dir=base_temp))
     done = run_sh("--nproc", "2", "hydra.run.dir=ref", *OVERRIDES, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd / "ref"
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must equal bit for bit. Trained once per
+    session: test_run_safety imports this fixture too (a fixture of each module), and every
+    test only reads the run."""
+    return _uninterrupted_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.mark.slow
 def test_ctrl_c_prints_a_resume_command_that_resumes_bit_for_bit(tmp_path, reference):
     # A user's first launch: no run directory named, so the launcher picks one.
     first = start_run_sh(
@@ -107,6 +117,7 @@ def test_ctrl_c_prints_a_resume_command_that_resumes_bit_for_bit(tmp_path, refer
     assert_same_weights(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_cleanly_too(tmp_path):
     process = start_run_sh(
         "--nproc",
@@ -137,6 +148,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in found]
 
 
+@pytest.mark.slow
 def test_workers_stop_when_their_agent_is_killed_and_the_same_command_resumes(tmp_path, reference):
     args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES)
     agent = start_run_sh(*args, cwd=tmp_path, env=hooked_env(tmp_path, SLOW_STEP_S="0.02"))
@@ -157,6 +169,7 @@ def test_workers_stop_when_their_agent_is_killed_and_the_same_command_resumes(tm
 
 
 @pytest.mark.parametrize("when", ["at once", "later"])
+@pytest.mark.slow
 def test_a_second_launch_into_a_directory_in_use_is_refused(tmp_path, reference, when):
     args = ("--nproc", "2", "hydra.run.dir=run", *OVERRIDES)
     # Slowed (the same weights) so that the second launch meets it mid-run, whichever starts
@@ -229,6 +242,7 @@ def hooked_env(tmp_path: Path, hooks_text: str = HOOKS, **settings: str) -> dict
 
 
 @pytest.mark.parametrize("moment", ["start-up", "after summary.json"])
+@pytest.mark.slow
 def test_a_worker_killed_at_an_edge_of_the_run_is_restarted_to_the_same_end(tmp_path, reference, moment):
     env = hooked_env(tmp_path, KILL_AT=moment)
     done = run_sh(
@@ -243,6 +257,7 @@ def test_a_worker_killed_at_an_edge_of_the_run_is_restarted_to_the_same_end(tmp_
     assert_same_weights(tmp_path / "run", reference)
 
 
+@pytest.mark.slow
 def test_a_different_job_is_still_refused_by_a_finished_run(reference, tmp_path):
     done = run_sh("--nproc", "2", f"hydra.run.dir={reference}", *OVERRIDES, cwd=tmp_path)
     assert done.returncode == 2
@@ -335,12 +350,14 @@ BAD_LAUNCHES = [
 
 
 @pytest.mark.parametrize("case", BAD_LAUNCHES)
+@pytest.mark.slow
 def test_a_bad_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     assert_refused_launch(*_bad_launches(tmp_path)[case], cwd)
 
 
+@pytest.mark.slow
 def test_help_and_cfg_job_answer_without_training(tmp_path):
     shown = run_sh("--nproc", "2", "--cfg", "job", "coupling=linear", "optim.lr=0.2", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

@@ -212,6 +212,7 @@ def _train(rank: int, world_size: int, run_dir: str, fail_at_step: int = 0) -> N
     loop.train(cfg, Path(run_dir), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_world(_train, 2, str(reference))
@@ -249,6 +250,7 @@ def test_a_dataset_target_trains_and_resumes_bit_for_bit_with_workers(tmp_path):
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_naming_the_key(tmp_path, override, expected):
     run_dir = tmp_path / "run"
     result = subprocess.run(

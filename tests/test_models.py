@@ -257,6 +257,7 @@ STEPS = ["train.steps=4", "train.batch_size=16", "log.every=2", "eval.every=4", 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_target_trains_end_to_end_with_its_own_parameter_names(tmp_path):
     from trainer_runs import events, replica_weights, torchrun
 
@@ -311,6 +312,7 @@ LAUNCH_REFUSALS = {
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LAUNCH_REFUSALS))
+@pytest.mark.slow
 def test_a_bad_target_launch_is_one_line_exit_2_and_no_directory(tmp_path, case):
     from trainer_runs import assert_refused_launch
 

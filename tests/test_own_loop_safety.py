@@ -48,6 +48,7 @@ _sys.excepthook = _record
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_readmes_loop_stops_on_every_rank_within_check_every_steps_of_a_nan(tmp_path):
     loop = readme_loop()
     assert NAN_LINE in loop and "agree" not in loop and "observe" not in loop

@@ -40,6 +40,8 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_wheel_holds_the_package_the_configs_and_the_command(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
@@ -101,6 +103,8 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_unpacked_wheel_runs_from_outside_the_checkout(wheel, tmp_path):
     """The wheel's files on sys.path, run from a directory with no conf/: the configs, the
     version (from the wheel's metadata: no pyproject beside it) and the composed config are

@@ -147,7 +147,10 @@ def _plain_loops(rank: int, world_size: int, root: str) -> None:
         torch.save(run.model.state_dict(), Path(root) / f"{case}.replica_{rank}.pt")
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
+# A world of 4 is the slow tier's: the world of 2 already takes every case through the fast tier.
+@pytest.fixture(
+    scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda n: f"world{n}"
+)
 def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"plain{request.param}")
     run_world(_plain_loops, request.param, str(root))

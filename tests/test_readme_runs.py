@@ -106,6 +106,7 @@ def test_shortening_keeps_the_scoped_shape():
 
 
 @pytest.mark.parametrize("line", LINES, ids=[f"line{i}" for i in range(1, len(LINES) + 1)])
+@pytest.mark.slow
 def test_readme_line_trains(line, tmp_path):
     env_words, overrides = parse(line)
     run_dir = tmp_path / "run"

@@ -112,6 +112,7 @@ def test_the_global_gradient_norm_after_clipping_never_exceeds_the_bound(cosine_
                 assert after == pytest.approx(before, rel=1e-6)  # below the bound: untouched
 
 
+@pytest.mark.slow
 def test_a_crashed_run_with_a_schedule_and_accumulation_resumes_bit_for_bit(tmp_path, cosine_run):
     with pytest.raises((ProcessRaisedException, ProcessExitedException)):
         run_world(_train, 2, str(tmp_path), COSINE, 13)
@@ -126,6 +127,7 @@ def test_a_crashed_run_with_a_schedule_and_accumulation_resumes_bit_for_bit(tmp_
         assert _lr_read_back(tmp_path, replica) == _lr_read_back(cosine_run, replica)
 
 
+@pytest.mark.slow
 def test_step_schedule_under_ddp_with_epochs_follows_the_closed_form(tmp_path):
     # test_fraction 0.5 leaves 899 training samples: shards of 450 and 449, i.e. 9 and 8
     # batches of 50 per epoch. The smaller sets the length: 3 epochs * 8 // grad_accum 2 = 12.
@@ -290,6 +292,7 @@ def test_a_bf16_run_trains_with_finite_loss_and_weights_in_float32(tmp_path):
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow
 def test_under_bf16_the_guard_still_stops_on_an_injected_nan(tmp_path):
     run_world(_train_bf16, 2, str(tmp_path), BF16, 5)
     messages = [(tmp_path / f"error.rank{r}.txt").read_text() for r in range(2)]
@@ -353,6 +356,8 @@ def _train_compiled(rank: int, world_size: int, run_dir: str, compile_: bool) ->
     Path(run_dir, "graphs.json").write_text(json.dumps(dict(counters["stats"])))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_a_compiled_run_compiles_the_forward_and_trains_as_the_eager_one(tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_world(_train_compiled, 1, str(eager), False, timeout_s=600)

@@ -37,6 +37,7 @@ def assert_png(path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_report_cli_writes_valid_pngs(run_dir):
     done = subprocess.run(
         [sys.executable, "-m", "replica_dist.report", str(run_dir)],
@@ -59,6 +60,7 @@ def test_report_cli_writes_valid_pngs(run_dir):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_title_reads_the_runs_config(run_dir):
     # The default tanh schedule, relative to the run: from 0.001 to 0.4 at its last step.
     assert report.run_title(run_dir, report.load_run(run_dir)) == (
@@ -67,6 +69,7 @@ def test_title_reads_the_runs_config(run_dir):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_loader_returns_what_event_accumulator_reads(run_dir):
     direct = events(run_dir / "tb" / "replica_1").Scalars("rate/fc1.weight")
     steps, values = report.load_scalars(run_dir / "tb" / "replica_1")["rate/fc1.weight"]

@@ -163,6 +163,7 @@ def _assert_same_final_weights(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path, reference_run):
     out = _signal_rank_1_after_step_300(tmp_path / "killed", signal.SIGKILL)
     assert "resuming from" in out
@@ -171,6 +172,7 @@ def test_sigkill_of_one_worker_under_torchrun_restart_ends_bit_for_bit(tmp_path,
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_bit_for_bit(tmp_path, reference_run, signum):
     run_dir = tmp_path / "preempted"
     out = _signal_rank_1_after_step_300(run_dir, signum)  # SIGHUP: the worker's terminal closed

@@ -84,6 +84,8 @@ def _summary_without_wall(run_dir: Path) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_worker_killed_mid_run_resumes_to_the_same_summary_and_scalars(tmp_path):
     reference = tmp_path / "uninterrupted"
     _run(reference)

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
 # ---- SIGHUP, and the launcher's last line
 
 
+@pytest.mark.slow
 def test_sighup_to_the_launcher_saves_and_the_printed_command_resumes_bit_for_bit(tmp_path, reference):  # noqa: F811
     first = start_run_sh(
         "--nproc", "2", *OVERRIDES, cwd=tmp_path, env=hooked_env(tmp_path, SLOW_STEP_S="0.02")
@@ -144,6 +145,7 @@ def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
     return hooked_env(tmp_path, HOOKS, **settings)
 
 
+@pytest.mark.slow
 def test_a_run_the_guard_stops_writes_diverged_and_resumes_only_with_a_changed_setting(tmp_path):
     done = run_sh(*SMALL, "hydra.run.dir=run", cwd=tmp_path, env=_env(tmp_path, NAN_AT_STEP="7"))
     assert done.returncode == 1, done.stderr[-3000:]
@@ -186,6 +188,7 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_raising_train_steps_extends_a_finished_run_to_the_longer_run(tmp_path, finished):
     run_dir = _copy(finished, tmp_path)
     extended = run_sh(*SMALL, "hydra.run.dir=run", "train.steps=40", cwd=tmp_path)
@@ -236,7 +239,9 @@ def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         assert torch.equal(got[name], expected[name]), name
 
 
-@pytest.mark.parametrize("source", ["run dir", "checkpoint", "center.pt"])
+@pytest.mark.parametrize(
+    "source", ["run dir", *(pytest.param(s, marks=pytest.mark.slow) for s in ["checkpoint", "center.pt"])]
+)
 def test_init_from_starts_a_new_run_from_the_sources_weights(tmp_path, finished, source):
     path = {
         "run dir": finished,

@@ -9,6 +9,7 @@ from replica_dist.experiments import startup
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_startup_tool_times_a_launch_and_a_restart(tmp_path):
     first = startup.first_step(2, ["model.hidden=[8]"], tmp_path / "first")
     assert 0 < first["first_step_s"] <= first["exit_s"]

@@ -62,6 +62,8 @@ def expected_cell(values: list[float], scale: float = 100.0) -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_every_planned_run_finished_and_is_in_commands_sh(quick):
     runs = study.plan(quick=True)
     lines = [
@@ -77,6 +79,8 @@ def test_every_planned_run_finished_and_is_in_commands_sh(quick):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_main_table_is_mean_and_std_of_the_runs_summaries(quick):
     page = (quick / "study.md").read_text()
     table = block(page, "main")
@@ -95,6 +99,8 @@ def test_main_table_is_mean_and_std_of_the_runs_summaries(quick):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_paired_table_is_the_per_seed_difference_to_ddp_and_none(quick):
     table = block((quick / "study.md").read_text(), "paired")
     ddp = summaries(quick, "main", "ddp")
@@ -109,6 +115,8 @@ def test_paired_table_is_the_per_seed_difference_to_ddp_and_none(quick):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_energy_table_is_the_runs_flatness_json(quick):
     table = block((quick / "study.md").read_text(), "energy")
     for setting in study.main_settings():
@@ -128,6 +136,8 @@ def test_energy_table_is_the_runs_flatness_json(quick):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_deep_medians_are_the_first_and_last_layers_early_events(quick):
     deep = [run for run in study.plan(quick=True) if run.part == "deep"]
     records = {r["name"]: r["metrics"] for r in json.loads((quick / "study.json").read_text())["runs"]}
@@ -149,6 +159,8 @@ def test_deep_medians_are_the_first_and_last_layers_early_events(quick):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_plot_only_regenerates_the_same_tables_and_keeps_the_prose(quick, tmp_path):
     before = (quick / "study_tables.md").read_text()
     page = tmp_path / "study.md"

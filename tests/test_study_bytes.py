@@ -199,6 +199,8 @@ def test_a_run_without_bytes_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_quick_study_end_to_end_its_bytes_are_the_closed_form(tmp_path):
     runs_dir = tmp_path / "runs"
     done = subprocess.run(

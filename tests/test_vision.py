@@ -644,6 +644,7 @@ def _gloo_sum(before: list[list[torch.Tensor]], bucket_mb: float) -> list[torch.
 @vision
 @needs_torchvision
 @pytest.mark.e2e
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_resnet18_on_an_imagefolder_in_gloo_worlds_matches_the_reference_and_resumes(tmp_path, world_size):
     missing = _loader_path_missing()
