@@ -18,6 +18,8 @@ PACKAGE = REPO / "replica_dist"
 LONG_LINES = 500
 """A core module longer than this says why in its docstring, in a sentence "Why one module ...".
 """
+
+
 def _module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
