@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.environ.get(PROG_ENV, "replica-dist")
+    # A console script's sys.path starts with its bin directory, where `python -m` (run.sh, and
+    # torchrun's workers) puts the working directory: a model._target_ or coupling._target_ in
+    # the user's own directory must import in this check as it will in the workers.
+    if not {"", os.getcwd()} & set(sys.path):
+        sys.path.insert(0, os.getcwd())
     try:
         overrides_only = list(argv)  # --cfg job composes the overrides alone
         for flag in ("--nproc", "--max-restarts", *RENDEZVOUS_FLAGS):

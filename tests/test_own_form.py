@@ -192,3 +192,35 @@ def test_the_package_names_no_form_of_its_own_outside_its_forms():
             and "nn.Tanh" not in line  # tanh, the activation
         ]
     assert offenders == []
+
+
+@pytest.mark.e2e
+def test_the_readmes_form_trains_through_the_console_command_from_the_users_directory(tmp_path):
+    """The README's form, saved as my_forms.py in the directory a user launches from, named on
+    the installed command's line as the README shows."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### A coupling form of your own", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    command = re.search(
+        r"\nlaunch/run\.sh (--nproc 2 coupling\._target_=my_forms\.Clamped[^\n]*)\n", section
+    ).group(1)
+    (tmp_path / "my_forms.py").write_text(code)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "replica-dist"),
+            *command.split(),
+            "train.steps=12",
+            "log.every=6",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (summary,) = tmp_path.glob("runs/*/summary.json")
+    assert json.loads(summary.read_text())["coupling"] == "Clamped"
