@@ -202,6 +202,8 @@ def test_the_readmes_form_trains_through_the_console_command_from_the_users_dire
     import subprocess
     import sys
 
+    from worlds import COLLECTIVE_TIMEOUT_S
+
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### A coupling form of your own", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
@@ -215,6 +217,7 @@ def test_the_readmes_form_trains_through_the_console_command_from_the_users_dire
             *command.split(),
             "train.steps=12",
             "log.every=6",
+            f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
         ],
         cwd=tmp_path,
         capture_output=True,
