@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch.amp.grad_scaler import OptState
 
 from replica_dist import dist
-from replica_dist.config import CouplingConfig, check_compression
+from replica_dist.config import CouplingConfig, DistConfig, GuardConfig
 from replica_dist.errors import ConfigError, CouplingError
 from replica_dist.flat import FlatState
 from replica_dist.forms import Form, fragment_bounds
@@ -193,17 +193,22 @@ class ReplicaCoupling:
         **schedule,
     ):
         form = form_of_arguments(form, steps, schedule)
-        if nonfinite not in ("stop", "skip"):
-            raise CouplingError(f"nonfinite must be 'stop' or 'skip'; got {nonfinite!r}")
-        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+        if not isinstance(max_consecutive_skips, int):
             raise CouplingError(f"max_consecutive_skips= must be an int >= 1; got {max_consecutive_skips!r}")
         if check_every is not None and (not isinstance(check_every, int) or check_every < 0):
             raise CouplingError(
                 f"check_every= must be a number of steps >= 1 (0 or None: never read back by itself); "
                 f"got {check_every!r}"
             )
-        try:
-            check_compression(compress, error_feedback, prefix="")
+        try:  # the trainer's own checks of these settings, in this object's words
+            GuardConfig(nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips)
+            DistConfig(
+                overlap=overlap,
+                bucket_mb=bucket_mb,
+                compress=compress,
+                compress_chunk=compress_chunk,
+                error_feedback=error_feedback,
+            )
         except ConfigError as err:
             raise CouplingError(as_arguments(str(err))) from None
         refusal = unsupported_feature(
@@ -213,8 +218,6 @@ class ReplicaCoupling:
         )
         if refusal:
             raise CouplingError(refusal)
-        if compress_chunk < 1:
-            raise CouplingError(f"compress_chunk= must be >= 1; got {compress_chunk}")
         self._build(
             model,
             optimizer,

@@ -248,5 +248,5 @@ def test_misuse_is_one_clear_error_on_every_rank(tmp_path):
             "the replicas' models differ: 10 to 15 weights in 2 to 2 tensors; every replica must build the "
             "same model",
             "eta_final needs steps=, the run's length",
-            "nonfinite must be 'stop' or 'skip'; got 'ignore'",
+            "nonfinite= must be one of stop, skip; got 'ignore'",
         ]

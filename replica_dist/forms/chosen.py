@@ -81,7 +81,6 @@ def coupling_label(cfg: CouplingConfig) -> str:
 
 def as_arguments(message: str) -> str:
     """A config message in ReplicaCoupling's words: coupling.name=linear as form linear,
-    coupling.eta as eta=, a bare compress or error_feedback as compress= or error_feedback=."""
+    coupling.eta as eta=, dist.compress as compress=, guard.nonfinite as nonfinite=."""
     message = re.sub(r"coupling\.name=", "form ", message)
-    message = re.sub(r"coupling\.(\w+)=?", r"\1=", message)
-    return re.sub(r"(?<![\w.=])(compress|error_feedback)(?![\w=])", r"\1=", message)
+    return re.sub(r"(?:coupling|dist|guard)\.(\w+)=?", r"\1=", message)
