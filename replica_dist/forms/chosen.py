@@ -6,9 +6,9 @@ import difflib
 import re
 
 from replica_dist.config import CouplingConfig
+from replica_dist.config.coupling import locate_form
 from replica_dist.errors import ConfigError, CouplingError
 from replica_dist.forms import FORMS, Form, form_class
-from replica_dist.targets import locate_target
 
 FORM_SETTINGS = {name: form.settings for name, form in FORMS.items()}
 """The schedule's settings (CouplingConfig's fields) that each built-in form reads;
@@ -63,14 +63,8 @@ def form_of_config(cfg: CouplingConfig, steps: int) -> Form:
     """The form the trainer's coupling settings describe: the built-in form coupling.name, or
     the user's coupling._target_ built with its arguments (coupling.kwargs), for a run of
     `steps` steps."""
-    if not cfg._target_:
-        return form_class(cfg.name).from_config(cfg, steps)
-    form = locate_target("coupling._target_", cfg._target_, "a coupling form")(**cfg.kwargs)
-    if not isinstance(form, Form):
-        raise ConfigError(
-            f"coupling._target_={cfg._target_} built a {type(form).__name__}, not a replica_dist.forms.Form"
-        )
-    return form
+    form = locate_form(cfg)  # the class the config checked when it was loaded
+    return form(**cfg.kwargs) if cfg._target_ else form.from_config(cfg, steps)
 
 
 def coupling_label(cfg: CouplingConfig) -> str:
