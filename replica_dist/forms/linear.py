@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from replica_dist.errors import ConfigError
 from replica_dist.forms.elastic import Elastic
-
-if TYPE_CHECKING:
-    import torch
 
 
 class Linear(Elastic):
@@ -25,5 +20,5 @@ class Linear(Elastic):
                 f"overshoots the mean); got {cfg.eta_max}"
             )
 
-    def _shape_(self, gaps: torch.Tensor, n: int) -> None:
-        gaps.mul_(1.0 / n)
+    def _gap_scale(self, n: int) -> float:
+        return 1.0 / n

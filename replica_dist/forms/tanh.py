@@ -18,8 +18,11 @@ class Tanh(Elastic):
     settings = (*Elastic.settings, "temperature")
     advice = ": the coupling may be too strong (a lower coupling.eta or a higher coupling.temperature)"
 
-    def _shape_(self, gaps: torch.Tensor, n: int) -> None:
-        gaps.mul_(1.0 / (n * self.cfg.temperature)).tanh_()
+    def _gap_scale(self, n: int) -> float:
+        return 1.0 / (n * self.cfg.temperature)
+
+    def _shape_(self, scaled_gaps: torch.Tensor) -> None:
+        scaled_gaps.tanh_()
 
     def _rule_words(self) -> list[str]:
         return [f"T {self.cfg.temperature:.3g}"] if self.cfg.temperature != 1.0 else []
