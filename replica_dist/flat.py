@@ -27,6 +27,7 @@ class FlatState:
         self.dtype, self.device = first.dtype, first.device
         # The floating buffers as they were before the forward pass moved them (small: BatchNorm).
         self._saved_buffers = [b.clone() for b in self.floating_buffers]
+        self._viewed, self._views = None, []
 
     def part(self, first: int, end: int) -> FlatState:
         """Tensors first..end-1 of this layout as a state of their own (a coupling fragment):
@@ -40,6 +41,7 @@ class FlatState:
         part.dtype, part.device = self.dtype, self.device
         buffers_from = max(first, self.num_params) - self.num_params
         part._saved_buffers = self._saved_buffers[buffers_from : max(buffers_from, end - self.num_params)]
+        part._viewed, part._views = None, []
         return part
 
     @property
@@ -51,12 +53,17 @@ class FlatState:
         return self.tensors[self.num_params :]
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-tensor views into a flat vector laid out like this state (no copy)."""
+        """Per-tensor views into a flat vector laid out like this state (no copy). The views of
+        the latest vector are kept: a coupled step asks three times for those of its exchange
+        buffer, and making them costs a slice and a view per tensor."""
+        if flat is self._viewed:
+            return list(self._views)
         views, offset = [], 0
         for t in self.tensors:
             views.append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-        return views
+        self._viewed, self._views = flat, views
+        return list(views)
 
     def pack(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's current weights as one flat vector: copied into `out`, else a new one."""
