@@ -264,6 +264,8 @@ class ReplicaCoupling:
         self.state = FlatState(model)
         self._device = self.state.device
         self.guard = guard.to(self._device)
+        if mesh.sharded:  # every shard of a replica takes the same step (see Guard.across_shards)
+            self.guard.across_shards = lambda worst: dist.max_within_replica(worst, self.mesh)
         self._bucket_bytes = bucket_mb * 2**20
         self._compression = {"compress": compress, "chunk": compress_chunk, "error_feedback": error_feedback}
         self.bytes_sent = 0
@@ -400,10 +402,10 @@ class ReplicaCoupling:
         with self.timer.section("compute"):  # never a non-finite update: checked here, decided together
             if plain:
                 apply = self.guard.inspect_and_settle(
-                    step, loss, self.state.parameters, self.state.floating_buffers
+                    step, loss, self.state.inspected, self.state.floating_buffers
                 )
             else:  # the weights too, on the steps that send, show or save them (see guard.py)
-                own = self.guard.inspect(step, loss, self.state.parameters, self.state.floating_buffers)
+                own = self.guard.inspect(step, loss, self.state.inspected, self.state.floating_buffers)
         if not plain:
             with self.timer.section("communication"):
                 apply = self._agree(step, plan, agree) & own

@@ -43,8 +43,13 @@ class Diagnostics:
         center: nn.Module,
         device: torch.device,
         first_step: int,
+        gather=None,
     ):
+        """`state`: the layout of the vectors the diagnostics read (the unsharded model's);
+        `gather`: what makes one of those from one of the coupling's (its state's `gather`, for
+        a sharded replica; by default they are already)."""
         self.mesh = mesh
+        self.gather = gather or (lambda flat: flat)
         replica = mesh.replica
         writes = mesh.dp_rank == 0  # the ranks of one replica are identical: its first one writes
         self.state = state
@@ -106,7 +111,7 @@ class Diagnostics:
         coupling observed (the weights before the step, their mean, the weights after the
         optimizer step) and the weights after the step with their mean; returns every
         replica's loss (a skipped step's may be non-finite: the guard has decided on it)."""
-        seen = coupling.observed
+        seen = {key: self.gather(flat) for key, flat in coupling.observed.items()}  # same order everywhere
         before, after_optimizer, mean_before = seen["before"], seen["after_optimizer"], seen["mean_before"]
         eta, skipped_steps = coupling.eta, coupling.guard.skipped_steps
         weights, center = self.params(after), self.params(mean_after)

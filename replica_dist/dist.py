@@ -6,7 +6,9 @@ because gloo gained ReduceOp.AVG only recently.
 
 With parallel.dp = D > 1 the world is a (replicas, D) DeviceMesh: "replica" collectives run
 within this rank's column of the mesh (the ranks with its dp index, one per replica), DDP
-within its row (the D ranks of its replica). With D = 1 both are the whole world and no
+within its row (the D ranks of its replica). With parallel.shard = S > 1 it is a (replicas,
+S) mesh in the same way, FSDP2 within a row (replica_dist.shard) and the replica mean of
+each rank's local shard within a column. With D = S = 1 both are the whole world and no
 group is created.
 """
 
@@ -22,7 +24,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from replica_dist.config import (
     COMPRESSIONS,  # noqa: F401 (the exchange's choices, as dist.COMPRESSIONS)
@@ -108,11 +110,19 @@ class Mesh:
     `replicas` holds one rank per replica, those with this rank's dp index (None: the whole
     world, one replica per rank); `within` the ranks of this rank's own replica, among which
     DDP averages gradients (None: this rank alone). A rank's index in `replicas` is its
-    replica's number. `step` is the training step, named by a collective that fails."""
+    replica's number. `step` is the training step, named by a collective that fails.
+    `device_mesh`: with parallel.shard > 1, the (replica, shard) DeviceMesh that each replica
+    is sharded over ("shard", the ranks of `within`); None otherwise."""
 
     replicas: tdist.ProcessGroup | None = None
     within: tdist.ProcessGroup | None = None
     step: int = 0
+    device_mesh: DeviceMesh | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each replica is sharded over the ranks of `within` (parallel.shard > 1)."""
+        return self.device_mesh is not None
 
     @property
     def num_replicas(self) -> int:
@@ -129,15 +139,21 @@ class Mesh:
         return tdist.get_rank(self.within) if self.within is not None else 0
 
 
-def init_mesh(dp: int, device: torch.device) -> Mesh:
-    """The world arranged as (replicas, dp) ranks, rank = replica * dp + dp index; every rank
-    calls this once before training (with dp > 1 it creates the groups, a collective)."""
-    if world_size() % dp:
-        raise ConfigError(f"parallel.dp={dp} must divide the world size {world_size()}")
-    if dp == 1:
+def init_mesh(dp: int, device: torch.device, shard: int = 1) -> Mesh:
+    """The world arranged as (replicas, dp) ranks, rank = replica * dp + dp index, or as
+    (replicas, shard) ranks the same way (parallel.dp and parallel.shard are not combined);
+    every rank calls this once before training (with dp or shard > 1 it creates the groups,
+    a collective)."""
+    key, per_replica = ("parallel.shard", shard) if shard > 1 else ("parallel.dp", dp)
+    if world_size() % per_replica:
+        raise ConfigError(
+            f"{key}={per_replica} must divide the world size {world_size()}"
+        )
+    if per_replica == 1:
         return Mesh()
-    mesh = init_device_mesh(device.type, (world_size() // dp, dp), mesh_dim_names=("replica", "dp"))
-    return Mesh(mesh.get_group("replica"), mesh.get_group("dp"))
+    name = "shard" if shard > 1 else "dp"
+    mesh = init_device_mesh(device.type, (world_size() // per_replica, per_replica), mesh_dim_names=("replica", name))
+    return Mesh(mesh.get_group("replica"), mesh.get_group(name), device_mesh=mesh if shard > 1 else None)
 
 
 class CollectiveError(RuntimeError):
@@ -366,18 +382,19 @@ class ReplicaExchange:
                 else:
                     total.add_(self._decompress(self._received[r], out=self._term))
         flat = self.flat.div_(self.mesh.num_replicas) if divide else self.flat
-        return flat, _agree_within_replica(self.table, self.mesh)
+        return flat, max_within_replica(self.table, self.mesh)
 
 
-def _agree_within_replica(table: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """The elementwise max of `table` over the ranks of this rank's replica: with dp > 1 a rank
-    sees only the rows of its own mesh column, and a stop or a non-finite value seen by one
-    rank must reach all of them (one tiny all_reduce, only when dp > 1)."""
+def max_within_replica(values: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """The elementwise max of `values` (in place) over the ranks of this rank's replica: with
+    dp > 1 a rank sees only the rows of its own mesh column, and a stop or a non-finite value
+    seen by one rank must reach all of them; sharded, a non-finite value in one rank's shard
+    is the whole replica's (one tiny all_reduce, only when a replica has several ranks)."""
     if mesh.within is None:
-        return table
-    with collective("all_reduce (guard words across dp)", mesh.step):
-        tdist.all_reduce(table, op=tdist.ReduceOp.MAX, group=mesh.within)
-    return table
+        return values
+    with collective("all_reduce (guard words within a replica)", mesh.step):
+        tdist.all_reduce(values, op=tdist.ReduceOp.MAX, group=mesh.within)
+    return values
 
 
 def broadcast_(flat: torch.Tensor, src: int = 0) -> None:
@@ -417,7 +434,7 @@ def share_words(word: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     table[mesh.replica].copy_(word)
     with collective("all_reduce (guard words)", mesh.step):
         tdist.all_reduce(table, op=tdist.ReduceOp.SUM, group=mesh.replicas)
-    return _agree_within_replica(table, mesh)
+    return max_within_replica(table, mesh)
 
 
 def first_failure(failure: str | None) -> str | None:

@@ -4,12 +4,17 @@ The coupling exchanges the whole replica with one all_reduce of such a vector in
 call per tensor. Integer buffers (BatchNorm's step counter) are not weights and stay local.
 The vectors live elsewhere (the coupling's exchange buffer, or a copy on logging steps), so
 training holds no full-size copy of the model beyond the one it communicates.
+
+Of a sharded model (replica_dist.shard: parameters that are DTensors) the vector holds this
+rank's local shard of each parameter, and the whole floating buffers, which FSDP2 leaves
+whole; `gather` makes a vector of the whole model from one of them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class FlatState:
@@ -17,7 +22,11 @@ class FlatState:
         params = list(model.named_parameters())
         buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         self.names = [name for name, _ in params + buffers]
-        self.tensors = [t for _, t in params + buffers]
+        self._sharded = [t for _, t in params if isinstance(t, DTensor)]
+        """The parameters that are DTensors (a sharded model's), each laid out in the vector as
+        its local shard; empty for a model that is not sharded."""
+        with torch.no_grad():  # views of the local shards, through which the weights are written
+            self.tensors = [t.to_local() if isinstance(t, DTensor) else t for _, t in params + buffers]
         self.num_params = len(params)
         """The first `num_params` entries are parameters, the rest floating buffers."""
         self.numel = sum(t.numel() for t in self.tensors)
@@ -39,6 +48,7 @@ class FlatState:
         part.numel = sum(t.numel() for t in part.tensors)
         part.offset = self.offset + sum(t.numel() for t in self.tensors[:first])
         part.dtype, part.device = self.dtype, self.device
+        part._sharded = self._sharded[first:end]
         buffers_from = max(first, self.num_params) - self.num_params
         part._saved_buffers = self._saved_buffers[buffers_from : max(buffers_from, end - self.num_params)]
         part._viewed, part._views = None, []
@@ -51,6 +61,30 @@ class FlatState:
     @property
     def floating_buffers(self) -> list[torch.Tensor]:
         return self.tensors[self.num_params :]
+
+    @property
+    def inspected(self) -> list:
+        """The parameters as the guard reads them (`detach()` and `.grad`): the model's own, or
+        of a sharded model each one's local shard (an empty shard has nothing to read)."""
+        if not self._sharded:
+            return self.parameters
+        return [LocalShard(p) for p, local in zip(self._sharded, self.parameters) if local.numel()]
+
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """A vector laid out like this state, of the whole model: `flat` itself for a model that is
+        not sharded; for a sharded one, a new vector laid out as the unsharded model's, each
+        parameter's shards gathered from the ranks of its replica (a collective among them, one
+        all_gather per parameter: for logging steps, not for training's)."""
+        if not self._sharded:
+            return flat
+        views = self.views(flat)
+        whole = [
+            DTensor.from_local(
+                local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            ).full_tensor()
+            for p, local in zip(self._sharded, views)
+        ]
+        return torch.cat([t.reshape(-1) for t in whole + views[self.num_params :]])
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-tensor views into a flat vector laid out like this state (no copy). The views of
@@ -127,3 +161,21 @@ class FlatState:
                     param.grad.sub_(part)
             for buffer, part in zip(self.tensors[self.num_params :], parts[self.num_params :]):
                 buffer.add_(part)
+
+
+class LocalShard:
+    """A sharded parameter as the guard reads a parameter (`detach()`, `.grad`): this rank's
+    shard of its values and of its gradient."""
+
+    __slots__ = ("param",)
+
+    def __init__(self, param: DTensor):
+        self.param = param
+
+    def detach(self) -> torch.Tensor:
+        return self.param.to_local().detach()
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        grad = self.param.grad
+        return None if grad is None else grad.to_local()

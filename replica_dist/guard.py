@@ -121,6 +121,11 @@ class Guard:
         self._word_slots = torch.tensor(_WORD_SLOTS)
         self._ranks_by_sizes: dict[tuple[int, ...], torch.Tensor] = {}
         self._make_window(torch.device("cpu"))
+        self.across_shards = None
+        """With a sharded replica (parallel.shard > 1), set by ReplicaCoupling: the largest of a
+        0-dim tensor over the ranks of this replica, in place (a collective), through which a
+        non-finite value in any rank's shard is every shard's, so that all of them take the
+        same step, skip it, or stop."""
 
     def to(self, device: torch.device) -> Guard:
         """Keep the state on `device` (the model's), where the step's decisions are taken."""
@@ -248,7 +253,8 @@ class Guard:
         extremes = _extremes([t for group in groups for t in group], self._state.device)
         ranks = self._tensor_ranks(tuple(len(group) for group in groups), len(extremes))
         # x - x is NaN exactly where x is not finite (isfinite takes four operations).
-        return ((extremes - extremes).isnan() * ranks).amax()
+        worst = ((extremes - extremes).isnan() * ranks).amax()
+        return worst if self.across_shards is None else self.across_shards(worst)
 
     def _tensor_ranks(self, sizes: tuple[int, ...], length: int) -> torch.Tensor:
         """The kind of each of `length` extremes (_extremes: the same number for each tensor)

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
-from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state
+from replica_dist import checkpoint, dist, flatness, recipe, run_lock, run_state, shard
 from replica_dist.batches import LoaderBatches, ReplicaBatches, ReplicaSampler, rank_indices, stream
 from replica_dist.config import Config, OptimConfig
 from replica_dist.coupling import ReplicaCoupling, coupling_label, form_of_config
@@ -43,12 +43,13 @@ def replica_seed(seed: int, replica: int) -> int:
     return int(np.random.SeedSequence([seed, 1000, replica]).generate_state(1)[0])
 
 
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params, fused: bool = True) -> torch.optim.Optimizer:
     """fused=True: one kernel for the whole step, and a step the guard refuses is skipped on
-    the device (found_inf), with no read back to the host (see ReplicaCoupling)."""
+    the device (found_inf), with no read back to the host (see ReplicaCoupling). A sharded
+    model's parameters (DTensors) need fused=False: torch has no DTensor rule for fused SGD."""
     if cfg.name == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True
+            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused
         )
     return torch.optim.SGD(
         params,
@@ -56,7 +57,7 @@ def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
-        fused=True,
+        fused=fused,
     )
 
 
@@ -65,18 +66,16 @@ def rank_batches(
 ) -> ReplicaBatches | LoaderBatches:
     """This rank's minibatches: its replica's shard, split among the replica's dp ranks. In-memory
     data (a TensorDataset, or load_dataset's arrays) trains from the device; any other Dataset
-    through a DataLoader."""
+    through a DataLoader. The ranks of a sharded replica all read the replica's batches, those
+    its one rank reads unsharded (in its order: that rank's is the replica's number)."""
     if isinstance(data, Dataset):
         data = TensorDataset(data.x_train, data.y_train)
-    mine = rank_indices(
-        cfg.data, len(data), cfg.seed, mesh.replica, mesh.num_replicas, mesh.dp_rank, cfg.parallel.dp
-    )
+    dp_rank, order = (0, mesh.replica) if mesh.sharded else (mesh.dp_rank, dist.rank())
+    mine = rank_indices(cfg.data, len(data), cfg.seed, mesh.replica, mesh.num_replicas, dp_rank, cfg.parallel.dp)
     if isinstance(data, TensorDataset):
         x, y = data.tensors
-        return ReplicaBatches(
-            x[mine].to(device), y[mine].to(device), cfg.train.batch_size, cfg.seed, dist.rank()
-        )
-    sampler = ReplicaSampler(mine, cfg.train.batch_size, cfg.seed, dist.rank())
+        return ReplicaBatches(x[mine].to(device), y[mine].to(device), cfg.train.batch_size, cfg.seed, order)
+    sampler = ReplicaSampler(mine, cfg.train.batch_size, cfg.seed, order)
     return LoaderBatches(data, sampler, cfg.data, device, getattr(torch, cfg.train.dtype))
 
 
@@ -103,7 +102,7 @@ def train(
 ) -> dict:
     """Train this rank's replica for `cfg.train.steps` steps; return the run's summary.
     Raises StopRequested after saving a checkpoint when a rank was asked to stop."""
-    mesh = dist.init_mesh(cfg.parallel.dp, device)
+    mesh = dist.init_mesh(cfg.parallel.dp, device, cfg.parallel.shard)
     precision = recipe.Precision(cfg.train.precision, device)  # refuses fp16 off CUDA, before any write
     # Before anything is written: a dataset that cannot be built is a config error.
     dtype = getattr(torch, cfg.train.dtype)
@@ -131,7 +130,12 @@ def train(
     model = build_replica(cfg, data, device, mesh)
     if start.step == 0 and cfg.train.init_from:  # before the coupling takes its first look
         run_state.warm_start(cfg.train.init_from, model, mesh)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
+    # The center is a scratch copy of the network that holds the mean weights: whole, even
+    # where the replicas are sharded (taken before they are).
+    center = copy.deepcopy(model) if mesh.sharded else None
+    if mesh.sharded:
+        model = form.shard(model, mesh.device_mesh)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), fused=not mesh.sharded)
     scheduler = recipe.build_scheduler(cfg.optim, optimizer, cfg.train.steps)
     coupling = ReplicaCoupling.from_config(cfg, mesh, model, optimizer, guard, timer, form)
     net = coupling.wrap(model)  # ddp: DistributedDataParallel; it starts the replicas identical
@@ -139,17 +143,27 @@ def train(
         device_ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.within)
     forward = recipe.compiled(net, cfg.train.compile)
-    samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
+    # The ranks of a sharded replica read the same batches: a replica's count once.
+    samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size() // cfg.parallel.shard
     progress = Progress(cfg.train.steps, form, mesh.num_replicas, data.task, samples_per_step)
     # The progress's history is checkpointed with the recipe: a resumed run warns as an uninterrupted one.
     recipe_state = {"scheduler": scheduler, "precision": precision, "progress": progress}
-    checkpointer = run_state.Checkpointer(cfg, run_dir, model, optimizer, batches, coupling, recipe_state)
+    # Sharded, the checkpoints hold whole state dicts as unsharded (replica_dist.shard).
+    saved_model, saved_optimizer = (
+        (shard.WholeModel(model), shard.WholeOptimizer(optimizer)) if mesh.sharded else (model, optimizer)
+    )
+    checkpointer = run_state.Checkpointer(
+        cfg, run_dir, saved_model, saved_optimizer, batches, coupling, recipe_state
+    )
     checkpointer.restore(start)
     if start.step > 0:  # the checkpoint holds the lr it was written with: optim.lr may have changed
         run_state.rebase_lr(scheduler, cfg.optim.lr)
     recipe.sync_lr(scheduler)  # a replica that checkpoint.remap adds has a fresh optimizer
     # The center is a scratch copy of the network that holds the mean weights.
-    diagnostics = Diagnostics(run_dir, mesh, coupling.state, copy.deepcopy(model), device, start.step + 1)
+    layout = FlatState(center) if mesh.sharded else coupling.state  # of the vectors the diagnostics see
+    if center is None:
+        center = copy.deepcopy(model)
+    diagnostics = Diagnostics(run_dir, mesh, layout, center, device, start.step + 1, coupling.state.gather)
     if start.step == 0 or start.changes:  # the settings the next resume compares with
         _write_config(cfg, run_dir)
     progress.start_clock(time.perf_counter())
@@ -178,6 +192,7 @@ def train(
             if logging_step or eval_step:
                 after = coupling.state.pack()
                 mean_after = dist.replica_mean(after, mesh)
+                after, mean_after = coupling.state.gather(after), coupling.state.gather(mean_after)
             if logging_step:
                 mean_loss = (
                     diagnostics.log_step(step, loss.item(), coupling, after, mean_after).nanmean().item()
@@ -193,16 +208,16 @@ def train(
             progress.step_done(step, time.perf_counter())
 
         if evaluation is None:  # resumed from the last step's checkpoint: only the results are left
-            mean_after = dist.replica_mean(coupling.state.pack(), mesh)
+            mean_after = coupling.state.gather(dist.replica_mean(coupling.state.pack(), mesh))
             evaluation = diagnostics.evaluate(step, model, mean_after, splits, data.task, data.loss)
             progress.observe_evaluation(step, evaluation, final=True)
         wall_seconds = progress.wall_seconds(time.perf_counter())  # every segment's
         summary = _summary(
             cfg, mesh, model, batches, evaluation, data, wall_seconds, device, progress.warnings()
         )
-        # Every rank sends the same sizes: rank 0's count is each rank's.
+        # Every rank sends the same sizes (sharded unevenly, rank 0 the most): rank 0's count.
         summary["comm"] = {"compress": cfg.dist.compress, "bytes_sent_per_rank": coupling.bytes_sent}
-        _write_results(cfg, run_dir, mesh, model, diagnostics.center, summary)
+        _write_results(cfg, run_dir, mesh, saved_model, diagnostics.center, summary)
         if summary["status"] != "ok":  # after summary.json, which says what diverged
             raise DivergedError(f"{summary['reason']}; training diverged: try a lower optim.lr")
         return summary
@@ -241,6 +256,7 @@ def _ended(cfg: Config, ended: dict, wall_seconds: float) -> dict:
         "wall_seconds": wall_seconds,
         "world_size": dist.world_size(),
         "dp": cfg.parallel.dp,
+        "shard": cfg.parallel.shard,
         "coupling": coupling_label(cfg.coupling),
     }
 
@@ -261,7 +277,8 @@ def _write_summary(run_dir: Path, summary: dict) -> None:
 def _write_results(
     cfg: Config, run_dir: Path, mesh: dist.Mesh, model: nn.Module, center: nn.Module, summary: dict
 ) -> None:
-    """weights/replica_<r>.pt from every replica, then from rank 0 weights/center.pt and last
+    """weights/replica_<r>.pt from every replica (`model`'s state dict: whole tensors, of a
+    sharded one too, whose WholeModel gathers them on every rank of the replica), then from rank 0 weights/center.pt and last
     summary.json, which marks a finished run. Each file appears whole or not at all; a write
     that fails on any rank raises RunError on every rank, and the same command then resumes
     from the newest checkpoint and writes them again."""
@@ -274,12 +291,13 @@ def _write_results(
             raise RunError(failure)
 
     failure = None
+    state = model.state_dict()  # a collective among the ranks of a sharded replica
     if mesh.dp_rank == 0:
         # Plain state_dicts: they load into the model class with no replica_dist code around.
         path = weights / f"replica_{mesh.replica}.pt"
         try:
             weights.mkdir(exist_ok=True)
-            checkpoint.atomic_torch_save(model.state_dict(), path)
+            checkpoint.atomic_torch_save(state, path)
         except OSError as err:
             failure = checkpoint.cannot_write("final weights", path, err, root)
     stop_if_any(failure)  # summary.json marks a finished run: every replica's weights come first
@@ -363,6 +381,7 @@ def _summary(
         "wall_seconds": wall_seconds,
         "world_size": len(rows),
         "dp": cfg.parallel.dp,
+        "shard": cfg.parallel.shard,
         "coupling": coupling_label(cfg.coupling),
         "task": data.task,
         "replicas": replicas,

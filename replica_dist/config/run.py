@@ -106,9 +106,23 @@ class ParallelConfig:
     = replica * dp + dp index): each replica is data parallel (DDP) over its dp ranks, each
     with its own part of the replica's shard and its own train.batch_size minibatch; the
     coupling all_reduce runs across replicas, among the ranks with the same dp index."""
+    shard: int = 1
+    """Ranks that hold one replica between them, one shard of it each (FSDP2's fully_shard; see
+    replica_dist.shard for the wrapping policy): the world is a replicas x shard mesh (world
+    size = replicas * shard, rank = replica * shard + shard index). The shard ranks of a
+    replica all read that replica's minibatches (the same as its one rank unsharded), so a
+    sharded run trains the unsharded run's replicas with 1/shard of their parameters,
+    gradients and optimizer state on each rank. The coupling works on each rank's local
+    shard: the replica mean is one all_reduce among the ranks with the same shard index, each
+    sending 1/shard of the model; coupling=ddp is hybrid sharded data parallel (HSDP)."""
 
     def __post_init__(self) -> None:
         _check(self.dp >= 1, f"parallel.dp must be >= 1; got {self.dp}")
+        _check(self.shard >= 1, f"parallel.shard must be >= 1; got {self.shard}")
+        _check(
+            self.dp == 1 or self.shard == 1,
+            f"parallel.dp={self.dp} and parallel.shard={self.shard} cannot be combined yet: set one of them to 1",
+        )
 
 
 @dataclass
@@ -138,6 +152,7 @@ class Config:
             "compression": f"dist.compress={self.dist.compress}" if self.dist.compress != "none" else None,
             "remap": "checkpoint.remap" if self.checkpoint.remap else None,
             "replica_dp": f"parallel.dp={self.parallel.dp}" if self.parallel.dp > 1 else None,
+            "sharded": f"parallel.shard={self.parallel.shard}" if self.parallel.shard > 1 else None,
         }
         form = locate_form(self.coupling)
         refusal = unsupported_feature(
@@ -148,12 +163,33 @@ class Config:
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",
         )
+        self.check_sharded()
         if self.train.epochs == 0:  # else once train.epochs has set train.steps (replica_dist.recipe)
             self.check_run_length()
         regression = self.data.name == "seed" or (self.data.name == "file" and self.data.task == "regression")
         _check(
             self.optim.label_smoothing == 0 or not regression,
             f"optim.label_smoothing is for classification only; data.name={self.data.name} is a regression",
+        )
+
+    def check_sharded(self) -> None:
+        """The options that do not work on sharded replicas yet (parallel.shard > 1), named."""
+        if self.parallel.shard == 1:
+            return
+        unsharded_only = {
+            f"dist.compress={self.dist.compress}": self.dist.compress != "none",
+            f"coupling.fragments={self.coupling.fragments}": self.coupling.fragments > 1,
+            "coupling.via_optimizer": self.coupling.via_optimizer,
+            "checkpoint.remap": self.checkpoint.remap,
+            f"optim.clip_norm={self.optim.clip_norm}": self.optim.clip_norm > 0,
+            "train.compile": self.train.compile,
+            f"train.precision={self.train.precision}": self.train.precision == "fp16",
+        }
+        asked = [key for key, on in unsharded_only.items() if on]
+        _check(
+            not asked,
+            f"{', '.join(asked)} {'is' if len(asked) == 1 else 'are'} not available with "
+            f"parallel.shard={self.parallel.shard} yet: drop {'it' if len(asked) == 1 else 'them'} or set parallel.shard=1",
         )
 
     def check_run_length(self) -> None:

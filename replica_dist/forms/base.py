@@ -30,10 +30,12 @@ if TYPE_CHECKING:  # the registry is read by the config, which loads no torch (s
 
     from replica_dist.flat import FlatState
 
-FEATURES = ("compression", "remap", "replica_dp")
+FEATURES = ("compression", "remap", "replica_dp", "sharded")
 """The run's options a form may support (`Form.supports`): a compressed exchange of weights
 (dist.compress); a resume that maps saved replicas onto new ones (checkpoint.remap); replicas
-that are each data parallel over several ranks (parallel.dp > 1)."""
+that are each data parallel over several ranks (parallel.dp > 1); replicas that are each
+sharded over several ranks (parallel.shard > 1), the form's rule then applied to each rank's
+local shard of the weights and of their mean, which must give what it gives on the whole."""
 
 
 class Form:
@@ -85,6 +87,14 @@ class Form:
     def wrap(self, model: torch.nn.Module, group) -> torch.nn.Module:
         """The module to run the forward and backward passes through."""
         return model
+
+    def shard(self, model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        """With parallel.shard > 1: `model` (this replica's, whole) sharded over the ranks of its
+        replica, the "shard" dimension of the (replica, shard) `device_mesh` (replica_dist.shard
+        says how)."""
+        from replica_dist.shard import shard_replica
+
+        return shard_replica(model, device_mesh["shard"])
 
     def attach(self, state: FlatState, fragments: list[FlatState], replica_mean) -> None:
         """Once, at construction, on every rank: build the form's own state from the first
@@ -152,7 +162,8 @@ class PullForm(Form):
     """
 
     moment = "before"
-    supports = frozenset(FEATURES)
+    supports = frozenset(FEATURES) - {"sharded"}
+    why_not = {"sharded": "its pull(w, mean, step) would see one shard of the weights, and need not be elementwise"}
 
     def coupled_at(self, step: int) -> bool:
         """Whether the replicas couple at `step` (counted from 1); every step by default."""

@@ -41,7 +41,8 @@ class DiLoCo(Form):
     supports = frozenset({"compression", "replica_dp"})
     why_not = {
         "remap": "its outer state, the weights at the last sync and their momentum, belongs to the "
-        "replicas that saved it"
+        "replicas that saved it",
+        "sharded": "its outer state on local shards is not built yet",
     }
 
     def __init__(

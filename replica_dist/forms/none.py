@@ -10,5 +10,5 @@ class Uncoupled(Form):
     (observed or agreed steps). Their mean of weights is no model (`couples` is false)."""
 
     name = "none"
-    supports = frozenset({"remap", "replica_dp"})
+    supports = frozenset({"remap", "replica_dp", "sharded"})
     why_not = {"compression": "it exchanges no weights"}

@@ -1,0 +1,223 @@
+"""Sharded replicas (parallel.shard=2): 4 gloo processes, 2 replicas x 2 shards, against the
+unsharded trainer's 2-replica run (2 processes) of the same config, which the other tests hold
+to the single-process reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from trainer_runs import events, replica_weights, train_losses
+from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
+
+from replica_dist import dist, loop
+from replica_dist.config import ConfigError, load_config
+from replica_dist.data import ReplicaBatches
+from replica_dist.guard import Guard
+
+COMMON = [
+    "train.steps=30",
+    "train.batch_size=16",
+    "model.hidden=[33]",  # 33 rows over 2 shards: 17 and 16, an uneven split
+    "optim.momentum=0.9",
+    "log.every=7",
+    "eval.every=10",
+    "checkpoint.every=10",
+    "seed=3",
+    f"dist.timeout_s={COLLECTIVE_TIMEOUT_S}",
+]
+
+CASES = {
+    "tanh": ["coupling=tanh", "coupling.eta=0.05"],
+    "linear": ["coupling=linear", "coupling.eta=0.2", "coupling.every=2"],
+    "average": ["coupling=average", "coupling.every=4"],
+    "none": ["coupling=none"],
+    "ddp": ["coupling=ddp"],
+}
+
+
+def config(case: str, run_dir: Path, shard: int):
+    cfg, _ = load_config(COMMON + CASES[case] + [f"parallel.shard={shard}", f"hydra.run.dir={run_dir}"])
+    return cfg
+
+
+def _train_cases(rank: int, world_size: int, root: str, shard: int) -> None:
+    for case in CASES:
+        loop.train(config(case, Path(root) / case, shard), Path(root) / case, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    run_world(_train_cases, 2, str(root / "unsharded"), 1)
+    run_world(_train_cases, 4, str(root / "sharded"), 2)
+    return root / "unsharded", root / "sharded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_replica_equals_the_unsharded_run(runs, case):
+    unsharded, sharded = runs
+    for got, expected in zip(replica_weights(sharded / case, 2), replica_weights(unsharded / case, 2)):
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert not isinstance(got[name], torch.distributed.tensor.DTensor)  # a plain file
+            torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=f"{case} {name}")
+    center = torch.load(sharded / case / "weights" / "center.pt")
+    for name, value in torch.load(unsharded / case / "weights" / "center.pt").items():
+        torch.testing.assert_close(center[name], value, atol=1e-6, rtol=0)
+    summary = json.loads((sharded / case / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["shard"] == 2 and summary["world_size"] == 2
+
+
+# What each rank sends differs by design (1/S of the weights); everything else is the same run.
+PER_RANK_TAGS = {"comm/bytes_sent"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_diagnostics_equal_the_unsharded_run(runs, case):
+    """Per-layer rates, distances, overlaps, the center's and the ensemble's evaluation: every
+    scalar the unsharded run logs, at every step it logs it."""
+    unsharded, sharded = runs
+    for log in ("replica_0", "replica_1", "center", "ensemble"):
+        expected, got = events(unsharded / case / "tb" / log), events(sharded / case / "tb" / log)
+        tags = set(expected.Tags()["scalars"]) - PER_RANK_TAGS
+        assert tags and tags == set(got.Tags()["scalars"]) - PER_RANK_TAGS, log
+        for tag in tags:
+            want = [(e.step, e.value) for e in expected.Scalars(tag)]
+            have = [(e.step, e.value) for e in got.Scalars(tag)]
+            assert [s for s, _ in have] == [s for s, _ in want], (log, tag)
+            for (step, a), (_, b) in zip(have, want):
+                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (log, tag, step, a, b)
+
+
+def _local_numel(cfg, shards: int) -> int:
+    """The weights of rank 0's shard: the first of torch.chunk's parts of each parameter's rows,
+    as FSDP2 splits them."""
+    widths = [64, *cfg.model.hidden, 10]  # digits: 8x8 images, 10 classes
+    shapes = [s for a, b in zip(widths, widths[1:]) for s in ((b, a), (b,))]
+    return sum(torch.empty(shape).chunk(shards)[0].numel() for shape in shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["tanh", "average"])
+def test_a_rank_sends_its_shard(runs, case):
+    unsharded, sharded = runs
+    cfg = config(case, sharded / case, 2)
+    table = 2 * Guard.WORD_LENGTH  # the guard's words ride along, one row per replica
+    whole = sum(p.numel() for p in torch.nn.Sequential(torch.nn.Linear(64, 33), torch.nn.Linear(33, 10)).parameters())
+    sent = [json.loads((run / case / "summary.json").read_text())["comm"]["bytes_sent_per_rank"] for run in runs]
+    assert sent[0] > 0 and sent[1] * (whole + table) == sent[0] * (_local_numel(cfg, 2) + table)
+
+
+def _crash_at_step_13(rank: int, world_size: int, run_dir: str) -> None:
+    fail_at_batch(ReplicaBatches, 13)
+    loop.train(config("tanh", Path(run_dir), 2), Path(run_dir), torch.device("cpu"))
+
+
+def _resume(rank: int, world_size: int, run_dir: str) -> None:
+    loop.train(config("tanh", Path(run_dir), 2), Path(run_dir), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_crashed_sharded_run_resumes_bit_for_bit(runs, tmp_path):
+    _, sharded = runs
+    with pytest.raises((ProcessRaisedException, ProcessExitedException)):
+        run_world(_crash_at_step_13, 4, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "step-00000010" / "manifest.json").exists()
+    assert not (tmp_path / "summary.json").exists()
+    run_world(_resume, 4, str(tmp_path))
+    for got, expected in zip(replica_weights(tmp_path, 2), replica_weights(sharded / "tanh", 2)):
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+    for replica in range(2):
+        assert train_losses(tmp_path, replica) == train_losses(sharded / "tanh", replica)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["parallel.dp=2"], r"parallel.dp=2 and parallel.shard=2 cannot be combined"),
+        (["coupling=diloco"], r"parallel.shard=2 is not available for coupling.name=diloco"),
+        (["dist.compress=int8"], r"dist.compress=int8 is not available with parallel.shard=2"),
+        (
+            ["coupling.every=2", "coupling.fragments=2", "checkpoint.remap=true"],
+            r"coupling.fragments=2, checkpoint.remap are not available with parallel.shard=2",
+        ),
+        (["coupling.via_optimizer=true"], r"coupling.via_optimizer is not available with parallel.shard=2"),
+        (["optim.clip_norm=1"], r"optim.clip_norm=1.0 is not available with parallel.shard=2"),
+    ],
+)
+def test_what_does_not_work_sharded_is_refused_naming_the_keys(overrides, named):
+    with pytest.raises(ConfigError, match=named) as refused:
+        load_config(["parallel.shard=2", *overrides])
+    assert "\n" not in str(refused.value)
+
+
+def test_parallel_shard_must_be_positive():
+    with pytest.raises(ConfigError, match=r"parallel.shard must be >= 1; got 0"):
+        load_config(["parallel.shard=0"])
+
+
+def _mesh_of_a_world_of_3(rank: int, world_size: int) -> None:
+    with pytest.raises(ConfigError, match=r"^parallel.shard=2 must divide the world size 3$"):
+        dist.init_mesh(1, torch.device("cpu"), shard=2)
+
+
+def test_a_world_not_divisible_by_the_shards_is_refused():
+    run_world(_mesh_of_a_world_of_3, 3)
+
+
+GUARDED = COMMON + ["coupling=tanh", "coupling.eta=0.05", "coupling.every=3"]
+NAN_STEP = 11
+"""A step that neither couples (every 3), logs (every 7) nor saves (every 10): the replica's
+shards agree on it with no exchange of the coupling's."""
+
+
+def _poison_one_gradient(rank: int, world_size: int, run_dir: str, shard: int, policy: str) -> None:
+    """A NaN in the last gradient element of replica 0's last rank (with 2 shards: of its second
+    shard only) at step NAN_STEP, after the backward pass."""
+    from torch.distributed.tensor import DTensor
+
+    from replica_dist import recipe
+
+    original, calls = recipe.clip_, [0]
+
+    def clip_then_poison(parameters, max_norm):
+        parameters = list(parameters)
+        calls[0] += 1
+        if calls[0] == NAN_STEP and rank == shard - 1:
+            grad = parameters[0].grad
+            (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[-1] = float("nan")
+        original(parameters, max_norm)
+
+    recipe.clip_ = clip_then_poison
+    cfg, _ = load_config(
+        GUARDED + [f"parallel.shard={shard}", f"guard.nonfinite={policy}", f"hydra.run.dir={run_dir}"]
+    )
+    loop.train(cfg, Path(run_dir), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_nan_in_one_shard_skips_the_whole_replica(tmp_path):
+    """Replica 0 skips step 11 on both of its ranks, as the unsharded replica 0 does."""
+    run_world(_poison_one_gradient, 2, str(tmp_path / "unsharded"), 1, "skip")
+    run_world(_poison_one_gradient, 4, str(tmp_path / "sharded"), 2, "skip")
+    for got, expected in zip(replica_weights(tmp_path / "sharded", 2), replica_weights(tmp_path / "unsharded", 2)):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    skipped = [e.value for e in events(tmp_path / "sharded" / "tb" / "replica_0").Scalars("guard/skipped_steps")]
+    assert skipped[-1] == 1
+
+
+@pytest.mark.slow
+def test_a_nan_in_one_shard_stops_every_rank(tmp_path):
+    with pytest.raises(ProcessRaisedException, match=f"non-finite gradient in replica 0 at step {NAN_STEP}"):
+        run_world(_poison_one_gradient, 4, str(tmp_path), 2, "stop")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and f"step {NAN_STEP}" in summary["reason"]
