@@ -168,6 +168,8 @@ BAD_OVERRIDES = [
     (["parallel.dp=0"], r"parallel\.dp"),
     (["parallel.dp=2", "coupling=ddp"], r"parallel\.dp"),
     (["parallel.dp=2", "checkpoint.remap=true"], r"checkpoint\.remap"),
+    (["parallel.shard=0"], r"^parallel\.shard must be >= 1; got 0"),
+    (["parallel.shard=2", "parallel.dp=2"], r"^parallel\.dp=2 and parallel\.shard=2 cannot be combined yet"),
     # unknown keys added with + or ++ (the composed config against the schema)
     (["+optim.lrr=0.1"], r"^unknown key optim\.lrr \(did you mean optim\.lr\?\)"),
     (["+foo=1"], r"^unknown key foo\b"),
