@@ -146,13 +146,13 @@ def init_mesh(dp: int, device: torch.device, shard: int = 1) -> Mesh:
     a collective)."""
     key, per_replica = ("parallel.shard", shard) if shard > 1 else ("parallel.dp", dp)
     if world_size() % per_replica:
-        raise ConfigError(
-            f"{key}={per_replica} must divide the world size {world_size()}"
-        )
+        raise ConfigError(f"{key}={per_replica} must divide the world size {world_size()}")
     if per_replica == 1:
         return Mesh()
     name = "shard" if shard > 1 else "dp"
-    mesh = init_device_mesh(device.type, (world_size() // per_replica, per_replica), mesh_dim_names=("replica", name))
+    mesh = init_device_mesh(
+        device.type, (world_size() // per_replica, per_replica), mesh_dim_names=("replica", name)
+    )
     return Mesh(mesh.get_group("replica"), mesh.get_group(name), device_mesh=mesh if shard > 1 else None)
 
 

@@ -71,7 +71,9 @@ def rank_batches(
     if isinstance(data, Dataset):
         data = TensorDataset(data.x_train, data.y_train)
     dp_rank, order = (0, mesh.replica) if mesh.sharded else (mesh.dp_rank, dist.rank())
-    mine = rank_indices(cfg.data, len(data), cfg.seed, mesh.replica, mesh.num_replicas, dp_rank, cfg.parallel.dp)
+    mine = rank_indices(
+        cfg.data, len(data), cfg.seed, mesh.replica, mesh.num_replicas, dp_rank, cfg.parallel.dp
+    )
     if isinstance(data, TensorDataset):
         x, y = data.tensors
         return ReplicaBatches(x[mine].to(device), y[mine].to(device), cfg.train.batch_size, cfg.seed, order)

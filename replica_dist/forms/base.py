@@ -163,7 +163,9 @@ class PullForm(Form):
 
     moment = "before"
     supports = frozenset(FEATURES) - {"sharded"}
-    why_not = {"sharded": "its pull(w, mean, step) would see one shard of the weights, and need not be elementwise"}
+    why_not = {
+        "sharded": "its pull(w, mean, step) would see one shard of the weights, and may not be elementwise"
+    }
 
     def coupled_at(self, step: int) -> bool:
         """Whether the replicas couple at `step` (counted from 1); every step by default."""
