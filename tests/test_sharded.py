@@ -37,6 +37,14 @@ CASES = {
     "average": ["coupling=average", "coupling.every=4"],
     "none": ["coupling=none"],
     "ddp": ["coupling=ddp"],
+    # BatchNorm's statistics stay whole on every rank of a replica and are coupled as unsharded.
+    "tanh_cnn_batchnorm": [
+        "coupling=tanh",
+        "coupling.eta=0.1",
+        "model=cnn",
+        "model.hidden=[4,5]",
+        "model.batch_norm=true",
+    ],
 }
 
 
