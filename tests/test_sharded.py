@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-from trainer_runs import events, replica_weights, train_losses
+from trainer_runs import assert_refused_launch, events, replica_weights, train_losses
 from worlds import COLLECTIVE_TIMEOUT_S, fail_at_batch, run_world
 
 from replica_dist import dist, loop
@@ -189,6 +189,11 @@ def _mesh_of_a_world_of_3(rank: int, world_size: int) -> None:
 
 def test_a_world_not_divisible_by_the_shards_is_refused():
     run_world(_mesh_of_a_world_of_3, 3)
+
+
+@pytest.mark.slow
+def test_a_launch_whose_world_the_shards_do_not_divide_is_one_line(tmp_path):
+    assert_refused_launch(["parallel.shard=4"], r"parallel\.shard=4 must divide the world size 2$", tmp_path)
 
 
 GUARDED = COMMON + ["coupling=tanh", "coupling.eta=0.05", "coupling.every=3", "optim.momentum=0.9"]
