@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from replica_dist.errors import ConfigError
 from replica_dist.flat import FlatState
 
 
@@ -37,10 +38,28 @@ def shard_replica(model: nn.Module, mesh: DeviceMesh, start_alike: bool = False)
         initial = state.pack()
         tdist.broadcast(initial, src=0)
         state.load(initial)
+    tied = _tied_across_children(model)
+    if tied:
+        raise ConfigError(
+            f"parallel.shard={mesh.size(mesh.ndim - 1)}: {' and '.join(tied)} are one parameter in two of "
+            f"the model's children, which the policy (each child module with parameters, then the root) "
+            f"would shard as two FSDP units; untie them, or set parallel.shard=1"
+        )
     for child in model.children():
         if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)
     return fully_shard(model, mesh=mesh)
+
+
+def _tied_across_children(model: nn.Module) -> list[str]:
+    """The names of the first parameter that two of the model's children share, or []."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names = owners.setdefault(id(param), [])
+        if names and names[0].split(".")[0] != name.split(".")[0]:
+            return [names[0], name]
+        names.append(name)
+    return []
 
 
 def _whole(value):

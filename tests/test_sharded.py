@@ -191,6 +191,25 @@ def test_a_world_not_divisible_by_the_shards_is_refused():
     run_world(_mesh_of_a_world_of_3, 3)
 
 
+def _shard_tied_layers(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from replica_dist.shard import shard_replica
+
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    second.weight = first.weight  # tied: two FSDP units cannot both own it
+    with pytest.raises(
+        ConfigError,
+        match=r"^parallel.shard=2: 0.weight and 2.weight are one parameter in two of the model.s children",
+    ) as refused:
+        shard_replica(torch.nn.Sequential(first, torch.nn.Tanh(), second), init_device_mesh("cpu", (2,)))
+    assert "\n" not in str(refused.value)
+
+
+def test_a_model_the_policy_cannot_shard_is_refused_naming_the_key():
+    run_world(_shard_tied_layers, 2)
+
+
 @pytest.mark.slow
 def test_a_launch_whose_world_the_shards_do_not_divide_is_one_line(tmp_path):
     assert_refused_launch(["parallel.shard=4"], r"parallel\.shard=4 must divide the world size 2$", tmp_path)
