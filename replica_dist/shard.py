@@ -51,6 +51,23 @@ def shard_replica(model: nn.Module, mesh: DeviceMesh, start_alike: bool = False)
     return fully_shard(model, mesh=mesh)
 
 
+def follow_first_replica_buffers(model: nn.Module, replicas: tdist.ProcessGroup) -> None:
+    """Before every forward pass that trains (grad enabled), overwrite `model`'s buffers
+    (BatchNorm's statistics) with the first replica's, over `replicas` (one rank per replica):
+    what DistributedDataParallel does (broadcast_buffers) and FSDP2 does not, so that hybrid
+    sharded data parallel keeps DDP's buffers."""
+    buffers = list(model.buffers())
+    if not buffers:
+        return
+
+    def broadcast_buffers(module: nn.Module, args) -> None:
+        if torch.is_grad_enabled():
+            for buffer in buffers:
+                tdist.broadcast(buffer, group=replicas, group_src=0)
+
+    model.register_forward_pre_hook(broadcast_buffers)
+
+
 def _tied_across_children(model: nn.Module) -> list[str]:
     """The names of the first parameter that two of the model's children share, or []."""
     owners: dict[int, list[str]] = {}

@@ -36,6 +36,8 @@ CASES = {
     "average": ["coupling=average", "coupling.every=4"],
     "none": ["coupling=none"],
     "ddp": ["coupling=ddp", "optim.momentum=0.9"],
+    # HSDP takes the first replica's BatchNorm statistics at each step, as DDP broadcasts them.
+    "ddp_cnn_batchnorm": ["coupling=ddp", "model=cnn", "model.hidden=[4,5]", "model.batch_norm=true"],
     # float64: in float32 Adam's division by sqrt(v) amplifies the one-ulp differences between
     # the fused optimizer (unsharded) and the foreach one (sharded: DTensors) to 5e-6.
     "tanh_adam_accumulated_same_init": [

@@ -37,7 +37,10 @@ class DataParallel(Form):
 
     def shard(self, model: torch.nn.Module, device_mesh) -> torch.nn.Module:
         """HSDP: fully_shard over the whole (replica, shard) mesh, which replicates over its
-        first dimension, every replica starting from rank 0's weights as under DDP."""
-        from replica_dist.shard import shard_replica
+        first dimension, every replica starting from rank 0's weights and taking the first
+        replica's buffers at each training forward, as under DDP."""
+        from replica_dist.shard import follow_first_replica_buffers, shard_replica
 
-        return shard_replica(model, device_mesh, start_alike=True)
+        model = shard_replica(model, device_mesh, start_alike=True)
+        follow_first_replica_buffers(model, device_mesh.get_group("replica"))
+        return model
