@@ -18,6 +18,7 @@ import zlib
 import torch
 import torch.distributed as tdist
 from torch.amp.grad_scaler import OptState
+from torch.distributed.tensor import DTensor
 
 from replica_dist import dist
 from replica_dist.config import CouplingConfig, DistConfig, GuardConfig
@@ -93,6 +94,45 @@ class _StepPlan:
     exchange of words comes in the same order everywhere."""
 
 
+def _sharded_mesh(
+    sharded: bool, device_mesh, process_group, replica_group_of_rank, compress: str, form: Form
+) -> dist.Mesh:
+    """The mesh of a fully_shard-ed model's coupling (ReplicaCoupling's device_mesh=), or the
+    CouplingError that names what does not fit. `sharded`: the model's parameters are DTensors."""
+    if not sharded:
+        raise CouplingError(
+            "device_mesh= is for a model fully_shard-ed over its 'shard' dimension; this one is not"
+        )
+    if device_mesh is None:
+        raise CouplingError(
+            "the model is sharded (its parameters are DTensors): pass device_mesh=, the "
+            "('replica', 'shard') DeviceMesh it was sharded over"
+        )
+    if process_group is not None or replica_group_of_rank is not None:
+        raise CouplingError(
+            "device_mesh= holds the replicas' groups: drop process_group= and replica_group_of_rank="
+        )
+    if tuple(device_mesh.mesh_dim_names or ()) != ("replica", "shard"):
+        raise CouplingError(
+            f"device_mesh= must have the dimensions ('replica', 'shard'); got {device_mesh.mesh_dim_names}"
+        )
+    unsharded_only = [
+        key
+        for key, asked in (
+            ("compress=", compress != "none"),
+            ("fragments=", form.fragments > 1),
+            ("via_optimizer=", form.via_optimizer),
+        )
+        if asked
+    ]
+    if unsharded_only:
+        verb = "is" if len(unsharded_only) == 1 else "are"
+        raise CouplingError(f"{', '.join(unsharded_only)} {verb} not available with device_mesh= yet")
+    return dist.Mesh(
+        device_mesh.get_group("replica"), device_mesh.get_group("shard"), device_mesh=device_mesh
+    )
+
+
 class ReplicaCoupling:
     """Couples this process's replica of a model to the other replicas: two calls a step.
 
@@ -166,8 +206,13 @@ class ReplicaCoupling:
     `bytes_sent` counts what it sends); `nonfinite` and
     `max_consecutive_skips` (GuardConfig); `process_group`, one rank per replica (default:
     the world), and `replica_group_of_rank`, the ranks of this rank's own replica when each
-    replica is itself data parallel (default: none). A bad argument is a CouplingError
-    naming it as written here (``eta_max=``), before anything communicates.
+    replica is itself data parallel (default: none); or, for a model fully_shard-ed (FSDP2)
+    over several ranks per replica, `device_mesh`, the 2-D DeviceMesh with dimensions
+    ("replica", "shard") whose "shard" dimension it is sharded over (as
+    replica_dist.shard.shard_replica does): the coupling then runs over the "replica"
+    dimension on each rank's local shard, and a non-finite value in any shard is the whole
+    replica's (see parallel.shard). A bad argument is a CouplingError naming it as written
+    here (``eta_max=``), before anything communicates.
     """
 
     def __init__(
@@ -185,6 +230,7 @@ class ReplicaCoupling:
         error_feedback: bool = False,
         process_group=None,
         replica_group_of_rank=None,
+        device_mesh=None,
         nonfinite: str = "stop",
         max_consecutive_skips: int = 20,
         guard=None,
@@ -211,13 +257,19 @@ class ReplicaCoupling:
             )
         except ConfigError as err:
             raise CouplingError(as_arguments(str(err))) from None
+        asked = {"compression": "compress="} if compress != "none" else {}
         refusal = unsupported_feature(
             form,
-            {"compression": "compress="} if compress != "none" else {},
+            asked | ({"sharded": "device_mesh="} if device_mesh is not None else {}),
             f"form {form.label!r}",
         )
         if refusal:
             raise CouplingError(refusal)
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        if device_mesh is not None or sharded:
+            mesh = mesh or _sharded_mesh(
+                sharded, device_mesh, process_group, replica_group_of_rank, compress, form
+            )
         self._build(
             model,
             optimizer,

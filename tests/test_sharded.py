@@ -269,3 +269,113 @@ def test_a_nan_in_one_shard_stops_every_rank(tmp_path):
         run_world(_poison_one_gradient, 4, str(tmp_path), 2, "stop")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and f"step {NAN_STEP}" in summary["reason"]
+
+
+OWN_LOOP = ["train.steps=16", "train.batch_size=16", "model.hidden=[33]", "seed=5"]
+OWN_CASES = {  # a constant eta (eta_growth=0), as ReplicaCoupling's by default
+    "tanh": ["coupling=tanh", "coupling.eta=0.05", "coupling.eta_growth=0"],
+    "linear_every_2": ["coupling=linear", "coupling.eta=0.2", "coupling.eta_growth=0", "coupling.every=2"],
+    "average_every_4": ["coupling=average", "coupling.every=4"],
+}
+
+
+def _own_loop_config(case: str):
+    cfg, _ = load_config(OWN_LOOP + OWN_CASES[case])
+    return cfg
+
+
+def _own_sharded_loop(rank: int, world_size: int, root: str) -> None:
+    """A user's plain loop around ReplicaCoupling, the model sharded by shard_replica over a
+    (2 replicas, 2 shards) mesh; each replica's whole weights saved by its first rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from replica_dist import ReplicaCoupling
+    from replica_dist.data import load_dataset, replica_indices
+    from replica_dist.evaluate import LOSSES
+    from replica_dist.loop import build_optimizer, replica_seed
+    from replica_dist.model import build_model
+    from replica_dist.shard import full_state_dict, shard_replica
+
+    device_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replica", "shard"))
+    replica = device_mesh.get_local_rank("replica")
+    for case in OWN_CASES:
+        cfg = _own_loop_config(case)
+        data = load_dataset(cfg.data, cfg.seed, torch.float32)
+        whole = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, replica))
+        model = shard_replica(whole, device_mesh["shard"])
+        optimizer = build_optimizer(cfg.optim, model.parameters(), fused=False)
+        mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, replica, 2)
+        batches = ReplicaBatches(
+            data.x_train[mine], data.y_train[mine], cfg.train.batch_size, cfg.seed, replica
+        )
+        c = cfg.coupling
+        settings = {"every": c.every} | ({"eta": c.eta} if c.name != "average" else {})
+        coupling = ReplicaCoupling(model, optimizer, c.name, device_mesh=device_mesh, **settings)
+        for _ in range(cfg.train.steps):
+            coupling.begin_step()
+            x, y = batches.next()
+            loss = LOSSES[data.loss](model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            coupling.step(loss)
+        coupling.finish()
+        weights = full_state_dict(model)
+        if device_mesh.get_local_rank("shard") == 0:
+            torch.save(weights, Path(root) / f"{case}_{replica}.pt")
+
+
+@pytest.mark.slow
+def test_a_sharded_model_in_a_users_loop_equals_the_reference(tmp_path):
+    from replica_dist.reference import reference_weights
+
+    run_world(_own_sharded_loop, 4, str(tmp_path))
+    for case in OWN_CASES:
+        expected = reference_weights(_own_loop_config(case), 2)
+        for replica in range(2):
+            got = torch.load(tmp_path / f"{case}_{replica}.pt")
+            for name in expected[replica]:
+                torch.testing.assert_close(got[name], expected[replica][name], atol=1e-6, rtol=0)
+
+
+def _misused_with_a_sharded_model(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from replica_dist import CouplingError, ReplicaCoupling
+    from replica_dist.shard import shard_replica
+
+    device_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replica", "shard"))
+    model = shard_replica(
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)), device_mesh["shard"]
+    )
+    plain = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    misuses = [
+        ((model, optimizer, "tanh"), {"eta": 0.1}, r"^the model is sharded .*: pass device_mesh="),
+        (
+            (model, optimizer, "tanh"),
+            {"eta": 0.1, "device_mesh": device_mesh, "compress": "int8"},
+            r"^compress= is",
+        ),
+        (
+            (model, optimizer, "diloco"),
+            {"device_mesh": device_mesh},
+            r"^device_mesh= is not available for form",
+        ),
+        (
+            (plain, optimizer, "tanh"),
+            {"eta": 0.1, "device_mesh": device_mesh},
+            r"^device_mesh= is for a model",
+        ),
+        (
+            (model, optimizer, "tanh"),
+            {"eta": 0.1, "device_mesh": device_mesh["shard"]},
+            r"dimensions \('replica'",
+        ),
+    ]
+    for args, kwargs, message in misuses:
+        with pytest.raises(CouplingError, match=message):
+            ReplicaCoupling(*args, **kwargs)
+
+
+def test_a_sharded_model_without_its_mesh_or_with_what_is_not_sharded_yet_is_refused():
+    run_world(_misused_with_a_sharded_model, 2)
