@@ -15,10 +15,12 @@ from trainer_runs import REPO, user_env
 pytestmark = pytest.mark.e2e
 
 
-def run_example(tmp_path, example: str, *args: str, fails: bool = False) -> subprocess.CompletedProcess:
-    """Run an example under torchrun in `tmp_path`; it must succeed, or with `fails` exit
-    non-zero (torchrun's own status, whatever its workers' were)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+def run_example(
+    tmp_path, example: str, *args: str, fails: bool = False, nproc: int = 2
+) -> subprocess.CompletedProcess:
+    """Run an example under torchrun (`nproc` workers) in `tmp_path`; it must succeed, or with
+    `fails` exit non-zero (torchrun's own status, whatever its workers' were)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     done = subprocess.run(
         command + [str(REPO / "examples" / example), *args],
         cwd=tmp_path,
@@ -84,3 +86,31 @@ def test_own_loop_amp_skips_an_overflow_in_one_replica_only(tmp_path):
     assert lines[0].endswith("0 overflowed, scale 65536")
     assert lines[1].endswith("1 overflowed, scale 32768")
     assert all(float(line.split("loss ")[1].split(",")[0]) < 0.1 for line in lines)  # it learns
+
+
+@pytest.mark.slow
+def test_own_loop_sharded_learns_and_equals_its_replicas_on_one_rank_each(tmp_path):
+    """2 replicas of 2 shards (4 processes) against the same 2 replicas each on one rank."""
+    runs = {
+        shards: run_example(
+            tmp_path,
+            "own_loop_sharded.py",
+            "--steps",
+            "120",
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / f"shards{shards}"),
+            nproc=2 * shards,
+        )
+        for shards in (1, 2)
+    }
+    for done in runs.values():
+        lines = sorted(done.stdout.splitlines())
+        assert [line.split(": loss")[0] for line in lines] == ["replica 0: step 120", "replica 1: step 120"]
+        assert all(float(line.split("loss ")[1]) < 0.1 for line in lines), lines  # sin(x @ w) is learnt
+    for replica in range(2):
+        one = torch.load(tmp_path / f"shards1.final.replica{replica}.pt")
+        two = torch.load(tmp_path / f"shards2.final.replica{replica}.pt")
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=0)
