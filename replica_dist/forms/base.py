@@ -9,7 +9,8 @@ agreement, the optimizer step) and never asks which form it runs. A form declare
   the weights *after* the step), or None (it exchanges no weights);
 - `fragment_at(step)`: which fragment (0 for the whole model) couples at a step, or None;
 - its hooks: `direction_` (moment "before"), `send_` and `receive_` (moment "after"),
-  `wrap` (the module the passes run through), `attach` (state built from the first weights);
+  `wrap` (the module the passes run through), `shard` (how a replica is split over its ranks
+  with parallel.shard > 1), `attach` (state built from the first weights);
 - its state (`state_dict`, `load_state_dict`), saved in the coupling's checkpoint;
 - `settings`: the trainer's coupling keys (CouplingConfig's fields) it reads, `supports`: the
   options of the rest of the run it works with (FEATURES), and `check`: its own limits;
