@@ -32,7 +32,7 @@ COMMON = [
 
 CASES = {
     "tanh": ["coupling=tanh", "coupling.eta=0.05", "optim.momentum=0.9"],
-    "linear": ["coupling=linear", "coupling.eta=0.2", "coupling.every=2", "optim.momentum=0.9"],
+    "linear_sync": ["coupling=linear", "coupling.eta=0.2", "coupling.every=2", "dist.overlap=false"],
     "average": ["coupling=average", "coupling.every=4"],
     "none": ["coupling=none"],
     "ddp": ["coupling=ddp", "optim.momentum=0.9"],
