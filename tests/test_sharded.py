@@ -115,12 +115,13 @@ def test_diagnostics_equal_the_unsharded_run(runs, case):
                 assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (log, tag, step, a, b)
 
 
-def _rank_0_numel(cfg, shards: int) -> int:
-    """The weights of rank 0's shard of a replica: the first of torch.chunk's parts of each
-    parameter's rows, as FSDP2 splits them (with one shard, the whole replica)."""
+def _rank_0_numel(cfg, shards: int, shard: int = 0) -> int:
+    """The weights of one shard (rank 0's by default) of a replica of the MLP on digits: that
+    one of torch.chunk's parts of each parameter's rows, as FSDP2 splits them (with one shard,
+    the whole replica)."""
     widths = [64, *cfg.model.hidden, 10]  # digits: 8x8 images, 10 classes
     shapes = [s for a, b in zip(widths, widths[1:]) for s in ((b, a), (b,))]
-    return sum(torch.empty(shape).chunk(shards)[0].numel() for shape in shapes)
+    return sum(torch.empty(shape).chunk(shards)[shard].numel() for shape in shapes)
 
 
 @pytest.mark.slow
@@ -271,7 +272,7 @@ def test_a_nan_in_one_shard_stops_every_rank(tmp_path):
     assert summary["status"] == "diverged" and f"step {NAN_STEP}" in summary["reason"]
 
 
-OWN_LOOP = ["train.steps=16", "train.batch_size=16", "model.hidden=[33]", "seed=5"]
+OWN_LOOP = ["train.steps=16", "train.batch_size=16", "model.hidden=[33]", "optim.momentum=0.9", "seed=5"]
 OWN_CASES = {  # a constant eta (eta_growth=0), as ReplicaCoupling's by default
     "tanh": ["coupling=tanh", "coupling.eta=0.05", "coupling.eta_growth=0"],
     "linear_every_2": ["coupling=linear", "coupling.eta=0.2", "coupling.eta_growth=0", "coupling.every=2"],
@@ -319,13 +320,17 @@ def _own_sharded_loop(rank: int, world_size: int, root: str) -> None:
             loss.backward()
             coupling.step(loss)
         coupling.finish()
+        # What this rank holds: its shard of the parameters, of their gradients and momentum.
+        held = [(p, p.grad, optimizer.state[p]["momentum_buffer"]) for p in model.parameters()]
+        counts = [sum(t.to_local().numel() for t in kind) for kind in zip(*held)]
+        (Path(root) / f"{case}_rank{rank}_holds.json").write_text(json.dumps(counts))
         weights = full_state_dict(model)
         if device_mesh.get_local_rank("shard") == 0:
             torch.save(weights, Path(root) / f"{case}_{replica}.pt")
 
 
 @pytest.mark.slow
-def test_a_sharded_model_in_a_users_loop_equals_the_reference(tmp_path):
+def test_a_sharded_model_in_a_users_loop_equals_the_reference_and_each_rank_holds_its_shard(tmp_path):
     from replica_dist.reference import reference_weights
 
     run_world(_own_sharded_loop, 4, str(tmp_path))
@@ -335,6 +340,9 @@ def test_a_sharded_model_in_a_users_loop_equals_the_reference(tmp_path):
             got = torch.load(tmp_path / f"{case}_{replica}.pt")
             for name in expected[replica]:
                 torch.testing.assert_close(got[name], expected[replica][name], atol=1e-6, rtol=0)
+        for rank in range(4):  # rank = replica * 2 + shard
+            shard = _rank_0_numel(_own_loop_config(case), 2, rank % 2)
+            assert json.loads((tmp_path / f"{case}_rank{rank}_holds.json").read_text()) == [shard] * 3
 
 
 def _misused_with_a_sharded_model(rank: int, world_size: int) -> None:
