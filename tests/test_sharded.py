@@ -172,6 +172,10 @@ def test_a_crashed_sharded_run_resumes_bit_for_bit(runs, tmp_path):
         ),
         (["coupling.via_optimizer=true"], r"coupling.via_optimizer is not available with parallel.shard=2"),
         (["optim.clip_norm=1"], r"optim.clip_norm=1.0 is not available with parallel.shard=2"),
+        (
+            ["coupling._target_=tests.test_own_form.Clamped"],  # a PullForm: its rule need not be elementwise
+            r"parallel.shard=2 is not available for coupling._target_=tests.test_own_form.Clamped \(its pull",
+        ),
     ],
 )
 def test_what_does_not_work_sharded_is_refused_naming_the_keys(overrides, named):
