@@ -4,8 +4,8 @@ The wrapping policy (`shard_replica`): `fully_shard` each child module of the mo
 that holds parameters (for the presets every Linear, Conv2d and BatchNorm layer), then the
 root itself (whatever parameters are left). Each child is one unit of communication: its
 parameters are all-gathered for its forward and its backward and freed after, its gradients
-reduce-scattered, so a rank holds 1/S of the parameters, gradients and optimizer state plus
-one layer at a time in full. Buffers (BatchNorm's statistics) are not sharded: every rank of a
+reduce-scattered, so a rank holds 1/S of the parameters, gradients and optimizer state, and
+a layer's whole parameters only while that layer computes. Buffers (BatchNorm's statistics) are not sharded: every rank of a
 replica keeps them whole, and as the ranks read the same batches, the same.
 
 The model is built whole first, from the replica's seed, and sharded after, so that its
