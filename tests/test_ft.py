@@ -198,7 +198,11 @@ def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_referen
 
     from replica_dist.ft_loop import FAULT_ENV, read_record, recorded_membership
 
-    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=2, join_timeout_ms=10000)
+    # A lost replica's heartbeat expires in 1.5 s, well before its job has restarted it (a new
+    # interpreter importing torch): the survivors then take steps without it.
+    lighthouse = LighthouseServer(
+        bind="[::]:0", min_replicas=2, join_timeout_ms=10000, heartbeat_timeout_ms=1500
+    )
     run_dir = tmp_path / "run"
     overrides = FT_RUN + [
         f"hydra.run.dir={run_dir}",
@@ -237,7 +241,7 @@ def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_referen
     assert starts[1][0]["pid"] != starts[1][1]["pid"]
     # Its restarted worker healed once, from a survivor (a late start may have healed it before).
     heals = [e for e in records[1] if e["event"] == "heal" and e["time"] > starts[1][1]["time"]]
-    assert len(heals) == 1 and heals[0]["step"] > 20 and heals[0]["donor"] in (0, 2)
+    assert len(heals) == 1 and heals[0]["step"] >= 20 and heals[0]["donor"] in (0, 2)
     for survivor in (0, 2):  # every step from its first (a late starter heals first) to the last
         steps = [e["step"] for e in records[survivor] if e["event"] == "step"]
         assert steps == list(range(steps[0], 301)) and steps[0] < 20
