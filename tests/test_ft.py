@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import REPO
+from trainer_runs import REPO, scalar
 
 from replica_dist.config import ConfigError, load_config
 from replica_dist.reference import Membership, membership_weights, participants_pulls, reference_weights
@@ -76,6 +76,24 @@ def test_the_trainer_refuses_a_form_without_ft_rules_in_one_line_with_exit_statu
     assert len(lines) == 1 and lines[0].startswith(
         "replica_dist: error: coupling.name=average is not available with ft.enabled yet"
     )
+
+
+def test_a_run_saved_before_the_ft_group_existed_resumes_under_its_defaults(tmp_path):
+    import dataclasses
+
+    from replica_dist.checkpoint import config_hash
+    from replica_dist.config import may_change_on_resume
+    from replica_dist.run_state import config_changes, resolved_config, run_hash
+
+    cfg = _load(tmp_path)
+    saved = resolved_config(cfg)
+    del saved["ft"]  # config.yaml as the trainer wrote it before ft.*
+    changes = config_changes(saved, cfg)
+    assert {key for key, _, _ in changes} == {f"ft.{f.name}" for f in dataclasses.fields(cfg.ft)}
+    assert all(may_change_on_resume(key) for key, _, _ in changes)
+    before_ft = dataclasses.asdict(cfg)
+    del before_ft["ft"]
+    assert run_hash(cfg) == config_hash(before_ft)  # its checkpoints' manifests still match
 
 
 # ---- the reference of a step with missing replicas
@@ -251,6 +269,9 @@ def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_referen
     (step_20,) = [e for e in survivor_steps if e["step"] == 20]
     assert step_20["committed"] is (moment == "quorum")  # killed in the exchange: it failed
     assert survivor_steps[-1]["participants"] == [0, 1, 2]  # back, coupled again
+
+    participants = scalar(run_dir / "tb" / "replica_0", "ft/participants")
+    assert participants[1] in (2.0, 3.0) and participants[300] == 3.0 and 2.0 in participants.values()
 
     membership = recorded_membership(run_dir, 3)
     cfg, _ = load_config([*overrides, "ft.replica_id=0"])
