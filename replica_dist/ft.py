@@ -59,17 +59,24 @@ class FtMesh(dist.Mesh):
     committed: bool = False
     """Manager.should_commit() of this step (`commit`): its exchange completed among at least
     ft.min_replicas replicas."""
+    decided: bool = False
+    """Whether `commit` was called this step (once a step, as torchft asks)."""
     in_flight: list = field(default_factory=lambda: [])
     """The exchanges started this step (torchft Work objects), which `commit` waits for."""
 
+    def begin_step(self) -> None:
+        """Before the step's exchange: nothing exchanged, nothing decided yet."""
+        self.participants, self.committed, self.decided = [], False, False
+
     def commit(self) -> bool:
-        """After the backward pass, before ReplicaCoupling.step: wait for this step's exchange
-        (torchft reports a failure to the Manager instead of raising), then ask the Manager
-        whether the step commits (`committed`, which FtExchange.wait reads)."""
+        """Once a step, after the step's exchange has started (if any): wait for it (torchft
+        reports a failure to the Manager instead of raising), then ask the Manager whether the
+        step commits (`committed`). FtExchange.wait calls it, before the pull or the average
+        is applied; the loop calls it on a step that exchanged nothing."""
         for work in self.in_flight:
             work.wait()
         self.in_flight = []
-        self.committed = self.manager.should_commit()
+        self.committed, self.decided = self.manager.should_commit(), True
         return self.committed
 
     @property
@@ -116,9 +123,9 @@ class FtExchange:
     def wait(self, divide: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The participants' mean of the weights (their sum with divide=False) and the table of
         words (one row per replica id), as dist.ReplicaExchange.wait. Where the exchange
-        failed (mesh.committed is False), this replica's own weights and word, a mean of one."""
-        if self.mesh.in_flight:
-            raise RuntimeError("FtExchange.wait before FtMesh.commit: commit waits for the exchange first")
+        failed (FtMesh.commit says False), this replica's own weights and word, a mean of one."""
+        if not self.mesh.decided:
+            self.mesh.commit()
         if self.mesh.committed:
             present = self.table[:, 0].tolist()
             self.mesh.participants = [r for r, flag in enumerate(present) if flag == 1.0]

@@ -2,9 +2,10 @@
 
 Each step: a quorum (replica_dist.ft: who takes part; a replica that is behind heals here, from
 a live replica's state), the exchange of the weights from before the step started, forward and
-backward, `should_commit` (did the exchange complete?), then ReplicaCoupling's step: the
-optimizer step and the pull toward the mean of the replicas that took part, or no pull where
-the exchange failed (tanh and linear; replica_dist.reference.membership_weights replays it).
+backward, then ReplicaCoupling's step, whose wait for the exchange asks the Manager whether it
+completed (`should_commit`): the optimizer step and the pull toward the mean of the replicas
+that took part (average: their mean after the step), or none where the exchange failed
+(replica_dist.reference.membership_weights replays it).
 
 Healing: a restarted replica job builds its replica from its seed, and the first quorum, which
 finds it behind the others, hands it a live replica's state (model, optimizer, lr schedule,
@@ -151,22 +152,25 @@ def recorded_membership(run_dir: Path, replicas: int):
 
 def faults_seen(steps: list[dict]) -> list[dict]:
     """The faults in one replica's step events (in order): each replica that took part in a
-    committed exchange and was missing from a later one, with the step it first missed, the
+    committed exchange and was missing from a later one, with the first exchange it missed, the
     seconds from that step's start until the first committed exchange without it ended
     (detect: a failed exchange's timeout and the quorum's wait for its heartbeat to expire),
     and from then until the end of the first exchange that held it again (rejoin; None if it
     did not come back)."""
-    faults, last_seen, missing = [], {}, {}
+    faults, last_seen, missing, exchanges = [], {}, {}, []
     started = {event["step"]: event["started"] for event in steps}
     for event in steps:
-        if not (event["coupled"] and event["committed"]):
+        if not event["coupled"]:
+            continue
+        exchanges.append(event["step"])
+        if not event["committed"]:
             continue
         present = set(event["participants"])
         for r in sorted(present & missing.keys()):
             fault = missing.pop(r)
             fault["seconds_to_rejoin"] = round(event["time"] - fault["_detected"], 3)
         for r in sorted(last_seen.keys() - present - missing.keys()):
-            first_missed = last_seen[r] + 1
+            first_missed = next(step for step in exchanges if step > last_seen[r])
             missing[r] = {
                 "replica": r,
                 "step": first_missed,
@@ -253,14 +257,16 @@ def train(
                     run_dir / "tb" / f"replica_{replica}", purge_step=step if step > 1 else None
                 )
             logging_step = step == 1 or step % cfg.log.every == 0 or step == cfg.train.steps
-            mesh.participants = []
+            mesh.begin_step()
             coupling.begin_step()  # a coupling step starts the exchange of the weights before it
             optimizer.zero_grad(set_to_none=True)
             loss = recipe.forward_backward(model, model, batches, loss_fn, cfg.train.grad_accum, precision)
             precision.unscale_(optimizer)
             recipe.clip_(model.parameters(), cfg.optim.clip_norm)
-            committed = mesh.commit()  # waits for the exchange: did it complete?
-            coupling.step(loss)  # the pull toward the participants' mean, or none where it failed
+            # The exchange's wait asks whether it completed (FtMesh.commit) before the pull (or
+            # the average) toward the participants' mean is applied; none where it failed.
+            coupling.step(loss)
+            committed = mesh.committed if mesh.decided else mesh.commit()
             scheduler.step()
             exchanged = time.time()
             event = {

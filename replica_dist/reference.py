@@ -5,7 +5,7 @@ before the step, w̄ = mean_a w_a:
     tanh     w_a <- w_a - lr*g_a + eta_t * tanh((w̄ - w_a) / T)
     linear   w_a <- w_a - lr*g_a + eta_t * (w̄ - w_a)
              (with missing replicas, ft.enabled: w̄ over the replicas that took part, and no
-             pull for a replica whose exchange failed; see membership_weights)
+             pull for a replica whose exchange failed; see membership_weights; average the same)
     average  w_a <- mean of the post-step weights (every k steps)
     diloco   every H = k steps, after the step: delta = mean_a (anchor - w_a); an outer SGD
              step with (Nesterov) momentum on the anchor along delta (floating buffers: the
@@ -177,12 +177,25 @@ class Membership:
     """Which replicas took part in each step's exchange (ft.enabled), as they recorded it."""
 
     steps: dict[int, dict[int, tuple[int, ...]]]
-    """step -> replica -> the replicas toward whose mean of the weights before the step it was
-    pulled; () where its exchange failed and it took its step without the pull. A replica
+    """step -> replica -> the replicas whose weights its exchange averaged (before the step for
+    tanh and linear, after it for average); () where its exchange failed and it took its step
+    without the pull (average: kept its own weights). A replica
     absent from a step did not take it (it was down); its data stream moves on all the same
     (replica_dist.ft_loop's rule)."""
     heals: dict[int, dict[int, int]] = field(default_factory=dict)
     """step -> replica -> the replica whose state (weights, optimizer) it took before that step."""
+
+
+def participants_means(
+    weights: list[list[torch.Tensor]], members: dict[int, tuple[int, ...]]
+) -> dict[int, list[torch.Tensor]]:
+    """For each replica in `members` (replica -> participants) with participants, the mean over
+    them of `weights` (weights[r]: replica r's tensors)."""
+    return {
+        r: [torch.stack([weights[p][i] for p in took_part]).mean(0) for i in range(len(weights[r]))]
+        for r, took_part in members.items()
+        if took_part
+    }
 
 
 def participants_pulls(
@@ -195,19 +208,18 @@ def participants_pulls(
     """The pull of each replica in `members` (replica -> participants) toward the mean, over
     its participants, of the weights `before` the step (before[r]: replica r's tensors); none
     for a replica whose participants are ()."""
-    pulls = {}
-    for r, took_part in members.items():
-        if took_part:
-            means = [torch.stack([before[p][i] for p in took_part]).mean(0) for i in range(len(before[r]))]
-            pulls[r] = [pull(form, w, m, eta, temperature) for w, m in zip(before[r], means)]
-    return pulls
+    return {
+        r: [pull(form, w, m, eta, temperature) for w, m in zip(before[r], means)]
+        for r, means in participants_means(before, members).items()
+    }
 
 
 def membership_weights(cfg: Config, replicas: int, membership: Membership) -> list[dict[str, torch.Tensor]]:
-    """Final state_dicts of `replicas` replicas (tanh or linear, parallel.dp=1) after
+    """Final state_dicts of `replicas` replicas (tanh, linear or average, parallel.dp=1) after
     cfg.train.steps steps, each step taken by the replicas of membership.steps[step] only and
-    each pulled toward the mean of its own participants; before a step, a replica in
-    membership.heals takes its source's weights and optimizer state."""
+    each pulled toward the mean of its own participants' weights before the step (average:
+    set to their mean after it); before a step, a replica in membership.heals takes its
+    source's weights and optimizer state."""
     models, optimizers, batches, loss_fn = _replicas(cfg, replicas)
     c = cfg.coupling
     for step in range(1, cfg.train.steps + 1):
@@ -224,11 +236,16 @@ def membership_weights(cfg: Config, replicas: int, membership: Membership) -> li
                 optimizers[r].step()
         coupled = members if fragment_at(c, step) is not None else {}
         with torch.no_grad():
-            for r, moves in participants_pulls(
-                c.name, before, coupled, _eta(c, step, cfg.train.steps), c.temperature
-            ).items():
-                for t, move in zip(_weights(models[r]), moves):
-                    t.add_(move)
+            if c.name == "average":  # the mean of the participants' weights after the step
+                after = [[t.detach().clone() for t in _weights(m)] for m in models]
+                for r, means in participants_means(after, coupled).items():
+                    for t, mean in zip(_weights(models[r]), means):
+                        t.copy_(mean)
+            else:
+                eta = _eta(c, step, cfg.train.steps)
+                for r, moves in participants_pulls(c.name, before, coupled, eta, c.temperature).items():
+                    for t, move in zip(_weights(models[r]), moves):
+                        t.add_(move)
     return [m.state_dict() for m in models]
 
 

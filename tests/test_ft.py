@@ -14,7 +14,13 @@ import torch
 from trainer_runs import REPO, run_sh, scalar
 
 from replica_dist.config import ConfigError, load_config
-from replica_dist.reference import Membership, membership_weights, participants_pulls, reference_weights
+from replica_dist.reference import (
+    Membership,
+    membership_weights,
+    participants_means,
+    participants_pulls,
+    reference_weights,
+)
 
 
 def _load(tmp_path: Path, *overrides: str):
@@ -49,8 +55,8 @@ def test_the_lighthouse_comes_from_the_key_or_from_torchft_s_environment_variabl
         (["ft.replicas=3", "ft.min_replicas=4"], "ft.min_replicas must be in [1, ft.replicas=3]; got 4"),
         (["ft.timeout_s=0"], "ft.timeout_s must be > 0; got 0.0"),
         (["ft.timeout_s=60"], "ft.quorum_timeout_s must be > ft.timeout_s=60.0; got 60.0"),
-        (["coupling=average"], "coupling.name=average is not available with ft.enabled yet"),
         (["coupling=diloco"], "coupling.name=diloco is not available with ft.enabled yet"),
+        (["coupling=none"], "coupling.name=none is not available with ft.enabled yet"),
         (["parallel.dp=2"], "parallel.dp=2 is not available with ft.enabled yet"),
         (["dist.compress=int8"], "dist.compress=int8 is not available with ft.enabled yet"),
     ],
@@ -65,7 +71,7 @@ def test_a_bad_or_not_yet_supported_ft_setting_is_one_error_naming_the_key(tmp_p
 def test_the_trainer_refuses_a_form_without_ft_rules_in_one_line_with_exit_status_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "replica_dist.train", f"hydra.run.dir={tmp_path}", "ft.enabled=true"]
-        + ["ft.lighthouse=http://h:1", "coupling=average"],
+        + ["ft.lighthouse=http://h:1", "coupling=diloco"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -74,7 +80,7 @@ def test_the_trainer_refuses_a_form_without_ft_rules_in_one_line_with_exit_statu
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        "replica_dist: error: coupling.name=average is not available with ft.enabled yet"
+        "replica_dist: error: coupling.name=diloco is not available with ft.enabled yet"
     )
 
 
@@ -116,6 +122,14 @@ def test_each_replica_is_pulled_toward_the_mean_of_its_own_participants_only():
     torch.testing.assert_close(everyone[1][0], torch.tensor([4.0 - 3.0, 2.0 - 1.0]))  # to the mean (4, 2)
 
 
+def test_average_sets_each_replica_to_the_mean_of_its_own_participants():
+    weights = [[torch.tensor([0.0, 6.0])], [torch.tensor([3.0, 3.0])], [torch.tensor([9.0, 0.0])]]
+    means = participants_means(weights, {0: (0, 2), 1: (), 2: (0, 1, 2)})
+    assert means.keys() == {0, 2}  # replica 1's exchange failed: it keeps its own weights
+    torch.testing.assert_close(means[0][0], torch.tensor([4.5, 3.0]), rtol=0, atol=0)
+    torch.testing.assert_close(means[2][0], torch.tensor([4.0, 3.0]), rtol=0, atol=0)
+
+
 SMALL = ["train.steps=12", "train.batch_size=16", "model.hidden=[16]", "seed=3"]
 
 
@@ -128,9 +142,10 @@ def _assert_same(actual: list[dict], expected: list[dict], atol: float = 0.0) ->
             )
 
 
-@pytest.mark.parametrize("form", ["tanh", "linear"])
+@pytest.mark.parametrize("form", ["tanh", "linear", "average"])
 def test_a_schedule_in_which_every_replica_always_takes_part_is_the_plain_reference(tmp_path, form):
-    cfg = _load(tmp_path, *SMALL, f"coupling={form}", "coupling.eta=0.1", "coupling.every=2")
+    strength = [] if form == "average" else ["coupling.eta=0.1"]
+    cfg = _load(tmp_path, *SMALL, f"coupling={form}", *strength, "coupling.every=2")
     everyone = Membership({s: {r: (0, 1, 2) for r in range(3)} for s in range(1, 13)})
     _assert_same(membership_weights(cfg, 3, everyone), reference_weights(cfg, 3), atol=1e-7)
 
@@ -177,12 +192,15 @@ def test_a_replica_reports_each_peer_it_lost_with_the_seconds_to_detect_and_to_r
         step(4, [0, 2]),
         step(5, [0, 1, 2], started=20.0, end=30.0),  # healed and back
         step(6, [0, 1]),  # replica 2 gone, never back
+        {**step(7, []), "coupled": False},  # a step that exchanges nothing
+        step(8, [0]),  # replica 1 missed the exchange of step 8, the first after step 6
     ]
     from replica_dist.ft_loop import faults_seen
 
     assert faults_seen(events) == [
         {"replica": 1, "step": 2, "seconds_to_detect": 10.0, "seconds_to_rejoin": 18.0},
         {"replica": 2, "step": 6, "seconds_to_detect": 0.5, "seconds_to_rejoin": None},
+        {"replica": 1, "step": 8, "seconds_to_detect": 0.5, "seconds_to_rejoin": None},
     ]
 
 
@@ -194,7 +212,6 @@ FT_RUN = [
     "train.batch_size=16",
     "model.hidden=[32]",
     "seed=3",
-    "coupling.eta=0.05",
     "log.every=100",
     "ft.enabled=true",
     "ft.replicas=3",
@@ -205,7 +222,9 @@ FT_RUN = [
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("form, moment", [("tanh", "quorum"), ("linear", "exchange")])
+@pytest.mark.parametrize(
+    "form, moment", [("tanh", "quorum"), ("linear", "exchange"), ("average", "exchange")]
+)
 def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_reference(tmp_path, form, moment):
     """Three replica jobs (torchrun, one worker each, --max-restarts=1) meet through a
     Lighthouse; replica 1's worker SIGKILLs itself at step 20 (ft_loop.FAULT_ENV), before its
@@ -226,6 +245,7 @@ def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_referen
     overrides = FT_RUN + [
         f"hydra.run.dir={run_dir}",
         f"coupling={form}",
+        "coupling.every=4" if form == "average" else "coupling.eta=0.05",
         f"ft.lighthouse={lighthouse.address()}",
     ]
     env = os.environ | {FAULT_ENV: f"kill=1@20,moment={moment},step_s=0.1", "RUST_LOG": "warn"}
@@ -271,7 +291,7 @@ def test_a_killed_replica_heals_while_the_others_go_on_and_all_match_the_referen
     assert survivor_steps[-1]["participants"] == [0, 1, 2]  # back, coupled again
 
     participants = scalar(run_dir / "tb" / "replica_0", "ft/participants")
-    assert participants[1] in (2.0, 3.0) and participants[300] == 3.0 and 2.0 in participants.values()
+    assert participants[300] == 3.0 and 2.0 in participants.values()
 
     membership = recorded_membership(run_dir, 3)
     cfg, _ = load_config([*overrides, "ft.replica_id=0"])
@@ -346,11 +366,11 @@ def test_the_exchange_averages_over_the_participants_and_falls_back_to_its_own_w
 
 
 def test_the_launcher_refuses_what_ft_cannot_do_yet_in_one_line_and_leaves_no_run_directory(tmp_path):
-    result = run_sh("--ft", "--nproc", "2", "coupling=average", cwd=tmp_path)
+    result = run_sh("--ft", "--nproc", "2", "coupling=diloco", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "replica_dist: error: coupling.name=average is not available with ft.enabled yet "
-        "(a step with missing replicas is defined for tanh, linear only)"
+        "replica_dist: error: coupling.name=diloco is not available with ft.enabled yet "
+        "(a step with missing replicas is defined for tanh, linear, average only)"
     ]
     assert not (tmp_path / "runs").exists()
 

@@ -15,7 +15,7 @@ from replica_dist.config.coupling import form_words
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 """The environment variable torchft's Manager reads the Lighthouse's address from."""
-FT_FORMS = ("tanh", "linear")
+FT_FORMS = ("tanh", "linear", "average")
 """The coupling forms whose step with missing replicas is defined under ft.enabled so far."""
 
 
