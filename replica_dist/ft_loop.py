@@ -301,38 +301,37 @@ def train(
             if fault.step_seconds:
                 time.sleep(max(0.0, fault.step_seconds - (time.time() - started)))
         status = "stopped" if coupling.stop_agreed else "ok"
-        evaluation = stream_score(
-            model,
-            stream(test_set, cfg.eval.batch_size, cfg.data, device, dtype, cfg.seed),
-            data.task,
-            data.loss,
-        )
+        test = stream(test_set, cfg.eval.batch_size, cfg.data, device, dtype, cfg.seed)
         summary = {
             "status": status,
             "replica": replica,
             "step": coupling.step_count,
             "steps": cfg.train.steps,
             "coupling": cfg.coupling.name,
-            "test": evaluation,
+            "test": stream_score(model, test, data.task, data.loss),
             "faults": faults_seen(steps_seen),
         }
-        weights = run_dir / "weights"
-        weights.mkdir(exist_ok=True)
-        checkpoint.atomic_torch_save(model.state_dict(), weights / f"replica_{replica}.pt")
-        checkpoint.atomic_write_bytes(
-            run_dir / "ft" / f"replica_{replica}.json", (json.dumps(summary, indent=2) + "\n").encode()
-        )
-        log.info(
-            "replica %d: %s at step %d | test %s | run directory %s",
-            replica,
-            status,
-            coupling.step_count,
-            evaluation,
-            run_dir,
-        )
+        _write_results(run_dir, replica, model, summary)
         return summary
     finally:
         if tb is not None:
             tb.close()
         record.close()
         manager.shutdown(wait=False)
+
+
+def _write_results(run_dir: Path, replica: int, model: torch.nn.Module, summary: dict) -> None:
+    """weights/replica_<r>.pt and ft/replica_<r>.json, each whole or not at all."""
+    weights = run_dir / "weights"
+    weights.mkdir(exist_ok=True)
+    checkpoint.atomic_torch_save(model.state_dict(), weights / f"replica_{replica}.pt")
+    path = run_dir / "ft" / f"replica_{replica}.json"
+    checkpoint.atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    log.info(
+        "replica %d: %s at step %d | test %s | run directory %s",
+        replica,
+        summary["status"],
+        summary["step"],
+        summary["test"],
+        run_dir,
+    )
