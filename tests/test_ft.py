@@ -204,6 +204,22 @@ def test_a_replica_reports_each_peer_it_lost_with_the_seconds_to_detect_and_to_r
     ]
 
 
+def test_the_scripted_fault_is_read_from_its_one_variable(monkeypatch):
+    from replica_dist.ft_loop import FAULT_ENV, ScriptedFault, scripted_fault
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert scripted_fault() == ScriptedFault()  # none
+    monkeypatch.setenv(FAULT_ENV, "kill=1@20,moment=exchange,step_s=0.1")
+    assert scripted_fault() == ScriptedFault(
+        kill_replica=1, kill_step=20, moment="exchange", step_seconds=0.1
+    )
+    monkeypatch.setenv(FAULT_ENV, "kill=1@20,moment=later")
+    with pytest.raises(
+        ConfigError, match=r"unknown part 'moment=later'; expected kill=R@S, moment=quorum\|exchange"
+    ):
+        scripted_fault()
+
+
 # ---- real replica jobs under torchft: one killed, restarted by its agent, healed
 
 FT_RUN = [
