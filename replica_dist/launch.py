@@ -14,6 +14,9 @@ torchrun's report of the failure: this process adds at most one line.
 
 `NPROC` and `MAX_RESTARTS` in the environment are the defaults of `--nproc` and
 `--max-restarts` (4 and 0).
+
+`--ft`: live fault tolerance on one machine, one torchrun job per replica and a Lighthouse
+(replica_dist.ft_launch; docs/fault_tolerance.md).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from replica_dist.worker_protocol import LAUNCHER_ENV, ONE_LINE_KEY
 
 USAGE = (
     "usage: {prog} [--nproc N] [--max-restarts K] [--nnodes N --rdzv-endpoint HOST:PORT --rdzv-id JOB]\n"
-    "       [--cfg job] [--help] [overrides ...]"
+    "       [--ft] [--cfg job] [--help] [overrides ...]"
 )
 PROG_ENV = "REPLICA_DIST_PROG"
 """How the resume command names this program: launch/run.sh sets it to itself."""
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     # the user's own directory must import in this check as it will in the workers.
     if not {"", os.getcwd()} & set(sys.path):
         sys.path.insert(0, os.getcwd())
+    ft = "--ft" in argv
+    argv = [arg for arg in argv if arg != "--ft"]
     try:
         overrides_only = list(argv)  # --cfg job composes the overrides alone
         for flag in ("--nproc", "--max-restarts", *RENDEZVOUS_FLAGS):
@@ -250,7 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if ft:
+        return _run_ft(launch, made_here)
     return _run(launch, made_here, original=shlex.join([prog, *argv]))
+
+
+def _run_ft(launch: Launch, made_here: bool) -> int:
+    from replica_dist import ft_launch
+
+    try:
+        return ft_launch.run(launch)
+    except ConfigError as err:  # a setting that ft.enabled cannot take, before any job starts
+        print(f"replica_dist: error: {err}", file=sys.stderr)
+        if made_here:
+            _remove_if_unused(launch.run_dir)
+        return 2
 
 
 def _run(launch: Launch, made_here: bool, original: str) -> int:

@@ -46,7 +46,11 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def run_hash(cfg: Config) -> str:
-    return checkpoint.config_hash(dataclasses.asdict(cfg))
+    settings = dataclasses.asdict(cfg)
+    # ft.* may change on resume (config.RESUMABLE_KEYS); without its (emptied) group the hash
+    # is the one of checkpoints written before the group existed.
+    del settings["ft"]
+    return checkpoint.config_hash(settings)
 
 
 @dataclass(frozen=True)
