@@ -89,7 +89,11 @@ def check_ft_run(cfg) -> None:
     )
     refused = (
         (f"parallel.dp={cfg.parallel.dp}", cfg.parallel.dp == 1, "each replica job is one rank for now"),
-        (f"parallel.shard={cfg.parallel.shard}", cfg.parallel.shard == 1, "each replica job is one rank for now"),
+        (
+            f"parallel.shard={cfg.parallel.shard}",
+            cfg.parallel.shard == 1,
+            "each replica job is one rank for now",
+        ),
         (
             f"dist.compress={cfg.dist.compress}",
             cfg.dist.compress == "none",
