@@ -4,7 +4,7 @@ Hydra checks types and unknown keys; `__post_init__` checks ranges. Library code
 these dataclasses (built once with `OmegaConf.to_object`), never a DictConfig.
 
 The package, by concern: `checks` (the range check, the choice types), the schema
-in `model_data` (model.*, data.*), `coupling` (coupling.*), `training` (optim.*, train.*, log.*,
+in `model_data` (model.*, data.*), `coupling` (coupling.*), `fault_tolerance` (ft.*), `training` (optim.*, train.*, log.*,
 eval.*, guard.*, checkpoint.*, flatness.*) and `run` (dist.*, parallel.*, Config); `overrides`
 (the command line's checks, APPLIES_TO), `user_targets` (the checks of a model._target_ or coupling._target_),
 `memory` (sizes that cannot fit), `load` (load_config, CONF_DIR) and `help` (help_text). The
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from replica_dist.config.checks import CHOICES
 from replica_dist.config.coupling import DEFAULT_ETA_FINAL, CouplingConfig
+from replica_dist.config.fault_tolerance import FtConfig
 from replica_dist.config.help import help_text
 from replica_dist.config.load import CONF_DIR, load_config
 from replica_dist.config.memory import generated_data_bytes, parameter_count
@@ -70,6 +71,7 @@ __all__ = [
     "DistConfig",
     "EvalConfig",
     "FlatnessConfig",
+    "FtConfig",
     "GuardConfig",
     "LogConfig",
     "ModelConfig",

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from replica_dist.config import coupling, model_data, run, training
+from replica_dist.config import coupling, fault_tolerance, model_data, run, training
 from replica_dist.config.checks import CHOICES
 from replica_dist.config.load import CONF_DIR
 from replica_dist.config.overrides import APPLIES_TO, _schema
 
-SCHEMA_MODULES = (model_data, coupling, training, run)
+SCHEMA_MODULES = (model_data, coupling, training, fault_tolerance, run)
 """The modules whose dataclasses make up Config."""
 
 

@@ -17,6 +17,7 @@ from replica_dist.config.checks import (
     _one_of,
 )
 from replica_dist.config.coupling import CouplingConfig, form_words, locate_form
+from replica_dist.config.fault_tolerance import FtConfig, check_ft_run
 from replica_dist.config.model_data import DataConfig, ModelConfig
 from replica_dist.config.training import (
     CheckpointConfig,
@@ -125,6 +126,7 @@ class Config:
     flatness: FlatnessConfig = field(default_factory=FlatnessConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    ft: FtConfig = field(default_factory=FtConfig)
     seed: int = 0
     """Seeds data generation, the split and shards, and (with the rank) init and batch order."""
     init: Init = "independent"
@@ -148,6 +150,7 @@ class Config:
             self.parallel.dp == 1 or not self.checkpoint.remap,
             "checkpoint.remap is not available with parallel.dp > 1",
         )
+        check_ft_run(self)
         if self.train.epochs == 0:  # else once train.epochs has set train.steps (replica_dist.recipe)
             self.check_run_length()
         regression = self.data.name == "seed" or (self.data.name == "file" and self.data.task == "regression")

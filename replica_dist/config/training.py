@@ -140,6 +140,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "checkpoint.*",
     "guard.*",
     "dist.timeout_s",
+    # How a run's replicas meet, not what they compute; checkpoints written before the ft
+    # group existed resume under its defaults.
+    "ft.*",
     "flatness.*",
 )
 """The keys (fnmatch patterns of dotted keys) that may change when a run resumes: the learning
