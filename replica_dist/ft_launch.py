@@ -1,0 +1,201 @@
+"""`launch/run.sh --ft` (and `replica-dist --ft`): replicas that outlive each other, on one machine.
+
+The launcher starts one torchft Lighthouse and one torchrun job per replica, so that a worker's
+death restarts only its own replica's job (torchrun's agent restarts every worker of its job)
+while the other replicas train on (docs/fault_tolerance.md):
+
+- The Lighthouse is the `torchft_lighthouse` command in a process of its own: no trainer's
+  death takes it along. If it dies, it is started again on the same address; the replicas go
+  on uncoupled meanwhile and meet again once it answers.
+- Replica r's job is `torchrun --standalone --nproc-per-node=1 --max-restarts=K -m
+  replica_dist.train ... ft.enabled=true ft.replicas=N ft.replica_id=r`, every job with the
+  same run directory, and TORCHFT_LIGHTHOUSE naming the Lighthouse.
+- SIGINT, SIGTERM and SIGHUP are passed on to every job (each agent passes them to its worker,
+  which stops at its next step). The Lighthouse is ended once every job has ended, whatever
+  happened (try/finally).
+
+The exit status is 0 when every replica's job ended with 0, else the first non-zero one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from replica_dist.config.fault_tolerance import LIGHTHOUSE_ENV
+
+LIGHTHOUSE_COMMAND = "torchft_lighthouse"
+"""torchft's Lighthouse server (installed with the ft extra)."""
+JOIN_TIMEOUT_MS = 3000
+"""How long the Lighthouse waits for heartbeating replicas that have not asked for the quorum
+yet (a restarted replica loading its code) before it forms a quorum without them: the pause
+the others take when one comes back, bounded."""
+HEARTBEAT_TIMEOUT_MS = 5000
+"""How long without a heartbeat before the Lighthouse counts a replica as lost (torchft's default)."""
+POLL_S = 0.2
+"""How often the launcher looks at its jobs and at the Lighthouse."""
+STOP_GRACE_S = 60.0
+"""After a stop is passed on: how long the jobs have to save and end before they are killed."""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the Lighthouse binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def lighthouse_address(port: int) -> str:
+    return f"http://localhost:{port}"
+
+
+def job_overrides(replicas: int, replica: int) -> list[str]:
+    """What the launcher adds to the user's overrides for replica `replica`'s job."""
+    return ["ft.enabled=true", f"ft.replicas={replicas}", f"ft.replica_id={replica}"]
+
+
+@dataclass
+class FtPlan:
+    """What `--ft` runs: the Lighthouse's command and each replica job's."""
+
+    replicas: int
+    quorum: int
+    max_restarts: int
+    run_dir: Path
+    overrides: list[str]
+    port: int
+
+    @property
+    def address(self) -> str:
+        return lighthouse_address(self.port)
+
+    def lighthouse_command(self) -> list[str]:
+        return [
+            LIGHTHOUSE_COMMAND,
+            "--bind",
+            f"[::]:{self.port}",
+            "--min_replicas",
+            str(self.quorum),
+            "--join_timeout_ms",
+            str(JOIN_TIMEOUT_MS),
+            "--heartbeat_timeout_ms",
+            str(HEARTBEAT_TIMEOUT_MS),
+        ]
+
+    def job_command(self, replica: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            f"--max-restarts={self.max_restarts}",
+            "-m",
+            "replica_dist.train",
+            f"hydra.run.dir={self.run_dir}",
+            *self.overrides,
+            *job_overrides(self.replicas, replica),
+        ]
+
+    def job_environment(self) -> dict[str, str]:
+        return {**os.environ, LIGHTHOUSE_ENV: self.address}
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # a terminal that is gone (SIGHUP)
+        pass
+
+
+class _Lighthouse:
+    """The Lighthouse process, started again on the same port if it dies."""
+
+    def __init__(self, plan: FtPlan):
+        if shutil.which(LIGHTHOUSE_COMMAND) is None:
+            raise FileNotFoundError(
+                f"{LIGHTHOUSE_COMMAND} not found: --ft needs torchft (pip install 'replica_dist[ft]')"
+            )
+        self.plan, self.restarts = plan, 0
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.plan.lighthouse_command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def keep_alive(self) -> None:
+        if self.process.poll() is None:
+            return
+        self.restarts += 1
+        _say(
+            f"replica_dist: the Lighthouse ended (status {self.process.returncode}); "
+            f"starting it again at {self.plan.address} (restart {self.restarts})"
+        )
+        self.process = self._start()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def run_ft(plan: FtPlan, resume_command: str) -> int:
+    """Run `plan` to its end; the exit status (see the module's docstring)."""
+    lighthouse = _Lighthouse(plan)
+    jobs: list[subprocess.Popen] = []
+    stop_signal: list[int] = []
+    previous = {}
+
+    def pass_on(signum, frame):
+        stop_signal.append(signum)
+        for job in jobs:
+            if job.poll() is None:
+                job.send_signal(signum)
+
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                previous[signum] = signal.signal(signum, pass_on)
+        _say(
+            f"replica_dist: --ft: {plan.replicas} replica jobs, a quorum of {plan.quorum}, "
+            f"the Lighthouse at {plan.address}, up to {plan.max_restarts} restarts a replica"
+        )
+        env = plan.job_environment()
+        jobs.extend(subprocess.Popen(plan.job_command(r), env=env) for r in range(plan.replicas))
+        stopped_at = None
+        while any(job.poll() is None for job in jobs):
+            lighthouse.keep_alive()
+            if stop_signal and stopped_at is None:
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
+                for job in jobs:
+                    if job.poll() is None:
+                        job.kill()
+            time.sleep(POLL_S)
+    finally:
+        for job in jobs:  # an exception here (a failed start): no job outlives the launcher
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+        lighthouse.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    statuses = [job.returncode for job in jobs]
+    for replica, status in enumerate(statuses):
+        if status:
+            _say(f"replica_dist: error: replica {replica}'s job ended with status {status}")
+    if stop_signal:
+        _say(f"replica_dist: stopped ({signal.Signals(stop_signal[0]).name}). Resume with: {resume_command}")
+    return next((status for status in statuses if status), 0)
