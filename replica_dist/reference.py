@@ -4,6 +4,8 @@ Read this first. Each step t, every replica a at once, from the same mean of the
 before the step, w̄ = mean_a w_a:
     tanh     w_a <- w_a - lr*g_a + eta_t * tanh((w̄ - w_a) / T)
     linear   w_a <- w_a - lr*g_a + eta_t * (w̄ - w_a)
+             (with missing replicas, ft.enabled: w̄ over the replicas that took part, and no
+             pull for a replica whose exchange failed; see membership_weights)
     average  w_a <- mean of the post-step weights (every k steps)
     diloco   every H = k steps, after the step: delta = mean_a (anchor - w_a); an outer SGD
              step with (Nesterov) momentum on the anchor along delta (floating buffers: the
@@ -20,7 +22,9 @@ with the package (so that it sees the same shards, batches and initial weights).
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,26 +58,7 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
     of its dp ranks' minibatches."""
     dp = cfg.parallel.dp
     world_size //= dp
-    dtype = getattr(torch, cfg.train.dtype)
-    data = load_dataset(cfg.data, cfg.seed, dtype)
-    loss_fn = LOSSES[data.loss]
-    models, optimizers, batches = [], [], []
-    for r in range(world_size):
-        init = r if cfg.init == "independent" and cfg.coupling.name != "ddp" else 0
-        model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init)).to(
-            dtype
-        )
-        models.append(model)
-        optimizers.append(build_optimizer(cfg.optim, model.parameters()))
-        mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, r, world_size)
-        batches.append(
-            [
-                ReplicaBatches(
-                    data.x_train[part], data.y_train[part], cfg.train.batch_size, cfg.seed, r * dp + d
-                )
-                for d, part in ((d, mine[d::dp]) for d in range(dp))
-            ]
-        )
+    models, optimizers, batches, loss_fn = _replicas(cfg, world_size)
 
     c = cfg.coupling
     sizes = [t.numel() for t in _weights(models[0])]
@@ -89,12 +74,7 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
         coupled = coupled_group is not None
         # Whether tensor i is coupled at this step.
         takes = [coupled and g == coupled_group for g in group]
-        if c.eta_end is None:  # growth per step
-            eta = min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
-        elif cfg.train.steps == 1:
-            eta = c.eta_end
-        else:  # geometric from eta at step 1 to eta_end (eta_final or its default) at the last step
-            eta = min(c.eta_max, c.eta * (c.eta_end / c.eta) ** ((step - 1) / (cfg.train.steps - 1)))
+        eta = _eta(c, step, cfg.train.steps)
         before = [[t.detach().clone() for t in _weights(m)] for m in models]
         mean_before = [torch.stack(ts).mean(0) for ts in zip(*before)]
 
@@ -153,6 +133,102 @@ def reference_weights(cfg: Config, world_size: int) -> list[dict[str, torch.Tens
                         if takes[i]:
                             t.add_(elastic_pull(w, m))
     assert all(math.isfinite(t.sum().item()) for m in models for t in _weights(m))
+    return [m.state_dict() for m in models]
+
+
+def _replicas(cfg: Config, replicas: int) -> tuple[list, list, list, object]:
+    """Every replica's model (from its seed), optimizer and minibatches (a list of its
+    parallel.dp ranks' streams), and the loss function."""
+    dp = cfg.parallel.dp
+    dtype = getattr(torch, cfg.train.dtype)
+    data = load_dataset(cfg.data, cfg.seed, dtype)
+    models, optimizers, batches = [], [], []
+    for r in range(replicas):
+        init = r if cfg.init == "independent" and cfg.coupling.name != "ddp" else 0
+        model = build_model(cfg.model, data.input_shape, data.num_outputs, replica_seed(cfg.seed, init)).to(
+            dtype
+        )
+        models.append(model)
+        optimizers.append(build_optimizer(cfg.optim, model.parameters()))
+        mine = replica_indices(cfg.data, len(data.x_train), cfg.seed, r, replicas)
+        batches.append(
+            [
+                ReplicaBatches(
+                    data.x_train[part], data.y_train[part], cfg.train.batch_size, cfg.seed, r * dp + d
+                )
+                for d, part in ((d, mine[d::dp]) for d in range(dp))
+            ]
+        )
+    return models, optimizers, batches, LOSSES[data.loss]
+
+
+def _eta(c, step: int, steps: int) -> float:
+    """The coupling strength at `step` of a run of `steps` steps (c: the CouplingConfig)."""
+    if c.eta_end is None:  # growth per step
+        return min(c.eta_max, c.eta * (1 + c.eta_growth) ** (step - 1))
+    if steps == 1:
+        return c.eta_end
+    # geometric from eta at step 1 to eta_end (eta_final or its default) at the last step
+    return min(c.eta_max, c.eta * (c.eta_end / c.eta) ** ((step - 1) / (steps - 1)))
+
+
+@dataclass
+class Membership:
+    """Which replicas took part in each step's exchange (ft.enabled), as they recorded it."""
+
+    steps: dict[int, dict[int, tuple[int, ...]]]
+    """step -> replica -> the replicas toward whose mean of the weights before the step it was
+    pulled; () where its exchange failed and it took its step without the pull. A replica
+    absent from a step did not take it (it was down); its data stream moves on all the same
+    (replica_dist.ft_loop's rule)."""
+    heals: dict[int, dict[int, int]] = field(default_factory=dict)
+    """step -> replica -> the replica whose state (weights, optimizer) it took before that step."""
+
+
+def participants_pulls(
+    form: str,
+    before: list[list[torch.Tensor]],
+    members: dict[int, tuple[int, ...]],
+    eta: float,
+    temperature: float,
+) -> dict[int, list[torch.Tensor]]:
+    """The pull of each replica in `members` (replica -> participants) toward the mean, over
+    its participants, of the weights `before` the step (before[r]: replica r's tensors); none
+    for a replica whose participants are ()."""
+    pulls = {}
+    for r, took_part in members.items():
+        if took_part:
+            means = [torch.stack([before[p][i] for p in took_part]).mean(0) for i in range(len(before[r]))]
+            pulls[r] = [pull(form, w, m, eta, temperature) for w, m in zip(before[r], means)]
+    return pulls
+
+
+def membership_weights(cfg: Config, replicas: int, membership: Membership) -> list[dict[str, torch.Tensor]]:
+    """Final state_dicts of `replicas` replicas (tanh or linear, parallel.dp=1) after
+    cfg.train.steps steps, each step taken by the replicas of membership.steps[step] only and
+    each pulled toward the mean of its own participants; before a step, a replica in
+    membership.heals takes its source's weights and optimizer state."""
+    models, optimizers, batches, loss_fn = _replicas(cfg, replicas)
+    c = cfg.coupling
+    for step in range(1, cfg.train.steps + 1):
+        for r, source in membership.heals.get(step, {}).items():
+            models[r].load_state_dict(models[source].state_dict())
+            optimizers[r].load_state_dict(copy.deepcopy(optimizers[source].state_dict()))
+        members = membership.steps.get(step, {})
+        before = [[t.detach().clone() for t in _weights(m)] for m in models]
+        for r, (model, (replica_batches,)) in enumerate(zip(models, batches)):
+            x, y = replica_batches.next()
+            if r in members:
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                optimizers[r].step()
+        coupled = members if fragment_at(c, step) is not None else {}
+        with torch.no_grad():
+            for r, moves in participants_pulls(
+                c.name, before, coupled, _eta(c, step, cfg.train.steps), c.temperature
+            ).items():
+                for t, move in zip(_weights(models[r]), moves):
+                    t.add_(move)
     return [m.state_dict() for m in models]
 
 

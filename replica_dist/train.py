@@ -111,7 +111,10 @@ def main(argv: list[str]) -> int:
         cfg, run_dir = load_config(argv)
         # Here, not at the top: the launcher imports this module for info_flags alone, and
         # the training code's imports (TensorBoard among them) would only delay its workers.
-        from replica_dist.loop import train
+        if cfg.ft.enabled:  # one replica of a fault-tolerant run, its own job
+            from replica_dist.ft_loop import train
+        else:
+            from replica_dist.loop import train
 
         setup_logging(rank)
         guard = Guard(cfg.guard.nonfinite, cfg.guard.max_consecutive_skips)
@@ -125,7 +128,9 @@ def main(argv: list[str]) -> int:
             watch_parent()
         device = dist.init(cfg.dist)
         try:
-            report(train(cfg, run_dir, device, guard), run_dir)
+            summary = train(cfg, run_dir, device, guard)
+            if not cfg.ft.enabled:  # a replica job under ft logs its own results (replica_dist.ft_loop)
+                report(summary, run_dir)
         except StopRequested as stop:
             if os.environ.get(LAUNCHER_ENV):  # the launcher prints the exact command that resumes
                 log.info("%s: checkpoint saved", stop)
