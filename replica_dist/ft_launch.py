@@ -39,6 +39,8 @@ yet (a restarted replica loading its code) before it forms a quorum without them
 the others take when one comes back, bounded."""
 HEARTBEAT_TIMEOUT_MS = 5000
 """How long without a heartbeat before the Lighthouse counts a replica as lost (torchft's default)."""
+TORCHFT_LOG_LEVEL = "warn"
+"""RUST_LOG for the replica jobs when the user has not set it."""
 POLL_S = 0.2
 """How often the launcher looks at its jobs and at the Lighthouse."""
 STOP_GRACE_S = 60.0
@@ -105,7 +107,9 @@ class FtPlan:
         ]
 
     def job_environment(self) -> dict[str, str]:
-        return {**os.environ, LIGHTHOUSE_ENV: self.address}
+        # torchft's Rust side logs every quorum and commit at INFO, several lines a step and
+        # replica: warnings and errors only, unless the user asks for more with RUST_LOG.
+        return {"RUST_LOG": TORCHFT_LOG_LEVEL, **os.environ, LIGHTHOUSE_ENV: self.address}
 
 
 def _say(line: str) -> None:
