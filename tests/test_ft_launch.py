@@ -149,3 +149,35 @@ def test_chaos_finds_the_workers_of_its_run_and_kills_them_at_random(tmp_path):
         for process in (*ours, theirs, agent):
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_sh_ft_outlives_a_killed_replica_and_ends_0(tmp_path):
+    """The user's one command: launch/run.sh --ft --nproc 3 with replica 1's worker killed at
+    step 20 (the scripted fault). Its job restarts it alone; the others' workers never change;
+    every replica reaches the last step and the launcher ends with 0, its Lighthouse gone."""
+    from trainer_runs import run_sh, user_env
+
+    from replica_dist.ft_loop import FAULT_ENV, read_record
+
+    run_dir = tmp_path / "run"
+    done = run_sh(
+        "--ft", "--nproc", "3", f"hydra.run.dir={run_dir}", "train.steps=120", "log.every=40", "eval.every=120",
+        "model.hidden=[32]", "ft.timeout_s=5", "ft.quorum_timeout_s=60",
+        cwd=tmp_path, env=user_env(**{FAULT_ENV: "kill=1@20,step_s=0.05"}), timeout=500,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [read_record(run_dir / "ft" / f"replica_{r}.jsonl") for r in range(3)]
+    starts = [[e["pid"] for e in record if e["event"] == "start"] for record in records]
+    assert [len(pids) for pids in starts] == [1, 2, 1], starts
+    for record in records:
+        assert max(e["step"] for e in record if e["event"] == "step") == 120
+    assert "3 replica jobs, a quorum of 2" in done.stderr
+    assert not any(ft_launch.LIGHTHOUSE_COMMAND in line for line in _process_lines()), (
+        "the Lighthouse outlived --ft"
+    )
+
+
+def _process_lines() -> list[str]:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
