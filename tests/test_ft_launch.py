@@ -5,6 +5,7 @@ again on the same address, and `launch/chaos.sh`, which kills a random replica's
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -173,10 +174,10 @@ def test_run_sh_ft_outlives_a_killed_replica_and_ends_0(tmp_path):
     assert [len(pids) for pids in starts] == [1, 2, 1], starts
     for record in records:
         assert max(e["step"] for e in record if e["event"] == "step") == 120
-    assert "3 replica jobs, a quorum of 2" in done.stderr
-    assert not any(ft_launch.LIGHTHOUSE_COMMAND in line for line in _process_lines()), (
-        "the Lighthouse outlived --ft"
+    (port,) = re.findall(
+        r"3 replica jobs, a quorum of 2, the Lighthouse at http://localhost:(\d+)", done.stderr
     )
+    assert not any(f"[::]:{port}" in line for line in _process_lines()), "the Lighthouse outlived --ft"
 
 
 def _process_lines() -> list[str]:
