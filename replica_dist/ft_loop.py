@@ -54,17 +54,26 @@ from replica_dist.timing import NO_TIMER, StepTimer
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "REPLICA_DIST_FT_FAULT"
-"""A scripted fault: "kill=R@S" makes replica R's worker SIGKILL itself at the start of step S
-(before its quorum), in its job's first attempt only (the worker torchrun restarts goes on);
-",step_s=X" makes every replica's steps last at least X seconds (a run slow enough for a
+"""A scripted fault: "kill=R@S" makes replica R's worker SIGKILL itself at step S, in its job's
+first attempt only (the worker torchrun restarts goes on): at the start of the step, before its
+quorum, or with ",moment=exchange" after the quorum, so that the others' exchange of that step
+fails; ",step_s=X" makes every replica's steps last at least X seconds (a run slow enough for a
 restarted replica to rejoin before the others finish). For tests and trials of a setup."""
+KILL_MOMENTS = ("quorum", "exchange")
 
 
 @dataclass
 class ScriptedFault:
     kill_replica: int = -1
     kill_step: int = 0
+    moment: str = "quorum"
     step_seconds: float = 0.0
+
+    def strike(self, replica: int, step: int, moment: str) -> None:
+        """SIGKILL this worker if the fault is due here (its job's first attempt only)."""
+        due = (replica, step, moment) == (self.kill_replica, self.kill_step, self.moment)
+        if due and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def scripted_fault() -> ScriptedFault:
@@ -75,10 +84,14 @@ def scripted_fault() -> ScriptedFault:
         if key == "kill":
             replica, _, step = value.partition("@")
             fault.kill_replica, fault.kill_step = int(replica), int(step)
+        elif key == "moment" and value in KILL_MOMENTS:
+            fault.moment = value
         elif key == "step_s":
             fault.step_seconds = float(value)
         else:
-            raise ConfigError(f"{FAULT_ENV}: unknown part {part!r}; expected kill=R@S and step_s=X")
+            raise ConfigError(
+                f"{FAULT_ENV}: unknown part {part!r}; expected kill=R@S, moment=quorum|exchange, step_s=X"
+            )
     return fault
 
 
@@ -231,11 +244,10 @@ def train(
     try:
         while coupling.step_count < cfg.train.steps:
             started = time.time()
-            if replica == fault.kill_replica and coupling.step_count + 1 == fault.kill_step:
-                if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-                    os.kill(os.getpid(), signal.SIGKILL)
+            fault.strike(replica, coupling.step_count + 1, "quorum")
             manager.start_quorum()  # a replica that is behind heals here (load_state_dict)
             step = coupling.step_count + 1
+            fault.strike(replica, step, "exchange")
             if tb is None:  # after the first quorum: a healed replica's first step is a later one
                 tb = TensorBoardLogger(
                     run_dir / "tb" / f"replica_{replica}", purge_step=step if step > 1 else None

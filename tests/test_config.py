@@ -334,6 +334,14 @@ BAD_OVERRIDES = [
     (["train.grad_accum=0"], r"^train\.grad_accum must be >= 1"),
     (["train.precision=fp8"], r"^train\.precision must be one of fp32, bf16, fp16; got 'fp8'"),
     (["train.compile=1"], r"^train\.compile must be true or false"),
+    # live fault tolerance (ft.*; tests/test_ft.py has the rest)
+    (["ft.enabled=1"], r"^ft\.enabled must be true or false"),
+    (["ft.enabled=true", "ft.lighthouse="], r"^ft\.lighthouse must be set \(or the TORCHFT_LIGHTHOUSE"),
+    (["ft.replicas=0"], r"^ft\.replicas must be >= 1; got 0"),
+    (["ft.replica_id=2"], r"^ft\.replica_id must be in \[0, ft\.replicas=2\); got 2"),
+    (["ft.min_replicas=3"], r"^ft\.min_replicas must be in \[1, ft\.replicas=2\]; got 3"),
+    (["ft.timeout_s=0"], r"^ft\.timeout_s must be > 0"),
+    (["ft.quorum_timeout_s=5"], r"^ft\.quorum_timeout_s must be > ft\.timeout_s=10\.0; got 5\.0"),
     (["train.init_from=no/such/run"], r"^train\.init_from=no/such/run: no such file or directory"),
     (
         ["guard.max_consecutive_skips=5"],
