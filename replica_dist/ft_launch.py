@@ -14,11 +14,13 @@ while the other replicas train on (docs/fault_tolerance.md):
   which stops at its next step). The Lighthouse is ended once every job has ended, whatever
   happened (try/finally).
 
-The exit status is 0 when every replica's job ended with 0, else the first non-zero one.
+At the end the run's summary.json gathers every replica's results and every fault once. The exit
+status is 0 when every replica's job ended with 0, else the first non-zero one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -155,6 +157,39 @@ class _Lighthouse:
                 self.process.wait()
 
 
+def write_run_summary(plan: FtPlan, statuses: list[int], lighthouse_restarts: int) -> dict:
+    """The run's summary.json, from what each replica job wrote (ft/replica_<r>.json, and the
+    worker starts in ft/replica_<r>.jsonl): every replica's results, every fault once (the
+    earliest detection among the replicas that saw it), the restarts of each replica's worker
+    and of the Lighthouse. `status` is ok when every replica ended ok."""
+    from replica_dist.checkpoint import atomic_write_bytes
+    from replica_dist.ft_loop import read_record
+
+    results, faults, restarts = [], {}, []
+    for replica, status in enumerate(statuses):
+        path = plan.run_dir / "ft" / f"replica_{replica}.json"
+        result = json.loads(path.read_text()) if path.exists() else {"status": "failed", "replica": replica}
+        result["exit_status"] = status
+        results.append(result)
+        for fault in result.get("faults", []):
+            key = (fault["replica"], fault["step"])
+            if key not in faults or fault["seconds_to_detect"] < faults[key]["seconds_to_detect"]:
+                faults[key] = fault
+        record = plan.run_dir / "ft" / f"replica_{replica}.jsonl"
+        starts = [e for e in read_record(record) if e["event"] == "start"] if record.exists() else []
+        restarts.append(max(0, len(starts) - 1))
+    ok = all(r.get("status") == "ok" and r["exit_status"] == 0 for r in results)
+    summary = {
+        "status": "ok" if ok else "failed",
+        "ft": {"replicas": plan.replicas, "quorum": plan.quorum, "lighthouse_restarts": lighthouse_restarts},
+        "faults": [faults[key] for key in sorted(faults)],
+        "worker_restarts": restarts,
+        "replicas": results,
+    }
+    atomic_write_bytes(plan.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
 def run_ft(plan: FtPlan, resume_command: str) -> int:
     """Run `plan` to its end; the exit status (see the module's docstring)."""
     lighthouse = _Lighthouse(plan)
@@ -197,6 +232,7 @@ def run_ft(plan: FtPlan, resume_command: str) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     statuses = [job.returncode for job in jobs]
+    write_run_summary(plan, statuses, lighthouse.restarts)
     for replica, status in enumerate(statuses):
         if status:
             _say(f"replica_dist: error: replica {replica}'s job ended with status {status}")

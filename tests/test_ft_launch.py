@@ -174,6 +174,11 @@ def test_run_sh_ft_outlives_a_killed_replica_and_ends_0(tmp_path):
     assert [len(pids) for pids in starts] == [1, 2, 1], starts
     for record in records:
         assert max(e["step"] for e in record if e["event"] == "step") == 120
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["worker_restarts"] == [0, 1, 0]
+    (fault,) = summary["faults"]  # seen by both survivors, listed once
+    assert (fault["replica"], fault["step"]) == (1, 20) and fault["seconds_to_rejoin"] is not None
+    assert [r["status"] for r in summary["replicas"]] == ["ok"] * 3
     (port,) = re.findall(
         r"3 replica jobs, a quorum of 2, the Lighthouse at http://localhost:(\d+)", done.stderr
     )
