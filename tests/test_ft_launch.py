@@ -187,3 +187,55 @@ def test_run_sh_ft_outlives_a_killed_replica_and_ends_0(tmp_path):
 
 def _process_lines() -> list[str]:
     return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+
+
+def test_the_slurm_template_starts_one_lighthouse_and_a_job_per_replica(tmp_path):
+    """launch/slurm_ft.sbatch run with stand-ins for Slurm's commands (scontrol, srun), the
+    Lighthouse and python, which write down how they were called: the Lighthouse on the first
+    node with a majority quorum, then per task one torchrun job of one worker, its replica id
+    the task's rank, every job pointed at the Lighthouse and sharing the run directory."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    stand_ins = {
+        "scontrol": 'printf "node-a\\nnode-b\\n"',
+        "torchft_lighthouse": f'echo "$@" > {calls}/lighthouse; exec sleep 30',
+        # srun runs its command once per task, as tasks 0..SLURM_NTASKS-1 of two nodes.
+        "srun": 'while [[ "$1" == --* ]]; do shift; done; for t in $(seq 0 $((SLURM_NTASKS - 1))); do '
+        'SLURM_PROCID=$t SLURM_LOCALID=$((t % 2)) "$@" || exit 1; done',
+        "python": f'echo "$TORCHFT_LIGHTHOUSE $CUDA_VISIBLE_DEVICES $*" > {calls}/job_$SLURM_PROCID',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NAME": "ftjob",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm_ft.sbatch"), "coupling=linear"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (calls / "lighthouse").read_text().split() == [
+        "--bind", "[::]:29510", "--min_replicas", "3", "--join_timeout_ms", "3000",
+    ]  # fmt: skip
+    for task in range(4):
+        words = (calls / f"job_{task}").read_text().split()
+        assert words[:2] == ["http://node-a:29510", str(task % 2)]
+        assert words[2:7] == [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+        ]
+        assert words[7:9] == ["-m", "replica_dist.train"]
+        assert "hydra.run.dir=runs/ftjob" in words and "ft.enabled=true" in words and "ft.replicas=4" in words
+        assert f"ft.replica_id={task}" in words and "ft.min_replicas=3" in words
+        assert words[-1] == "coupling=linear"
+    assert not any("[::]:29510" in line for line in _process_lines()), (
+        "the Lighthouse outlived the batch script"
+    )
