@@ -14,9 +14,6 @@ torchrun's report of the failure: this process adds at most one line.
 
 `NPROC` and `MAX_RESTARTS` in the environment are the defaults of `--nproc` and
 `--max-restarts` (4 and 0).
-
-`--ft`: live fault tolerance on one machine, one torchrun job per replica and a Lighthouse
-(replica_dist.ft_launch; docs/fault_tolerance.md).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from pathlib import Path
 
 from replica_dist import checkpoint, run_lock
 from replica_dist.config import ConfigError, load_config
+from replica_dist.ft_launch import FtPlan, free_port, job_overrides, lighthouse_address, run_ft
 from replica_dist.worker_protocol import LAUNCHER_ENV, ONE_LINE_KEY
 
 USAGE = (
@@ -49,6 +47,12 @@ class _Usage(ConfigError):
 
 RENDEZVOUS_FLAGS = ("--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id")
 """torchrun's own options for a job over several nodes, passed on as they are."""
+FT_FLAG = "--ft"
+"""Live fault tolerance: a Lighthouse and one torchrun job per replica (replica_dist.ft_launch)."""
+FT_MAX_RESTARTS = 3
+"""--max-restarts under --ft when neither it nor MAX_RESTARTS is given: each replica's own."""
+FT_SET = ("ft.enabled", "ft.replicas", "ft.replica_id", "ft.lighthouse")
+"""The ft keys that --ft sets for each job itself."""
 
 
 def _take(argv: list[str], flag: str) -> str | None:
@@ -84,22 +88,35 @@ class Launch:
     rendezvous: dict[str, str]
     run_dir: Path
     overrides: list[str]
+    ft_plan: FtPlan | None = None
+    """With --ft: the Lighthouse and the replica jobs (None: one torchrun job of every replica)."""
 
     @classmethod
     def parse(cls, prog: str, argv: list[str]) -> tuple[Launch, bool]:
         """The launch an argv asks for, its config checked; and whether its run directory was
         made here (none was named)."""
         argv = list(argv)
+        ft = FT_FLAG in argv
+        argv = [arg for arg in argv if arg != FT_FLAG]
         nproc = (
             _count("--nproc", _take(argv, "--nproc"), 1) or _count("NPROC", os.environ.get("NPROC"), 1) or 4
         )
-        restarts = _take(argv, "--max-restarts") or os.environ.get("MAX_RESTARTS") or "0"
+        restarts = (
+            _take(argv, "--max-restarts")
+            or os.environ.get("MAX_RESTARTS")
+            or str(FT_MAX_RESTARTS if ft else 0)
+        )
         rendezvous = {flag: value for flag in RENDEZVOUS_FLAGS if (value := _take(argv, flag)) is not None}
         unknown = [arg for arg in argv if arg.startswith("-")]
         if unknown:
             raise _Usage(
                 f"unknown option {unknown[0]}; options are --nproc, --max-restarts, "
-                f"{', '.join(RENDEZVOUS_FLAGS)}, --cfg job, --help"
+                f"{', '.join(RENDEZVOUS_FLAGS)}, {FT_FLAG}, --cfg job, --help"
+            )
+        if ft and rendezvous:
+            raise _Usage(
+                f"{FT_FLAG} runs every replica on this machine; over several nodes start the Lighthouse "
+                f"and each replica's job yourself (launch/slurm_ft.sbatch, docs/fault_tolerance.md)"
             )
         chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")] or [
             os.environ.get("RUN_DIR")
@@ -107,15 +124,22 @@ class Launch:
         overrides = [a for a in argv if not a.startswith("hydra.run.dir=")]
         if rendezvous and not chosen[-1]:
             raise _Usage("a job over several nodes needs hydra.run.dir on a filesystem every node shares")
-        load_config(overrides + ([f"hydra.run.dir={chosen[-1]}"] if chosen[-1] else []))  # before anything
+        checked = overrides + ([f"hydra.run.dir={chosen[-1]}"] if chosen[-1] else [])
+        port = free_port() if ft else 0
+        if ft:
+            given = [a.split("=", 1)[0] for a in overrides if a.split("=", 1)[0].lstrip("+") in FT_SET]
+            if given:
+                raise _Usage(f"{given[0]} is set by {FT_FLAG} for each replica's job; remove it")
+            checked += [*job_overrides(nproc, 0), f"ft.lighthouse={lighthouse_address(port)}"]
+        cfg, _ = load_config(checked)  # before anything
         made_here = not chosen[-1]
         run_dir = new_run_dir() if made_here else Path(chosen[-1])
-        return cls(
-            prog, nproc, _count("--max-restarts", restarts, 0), rendezvous, run_dir, overrides
-        ), made_here
+        max_restarts = _count("--max-restarts", restarts, 0)
+        ft_plan = FtPlan(nproc, cfg.ft.quorum, max_restarts, run_dir, overrides, port) if ft else None
+        return cls(prog, nproc, max_restarts, rendezvous, run_dir, overrides, ft_plan), made_here
 
     def command(self) -> str:
-        words = [self.prog, "--nproc", str(self.nproc)]
+        words = [self.prog, *([FT_FLAG] if self.ft_plan else []), "--nproc", str(self.nproc)]
         if self.max_restarts:
             words += ["--max-restarts", str(self.max_restarts)]
         words += [f"{flag}={value}" for flag, value in self.rendezvous.items()]
@@ -240,12 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     # the user's own directory must import in this check as it will in the workers.
     if not {"", os.getcwd()} & set(sys.path):
         sys.path.insert(0, os.getcwd())
-    ft = "--ft" in argv
-    argv = [arg for arg in argv if arg != "--ft"]
     try:
         overrides_only = list(argv)  # --cfg job composes the overrides alone
         for flag in ("--nproc", "--max-restarts", *RENDEZVOUS_FLAGS):
             _take(overrides_only, flag)
+        overrides_only = [arg for arg in overrides_only if arg != FT_FLAG]
         answered = info_flags(overrides_only, usage=USAGE.format(prog=prog) + "\n" + __doc__)
         if answered is not None:
             return answered
@@ -255,21 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if ft:
-        return _run_ft(launch, made_here)
+    if launch.ft_plan is not None:
+        try:
+            return run_ft(launch.ft_plan, launch.command())
+        except FileNotFoundError as err:
+            print(f"replica_dist: error: {err}", file=sys.stderr)
+            if made_here:
+                _remove_if_unused(launch.run_dir)
+            return 2
     return _run(launch, made_here, original=shlex.join([prog, *argv]))
-
-
-def _run_ft(launch: Launch, made_here: bool) -> int:
-    from replica_dist import ft_launch
-
-    try:
-        return ft_launch.run(launch)
-    except ConfigError as err:  # a setting that ft.enabled cannot take, before any job starts
-        print(f"replica_dist: error: {err}", file=sys.stderr)
-        if made_here:
-            _remove_if_unused(launch.run_dir)
-        return 2
 
 
 def _run(launch: Launch, made_here: bool, original: str) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import REPO, run_sh, scalar
+from trainer_runs import REPO, scalar
 
 from replica_dist.config import ConfigError, load_config
 from replica_dist.reference import (
@@ -376,34 +376,3 @@ def test_the_exchange_averages_over_the_participants_and_falls_back_to_its_own_w
     torch.testing.assert_close(got, weights[0], rtol=0, atol=0)  # its own: a mean of one, no pull
     torch.testing.assert_close(table[0], words[0], rtol=0, atol=0)
     assert not table[1:].any()
-
-
-# ---- the launcher: launch/run.sh --ft
-
-
-def test_the_launcher_refuses_what_ft_cannot_do_yet_in_one_line_and_leaves_no_run_directory(tmp_path):
-    result = run_sh("--ft", "--nproc", "2", "coupling=diloco", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "replica_dist: error: coupling.name=diloco is not available with ft.enabled yet "
-        "(a step with missing replicas is defined for tanh, linear, average only)"
-    ]
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_the_launcher_runs_a_lighthouse_and_one_job_per_replica(tmp_path):
-    from replica_dist.ft_loop import read_record
-
-    run_dir = tmp_path / "run"
-    result = run_sh(
-        "--ft", "--nproc", "2", f"hydra.run.dir={run_dir}", "train.steps=30", "log.every=10", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "participants 2 of 2" in result.stdout
-    for r in range(2):
-        assert (run_dir / "weights" / f"replica_{r}.pt").is_file()
-        steps = [e for e in read_record(run_dir / "ft" / f"replica_{r}.jsonl") if e["event"] == "step"]
-        assert [e["step"] for e in steps] == list(range(1, 31))
-        assert all(e["participants"] == [0, 1] for e in steps)
