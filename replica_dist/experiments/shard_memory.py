@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -185,7 +186,12 @@ def _parse(argv: list[str]):
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hidden", default="1024,1024", help="widths of the mlp's hidden layers")
-    parser.add_argument("--batch", type=int, default=64, help="minibatch per replica")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="train.batch_size (the S ranks of a replica read the same batches)",
+    )
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "shard_memory")
     # A job's rank (under torchrun): where to write its numbers, and the run directory.
@@ -235,6 +241,7 @@ def main(argv: list[str]) -> int:
     print(text)
     if args.report:
         args.report.write_text(text + "\n")
+    shutil.rmtree(work)  # the runs' weights and summaries: every number is in the table
     return 0
 
 
