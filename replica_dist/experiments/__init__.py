@@ -6,6 +6,8 @@
                  launch/bench.sh)
     against      the trainer's step time now against a git ref, each in its own venv, interleaved
                  (docs/benchmark.md; launch/bench.sh --against REF)
+    shard_memory each rank's parameter, gradient and optimizer bytes, peak memory and bytes
+                 sent with sharded replicas, for parallel.shard = 1, 2, 4 (docs/benchmark.md)
     step_ops     every operation of the trainer's steps with its size, or their CPU time; runs
                  as a file in another commit's tree too
     commands     what they share: the torchrun commands they start, the runs directory
