@@ -12,11 +12,17 @@ from dataclasses import dataclass
 
 from replica_dist.config.checks import _check
 from replica_dist.config.coupling import form_words
+from replica_dist.forms import FORMS
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 """The environment variable torchft's Manager reads the Lighthouse's address from."""
-FT_FORMS = ("tanh", "linear", "average")
-"""The coupling forms whose step with missing replicas is defined under ft.enabled so far."""
+FT_FEATURE = "fault_tolerant"
+"""The forms' feature (Form.supports) of a step defined with replicas missing."""
+
+
+def ft_forms() -> list[str]:
+    """The built-in forms whose step with missing replicas is defined, in the registry's order."""
+    return [name for name, form in FORMS.items() if FT_FEATURE in form.supports]
 
 
 def majority(replicas: int) -> int:
@@ -83,9 +89,9 @@ def check_ft_run(cfg) -> None:
     if not cfg.ft.enabled:
         return
     _check(
-        not cfg.coupling._target_ and cfg.coupling.name in FT_FORMS,
+        not cfg.coupling._target_ and cfg.coupling.name in ft_forms(),
         f"{form_words(cfg.coupling)} is not available with ft.enabled yet (a step with missing replicas is defined for "
-        f"{', '.join(FT_FORMS)} only)",
+        f"{', '.join(ft_forms())} only)",
     )
     refused = (
         (f"parallel.dp={cfg.parallel.dp}", cfg.parallel.dp == 1, "each replica job is one rank for now"),

@@ -31,12 +31,14 @@ if TYPE_CHECKING:  # the registry is read by the config, which loads no torch (s
 
     from replica_dist.flat import FlatState
 
-FEATURES = ("compression", "remap", "replica_dp", "sharded")
+FEATURES = ("compression", "remap", "replica_dp", "sharded", "fault_tolerant")
 """The run's options a form may support (`Form.supports`): a compressed exchange of weights
 (dist.compress); a resume that maps saved replicas onto new ones (checkpoint.remap); replicas
 that are each data parallel over several ranks (parallel.dp > 1); replicas that are each
 sharded over several ranks (parallel.shard > 1), the form's rule then applied to each rank's
-local shard of the weights and of their mean, which must give what it gives on the whole."""
+local shard of the weights and of their mean, which must give what it gives on the whole;
+replicas that outlive each other (ft.enabled), the form's step defined when replicas are
+missing from an exchange or it fails (docs/fault_tolerance.md)."""
 
 
 class Form:
@@ -163,9 +165,10 @@ class PullForm(Form):
     """
 
     moment = "before"
-    supports = frozenset(FEATURES) - {"sharded"}
+    supports = frozenset(FEATURES) - {"sharded", "fault_tolerant"}
     why_not = {
-        "sharded": "its pull(w, mean, step) would see one shard of the weights, and may not be elementwise"
+        "sharded": "its pull(w, mean, step) would see one shard of the weights, and may not be elementwise",
+        "fault_tolerant": "its step with missing replicas is not defined",
     }
 
     def coupled_at(self, step: int) -> bool:
