@@ -45,12 +45,30 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+ADDED_KEYS = {"parallel.shard": 1}
+"""Keys that may not change on resume, added to the schema after runs were saved, with the
+value that means what those runs did: at that value a key left out of a saved config.yaml is
+no change, and it stays out of the run's hash, so that their checkpoints still match."""
+
+
 def run_hash(cfg: Config) -> str:
     settings = dataclasses.asdict(cfg)
     # ft.* may change on resume (config.RESUMABLE_KEYS); without its (emptied) group the hash
     # is the one of checkpoints written before the group existed.
     del settings["ft"]
+    for key, old_meaning in ADDED_KEYS.items():
+        group, name = key.split(".")
+        if settings[group][name] == old_meaning:
+            del settings[group][name]
     return checkpoint.config_hash(settings)
+
+
+def _refused(change: tuple[str, object, object]) -> bool:
+    """Whether a change of settings (key, saved, now) stops a resume."""
+    key, before, now = change
+    if before == _ABSENT and key in ADDED_KEYS and now == ADDED_KEYS[key]:
+        return False  # saved before the key existed, and meaning what it meant then
+    return not may_change_on_resume(key)
 
 
 @dataclass(frozen=True)
@@ -189,7 +207,7 @@ def _inspect(cfg: Config, run_dir: Path) -> tuple[int, int, int, str, list]:
         # is started over below, whatever it held.
         saved = _saved_config(run_dir) if checkpoint.newest_complete(root) is not None else None
         changes = config_changes(saved, cfg) if saved is not None else []
-        refused = [change for change in changes if not may_change_on_resume(change[0])]
+        refused = [change for change in changes if _refused(change)]
         if refused:
             run_lock.release()
             return _MISMATCH, 0, 0, _refused_changes(run_dir, refused), []

@@ -391,3 +391,27 @@ def _misused_with_a_sharded_model(rank: int, world_size: int) -> None:
 
 def test_a_sharded_model_without_its_mesh_or_with_what_is_not_sharded_yet_is_refused():
     run_world(_misused_with_a_sharded_model, 2)
+
+
+def test_a_run_saved_before_parallel_shard_existed_still_resumes(tmp_path):
+    """config.yaml and checkpoints written before the key existed: parallel.shard=1 (what those
+    runs did) is no refused change, and the run's hash is the one their manifests hold;
+    parallel.shard=2 on such a run is still refused, and hashed."""
+    import dataclasses
+
+    from replica_dist.checkpoint import config_hash
+    from replica_dist.run_state import _refused, config_changes, resolved_config, run_hash
+
+    cfg, _ = load_config([f"hydra.run.dir={tmp_path}"])
+    saved = resolved_config(cfg)
+    del saved["parallel"]["shard"]  # config.yaml as the trainer wrote it before parallel.shard
+    changes = config_changes(saved, cfg)
+    assert changes == [("parallel.shard", "(absent)", 1)]
+    assert not any(_refused(change) for change in changes)
+    before = dataclasses.asdict(cfg)
+    del before["ft"], before["parallel"]["shard"]
+    assert run_hash(cfg) == config_hash(before)  # its checkpoints' manifests still match
+
+    sharded, _ = load_config([f"hydra.run.dir={tmp_path}", "parallel.shard=2"])
+    assert [_refused(change) for change in config_changes(saved, sharded)] == [True]
+    assert run_hash(sharded) != config_hash(before)
