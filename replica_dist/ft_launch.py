@@ -4,18 +4,22 @@ The launcher starts one torchft Lighthouse and one torchrun job per replica, so 
 death restarts only its own replica's job (torchrun's agent restarts every worker of its job)
 while the other replicas train on (docs/fault_tolerance.md):
 
-- The Lighthouse is the `torchft_lighthouse` command in a process of its own: no trainer's
-  death takes it along. If it dies, it is started again on the same address; the replicas go
-  on uncoupled meanwhile and meet again once it answers.
+- The Lighthouse is the `torchft_lighthouse` command in a process of its own (its output in
+  the run directory's ft/lighthouse.log): no trainer's death takes it along. If it dies it is
+  started again on the same address (a replica whose quorum it missed for ft.quorum_timeout_s
+  fails and is restarted by its job); one that keeps dying ends the run.
 - Replica r's job is `torchrun --standalone --nproc-per-node=1 --max-restarts=K -m
-  replica_dist.train ... ft.enabled=true ft.replicas=N ft.replica_id=r`, every job with the
+  replica_dist.train ... ft.enabled=true ft.replicas=N ft.replica_id=r` (through
+  replica_dist.ft_job, torchrun's agent in-process), every job with the
   same run directory, and TORCHFT_LIGHTHOUSE naming the Lighthouse.
-- SIGINT, SIGTERM and SIGHUP are passed on to every job (each agent passes them to its worker,
-  which stops at its next step). The Lighthouse is ended once every job has ended, whatever
-  happened (try/finally).
+- Every process it starts is in a session of its own: the terminal's SIGINT or SIGHUP reaches
+  the launcher alone, which passes SIGINT, SIGTERM and SIGHUP on to every job (each agent
+  passes them to its worker, which stops at its next logging step). The Lighthouse is ended
+  once every job has ended, whatever happened (try/finally).
 
 At the end the run's summary.json gathers every replica's results and every fault once. The exit
-status is 0 when every replica's job ended with 0, else the first non-zero one.
+status is 0 when every replica's job ended with 0, else the first non-zero one (128 + N for a
+job killed by signal N).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ HEARTBEAT_TIMEOUT_MS = 5000
 """How long without a heartbeat before the Lighthouse counts a replica as lost (torchft's default)."""
 TORCHFT_LOG_LEVEL = "warn"
 """RUST_LOG for the replica jobs when the user has not set it."""
+LIGHTHOUSE_RESTARTS_PER_MINUTE = 5
+"""A Lighthouse that dies more often than this (it cannot bind its port, say) ends the run:
+its log is in the run directory (ft/lighthouse.log)."""
 POLL_S = 0.2
 """How often the launcher looks at its jobs and at the Lighthouse."""
 STOP_GRACE_S = 60.0
@@ -97,7 +104,7 @@ class FtPlan:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "replica_dist.ft_job",  # torchrun's agent, quiet on a stop passed on
             "--standalone",
             "--nproc-per-node=1",
             f"--max-restarts={self.max_restarts}",
@@ -129,23 +136,37 @@ class _Lighthouse:
             raise FileNotFoundError(
                 f"{LIGHTHOUSE_COMMAND} not found: --ft needs torchft (pip install 'replica_dist[ft]')"
             )
-        self.plan, self.restarts = plan, 0
+        self.plan, self.restarts, self._restarted_at = plan, 0, []
+        self.log = plan.run_dir / "ft" / "lighthouse.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.plan.lighthouse_command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        # A session of its own: the terminal's Ctrl-C or hang-up reaches the launcher alone,
+        # which decides what each process gets.
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(
+                self.plan.lighthouse_command(), stdout=log, stderr=log, start_new_session=True
+            )
 
-    def keep_alive(self) -> None:
+    def keep_alive(self) -> str | None:
+        """Start the Lighthouse again if it ended; the reason to end the run if it keeps ending."""
         if self.process.poll() is None:
-            return
+            return None
+        now = time.monotonic()
+        self._restarted_at = [t for t in self._restarted_at if now - t < 60] + [now]
+        if len(self._restarted_at) > LIGHTHOUSE_RESTARTS_PER_MINUTE:
+            return (
+                f"the Lighthouse ended {len(self._restarted_at)} times within a minute "
+                f"(status {self.process.returncode}); its log: {self.log}"
+            )
         self.restarts += 1
         _say(
             f"replica_dist: the Lighthouse ended (status {self.process.returncode}); "
             f"starting it again at {self.plan.address} (restart {self.restarts})"
         )
         self.process = self._start()
+        return None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -161,7 +182,8 @@ def write_run_summary(plan: FtPlan, statuses: list[int], lighthouse_restarts: in
     """The run's summary.json, from what each replica job wrote (ft/replica_<r>.json, and the
     worker starts in ft/replica_<r>.jsonl): every replica's results, every fault once (the
     earliest detection among the replicas that saw it), the restarts of each replica's worker
-    and of the Lighthouse. `status` is ok when every replica ended ok."""
+    and of the Lighthouse. `status`: ok when every replica ended ok, stopped when some stopped
+    on request and none failed, else failed."""
     from replica_dist.checkpoint import atomic_write_bytes
     from replica_dist.ft_loop import read_record
 
@@ -178,9 +200,10 @@ def write_run_summary(plan: FtPlan, statuses: list[int], lighthouse_restarts: in
         record = plan.run_dir / "ft" / f"replica_{replica}.jsonl"
         starts = [e for e in read_record(record) if e["event"] == "start"] if record.exists() else []
         restarts.append(max(0, len(starts) - 1))
-    ok = all(r.get("status") == "ok" and r["exit_status"] == 0 for r in results)
+    ended = {r.get("status") if r["exit_status"] == 0 else "failed" for r in results}
+    status = "ok" if ended == {"ok"} else "failed" if ended - {"ok", "stopped"} else "stopped"
     summary = {
-        "status": "ok" if ok else "failed",
+        "status": status,
         "ft": {"replicas": plan.replicas, "quorum": plan.quorum, "lighthouse_restarts": lighthouse_restarts},
         "faults": [faults[key] for key in sorted(faults)],
         "worker_restarts": restarts,
@@ -190,12 +213,12 @@ def write_run_summary(plan: FtPlan, statuses: list[int], lighthouse_restarts: in
     return summary
 
 
-def run_ft(plan: FtPlan, resume_command: str) -> int:
+def run_ft(plan: FtPlan) -> int:
     """Run `plan` to its end; the exit status (see the module's docstring)."""
     lighthouse = _Lighthouse(plan)
     jobs: list[subprocess.Popen] = []
     stop_signal: list[int] = []
-    previous = {}
+    previous, gave_up = {}, None
 
     def pass_on(signum, frame):
         stop_signal.append(signum)
@@ -212,10 +235,14 @@ def run_ft(plan: FtPlan, resume_command: str) -> int:
             f"the Lighthouse at {plan.address}, up to {plan.max_restarts} restarts a replica"
         )
         env = plan.job_environment()
-        jobs.extend(subprocess.Popen(plan.job_command(r), env=env) for r in range(plan.replicas))
+        jobs.extend(
+            subprocess.Popen(plan.job_command(r), env=env, start_new_session=True)
+            for r in range(plan.replicas)
+        )
         stopped_at = None
         while any(job.poll() is None for job in jobs):
-            lighthouse.keep_alive()
+            if gave_up is None and (gave_up := lighthouse.keep_alive()) is not None:
+                pass_on(signal.SIGTERM, None)  # every replica stops at its next step
             if stop_signal and stopped_at is None:
                 stopped_at = time.monotonic()
             if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
@@ -231,11 +258,20 @@ def run_ft(plan: FtPlan, resume_command: str) -> int:
         lighthouse.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    statuses = [job.returncode for job in jobs]
-    write_run_summary(plan, statuses, lighthouse.restarts)
+    # A job killed by a signal has a negative return code: the shell's 128 + N.
+    statuses = [status if status >= 0 else 128 - status for status in (job.returncode for job in jobs)]
+    summary = write_run_summary(plan, statuses, lighthouse.restarts)
     for replica, status in enumerate(statuses):
         if status:
             _say(f"replica_dist: error: replica {replica}'s job ended with status {status}")
+    if gave_up is not None:
+        _say(f"replica_dist: error: {gave_up}")
+        return 1
     if stop_signal:
-        _say(f"replica_dist: stopped ({signal.Signals(stop_signal[0]).name}). Resume with: {resume_command}")
+        steps = sorted({r.get("step") for r in summary["replicas"] if r.get("step") is not None})
+        where = f" at step {'/'.join(map(str, steps))}" if steps else ""
+        _say(
+            f"replica_dist: stopped ({signal.Signals(stop_signal[0]).name}){where}; ft.enabled keeps no "
+            f"checkpoints yet: a new run (in a new hydra.run.dir) starts over"
+        )
     return next((status for status in statuses if status), 0)

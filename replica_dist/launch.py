@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if launch.ft_plan is not None:
         try:
-            return run_ft(launch.ft_plan, launch.command())
+            return run_ft(launch.ft_plan)
         except FileNotFoundError as err:
             print(f"replica_dist: error: {err}", file=sys.stderr)
             if made_here:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_ft_starts_one_torchrun_job_per_replica_and_a_lighthouse_apart(tmp_path)
     assert (plan.replicas, plan.quorum, plan.max_restarts) == (3, 2, launch.FT_MAX_RESTARTS)
     for r in range(3):
         job = plan.job_command(r)
-        assert job[1:3] == ["-m", "torch.distributed.run"]
+        assert job[1:3] == ["-m", "replica_dist.ft_job"]  # torchrun's agent, quiet on a stop
         assert "--nproc-per-node=1" in job and f"--max-restarts={launch.FT_MAX_RESTARTS}" in job
         assert job[-4:] == ["coupling=linear", "ft.enabled=true", "ft.replicas=3", f"ft.replica_id={r}"]
         assert f"hydra.run.dir={tmp_path / 'run'}" in job
@@ -239,3 +240,72 @@ def test_the_slurm_template_starts_one_lighthouse_and_a_job_per_replica(tmp_path
     assert not any("[::]:29510" in line for line in _process_lines()), (
         "the Lighthouse outlived the batch script"
     )
+
+
+def test_a_lighthouse_that_keeps_dying_ends_the_run_naming_its_log(tmp_path):
+    """Its port taken by another process, the Lighthouse cannot start: after a few restarts
+    within a minute keep_alive gives the reason to end the run, naming the log that says why."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("::", 0))
+        squatter.listen()
+        plan = ft_launch.FtPlan(2, 1, 0, tmp_path, [], squatter.getsockname()[1])
+        lighthouse = ft_launch._Lighthouse(plan)
+        try:
+            reasons = []
+            deadline = time.monotonic() + 30
+            while not any(reasons) and time.monotonic() < deadline:
+                lighthouse.process.wait(timeout=10)
+                reasons.append(lighthouse.keep_alive())
+        finally:
+            lighthouse.stop()
+    assert reasons[-1] is not None and str(tmp_path / "ft" / "lighthouse.log") in reasons[-1]
+    assert len(reasons) == ft_launch.LIGHTHOUSE_RESTARTS_PER_MINUTE + 1
+    assert (tmp_path / "ft" / "lighthouse.log").read_bytes()  # the Lighthouse's own words
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_every_replica_at_a_step_and_says_there_is_nothing_to_resume(tmp_path):
+    """SIGINT to `launch/run.sh --ft`: each job's agent passes it to its worker, every replica
+    stops at the same logging step and says so, summary.json says stopped, the exit status is
+    0 and the last line says a new run starts over (no checkpoints under ft yet)."""
+    from trainer_runs import RUN_SH, user_env
+
+    run_dir = tmp_path / "run"
+    with (
+        open(tmp_path / "out.log", "w") as out,
+        open(tmp_path / "err.log", "w") as err_log,
+    ):  # files: never full
+        launcher = subprocess.Popen(
+            [RUN_SH, "--ft", "--nproc", "2", f"hydra.run.dir={run_dir}", "train.steps=100000", "log.every=20",
+             "model.hidden=[32]"],
+            cwd=tmp_path, env=user_env(), stdout=out, stderr=err_log,
+        )  # fmt: skip
+        try:
+            assert _wait(lambda: _latest_step(run_dir) >= 20, 120)
+            launcher.send_signal(signal.SIGINT)
+            launcher.wait(timeout=120)
+        finally:
+            launcher.kill()
+    err = (tmp_path / "err.log").read_text()
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    steps = {r["step"] for r in summary["replicas"]}
+    assert [r["status"] for r in summary["replicas"]] == ["stopped"] * 2 and len(steps) == 1
+    (step,) = steps
+    assert step % 20 == 0
+    assert err.strip().splitlines()[-1] == (
+        f"replica_dist: stopped (SIGINT) at step {step}; ft.enabled keeps no checkpoints yet: "
+        "a new run (in a new hydra.run.dir) starts over"
+    )
+    assert "Traceback" not in err
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The latest step replica 0 recorded (0 before its first)."""
+    from replica_dist.ft_loop import read_record
+
+    record = run_dir / "ft" / "replica_0.jsonl"
+    events = read_record(record) if record.exists() else []
+    return max((e["step"] for e in events if e["event"] == "step"), default=0)
