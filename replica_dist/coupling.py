@@ -265,7 +265,13 @@ class ReplicaCoupling:
         )
         if refusal:
             raise CouplingError(refusal)
-        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        kinds = {isinstance(p, DTensor) for p in model.parameters()}
+        if kinds == {True, False}:  # the layout of its flat state would mix shards and wholes
+            raise CouplingError(
+                "device_mesh=: the model is sharded in part (some parameters are DTensors, some not): "
+                "fully_shard every module that holds parameters, and the root"
+            )
+        sharded = kinds == {True}
         if device_mesh is not None or sharded:
             mesh = mesh or _sharded_mesh(
                 sharded, device_mesh, process_group, replica_group_of_rank, compress, form

@@ -87,17 +87,20 @@ class FlatState:
         return torch.cat([t.reshape(-1) for t in whole + views[self.num_params :]])
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-tensor views into a flat vector laid out like this state (no copy). The views of
-        the latest vector are kept: a coupled step asks three times for those of its exchange
-        buffer, and making them costs a slice and a view per tensor."""
-        if flat is self._viewed:
-            return list(self._views)
+        """Per-tensor views into a flat vector laid out like this state (no copy)."""
         views, offset = [], 0
         for t in self.tensors:
             views.append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-        self._viewed, self._views = flat, views
-        return list(views)
+        return views
+
+    def _exchange_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """views(flat) of the coupling's exchange buffer, kept from one call to the next: a
+        coupled step subtracts from it and adds it, and making the views costs a slice and a
+        view per tensor. Only for that long-lived buffer: the kept views hold their vector."""
+        if flat is not self._viewed:
+            self._viewed, self._views = flat, self.views(flat)
+        return self._views
 
     def pack(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's current weights as one flat vector: copied into `out`, else a new one."""
@@ -113,9 +116,9 @@ class FlatState:
             torch._foreach_copy_(self.tensors, self.views(flat))
 
     def add(self, flat: torch.Tensor, alpha: float = 1.0) -> None:
-        """Add `alpha` * `flat` to the model's weights."""
+        """Add `alpha` * `flat` (the coupling's exchange buffer: see _exchange_views) to the weights."""
         with torch.no_grad():
-            torch._foreach_add_(self.tensors, self.views(flat), alpha=alpha)
+            torch._foreach_add_(self.tensors, self._exchange_views(flat), alpha=alpha)
 
     def save_buffers(self) -> None:
         """Remember the floating buffers, which the forward pass is about to move."""
@@ -137,7 +140,7 @@ class FlatState:
         yet, and the floating buffers' earlier values were kept by `save_buffers`."""
         with torch.no_grad():
             torch._foreach_sub_(
-                self.views(flat), self.tensors[: self.num_params] + self._saved_buffers, alpha=alpha
+                self._exchange_views(flat), self.tensors[: self.num_params] + self._saved_buffers, alpha=alpha
             )
         return flat
 

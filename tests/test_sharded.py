@@ -360,8 +360,17 @@ def _misused_with_a_sharded_model(rank: int, world_size: int) -> None:
         torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)), device_mesh["shard"]
     )
     plain = torch.nn.Linear(4, 2)
+    from torch.distributed.fsdp import fully_shard
+
+    partly = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    fully_shard(partly[0], mesh=device_mesh["shard"])  # the second layer and the root left whole
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     misuses = [
+        (
+            (partly, torch.optim.SGD(partly.parameters(), lr=0.1), "tanh"),
+            {"eta": 0.1, "device_mesh": device_mesh},
+            r"^device_mesh=: the model is sharded in part",
+        ),
         ((model, optimizer, "tanh"), {"eta": 0.1}, r"^the model is sharded .*: pass device_mesh="),
         (
             (model, optimizer, "tanh"),
