@@ -26,18 +26,29 @@ from replica_dist.data import ReplicaBatches
 # A learning rate that warms up to 2 over the whole run: the loss falls to its best near step
 # 110, then climbs back toward the untrained loss, a jump the detector reports (at step 430
 # here, on CPU), long after the checkpoint the killed run resumes from (step 200).
+CHECKPOINT_EVERY, LOG_EVERY = 100, 10
 JUMPING = [
     "train.steps=600",
-    "log.every=10",
+    f"log.every={LOG_EVERY}",
     "eval.every=100",
     "model.hidden=[32]",
     "optim.lr=2",
     "optim.warmup_steps=599",
-    "checkpoint.every=100",
+    f"checkpoint.every={CHECKPOINT_EVERY}",
     "coupling.eta_growth=0.004",  # a pull that stays weak up to the jump: per step, not relative to the run
 ]
-KILL_AT = 250
-RESUMED_FROM = 200
+
+
+def kill_and_resume_steps(best_at: int, jumped_at: int) -> tuple[int, int]:
+    """(the logging step to kill at, the checkpoint it resumes from) that put the resume point
+    after the loss the jump is judged from and the kill before the jump, as the test needs.
+    Where the jump falls is the chaotic run's own, and differs by a step or two dozen from one
+    CPU's vector code to another's, so the steps are chosen from the uninterrupted run."""
+    resumed_from = (jumped_at - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    kill_at = (jumped_at - 1) // LOG_EVERY * LOG_EVERY
+    assert best_at < resumed_from < kill_at < jumped_at, (best_at, resumed_from, kill_at, jumped_at)
+    return kill_at, resumed_from
+
 
 # Runs in every worker through PYTHONPATH: rank 1 of the first attempt SIGKILLs itself at the
 # logging step KILL_AT_STEP, between two checkpoints; torchrun restarts the group.
@@ -93,16 +104,16 @@ def test_a_worker_killed_mid_run_resumes_to_the_same_summary_and_scalars(tmp_pat
     (jump,) = [w for w in expected["warnings"] if "minibatch loss jumped" in w]
     jumped_at, best_at = map(int, re.search(r"at step (\d+) from \S+ at step (\d+)", jump).groups())
     # The run this test needs: the jump after the resume point, judged from a loss before it.
-    assert best_at < RESUMED_FROM < KILL_AT < jumped_at, jump
+    kill_at, resumed_from = kill_and_resume_steps(best_at, jumped_at)
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(HOOK)
-    env = dict(os.environ, KILL_AT_STEP=str(KILL_AT))
+    env = dict(os.environ, KILL_AT_STEP=str(kill_at))
     env["PYTHONPATH"] = os.pathsep.join([str(hooks), str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     killed = tmp_path / "killed"
     out = _run(killed, env)
-    assert f"resuming from {killed / 'checkpoints' / f'step-{RESUMED_FROM:08d}'}" in out, out[-3000:]
+    assert f"resuming from {killed / 'checkpoints' / f'step-{resumed_from:08d}'}" in out, out[-3000:]
 
     assert _summary_without_wall(killed) == expected
     got, want = _all_scalars(killed), _all_scalars(reference)
