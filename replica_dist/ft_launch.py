@@ -121,7 +121,8 @@ class FtPlan:
         return {"RUST_LOG": TORCHFT_LOG_LEVEL, **os.environ, LIGHTHOUSE_ENV: self.address}
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
+    """A launcher's line, to a terminal that may be gone (SIGHUP)."""
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError:  # a terminal that is gone (SIGHUP)
@@ -161,7 +162,7 @@ class _Lighthouse:
                 f"(status {self.process.returncode}); its log: {self.log}"
             )
         self.restarts += 1
-        _say(
+        say(
             f"replica_dist: the Lighthouse ended (status {self.process.returncode}); "
             f"starting it again at {self.plan.address} (restart {self.restarts})"
         )
@@ -230,7 +231,7 @@ def run_ft(plan: FtPlan) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if signum is not None:
                 previous[signum] = signal.signal(signum, pass_on)
-        _say(
+        say(
             f"replica_dist: --ft: {plan.replicas} replica jobs, a quorum of {plan.quorum}, "
             f"the Lighthouse at {plan.address}, up to {plan.max_restarts} restarts a replica"
         )
@@ -263,14 +264,14 @@ def run_ft(plan: FtPlan) -> int:
     summary = write_run_summary(plan, statuses, lighthouse.restarts)
     for replica, status in enumerate(statuses):
         if status:
-            _say(f"replica_dist: error: replica {replica}'s job ended with status {status}")
+            say(f"replica_dist: error: replica {replica}'s job ended with status {status}")
     if gave_up is not None:
-        _say(f"replica_dist: error: {gave_up}")
+        say(f"replica_dist: error: {gave_up}")
         return 1
     if stop_signal:
         steps = sorted({r.get("step") for r in summary["replicas"] if r.get("step") is not None})
         where = f" at step {'/'.join(map(str, steps))}" if steps else ""
-        _say(
+        say(
             f"replica_dist: stopped ({signal.Signals(stop_signal[0]).name}){where}; ft.enabled keeps no "
             f"checkpoints yet: a new run (in a new hydra.run.dir) starts over"
         )

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from replica_dist import checkpoint, run_lock
 from replica_dist.config import ConfigError, load_config
-from replica_dist.ft_launch import FtPlan, free_port, job_overrides, lighthouse_address, run_ft
+from replica_dist.ft_launch import FtPlan, free_port, job_overrides, lighthouse_address, run_ft, say
 from replica_dist.worker_protocol import LAUNCHER_ENV, ONE_LINE_KEY
 
 USAGE = (
@@ -246,14 +246,6 @@ def _stop_message(launch: Launch, original: str) -> tuple[int, str]:
     )
 
 
-def _say(line: str) -> None:
-    """The launcher's last line, to a terminal that may be gone (SIGHUP)."""
-    try:
-        print(line, file=sys.stderr)
-    except OSError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from replica_dist.train import info_flags  # the worker's entry point answers the same flags
 
@@ -304,7 +296,7 @@ def _run(launch: Launch, made_here: bool, original: str) -> int:
         # The agent has passed the signal on and waited for the workers' stop (and killed
         # those that did not stop within its shutdown timeout).
         status, line = _stop_message(launch, original)
-        _say(line)
+        say(line)
         return status
     except ChildFailedError as err:
         status, line = _failure_line(err)
